@@ -1,0 +1,18 @@
+"""Strategy names -> classes. A module registers its class with `@register` at import."""
+from __future__ import annotations
+
+STRATEGIES: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    if not cls.name or cls.name in STRATEGIES:
+        raise RuntimeError(f"strategy name {cls.name!r} is empty or taken")
+    STRATEGIES[cls.name] = cls
+    return cls
+
+
+def get_strategy(name: str, cfg):
+    """Instantiate the strategy `name` with an AdapterConfig; ValueError naming the choices if unknown."""
+    if name not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
+    return STRATEGIES[name](cfg)

@@ -1,0 +1,1 @@
+"""Orchestration: config, CLI, models, data, train loop, evaluation, metrics and report."""

@@ -1,0 +1,109 @@
+"""The data set formats users have, each read into a `Domain`.
+
+- `shapes`: the embedded source domain the project generates (see `engine.embedded`).
+- `digits`: scikit-learn's handwritten digits (1,797 8x8 images, shipped with scikit-learn),
+  upscaled to 32x32 RGB: the embedded target domain.
+- `cifar10`, `cifar100`: the python-pickle layout torchvision writes, under `--data-root`.
+- `imagefolder:DIR`: DIR/train/<class>/*.jpg and DIR/test|val/<class>/*.jpg (DTD, Flowers102,
+  Food101, ImageNet layouts); a DIR of class folders alone is split 80/20 into train/test.
+- `embedded`: the default for the role, `digits` as a target and `shapes` as a source.
+"""
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+from .data import Domain, Split, stratified_split
+from .errors import UserError
+
+EMBEDDED = {"target": "digits", "source": "shapes"}
+SPLIT_SEED = 0  # test splits that the datasets do not define are carved with a fixed seed, not the run's
+
+
+def load(spec: str, data_root: Path, seed: int, role: str = "target") -> Domain:
+    if spec == "embedded":
+        spec = EMBEDDED[role]
+    if spec == "shapes":
+        from .embedded import shapes_domain
+        return shapes_domain()
+    if spec == "digits":
+        return digits_domain()
+    if spec in ("cifar10", "cifar100"):
+        return cifar_domain(spec, data_root)
+    if spec.startswith("imagefolder:"):
+        return imagefolder_domain(Path(spec.split(":", 1)[1]).expanduser())
+    raise UserError(f"unknown data set {spec!r}; use embedded, shapes, digits, cifar10, cifar100 or imagefolder:DIR")
+
+
+def digits_domain(size: int = 32) -> Domain:
+    """scikit-learn's digits, grey 0..16 upscaled bilinearly to `size` x `size` RGB uint8."""
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    grey = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None]        # (N, 1, 8, 8)
+    big = F.interpolate(grey, size=(size, size), mode="bilinear", align_corners=False)
+    rgb = (big.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)      # (N, 3, S, S)
+    images = rgb.permute(0, 2, 3, 1).contiguous().numpy()                              # (N, S, S, 3)
+    full = Split(labels=bunch.target, images=images)
+    train, test = stratified_split(full, 0.2, SPLIT_SEED)
+    return Domain("digits", [str(i) for i in range(10)], train, test)
+
+
+_CIFAR = {
+    "cifar10": ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"],
+                b"labels", "batches.meta", b"label_names"),
+    "cifar100": ("cifar-100-python", ["train"], ["test"], b"fine_labels", "meta", b"fine_label_names"),
+}
+
+
+def cifar_domain(name: str, data_root: Path) -> Domain:
+    folder, train_files, test_files, label_key, meta_file, names_key = _CIFAR[name]
+    root = data_root / folder
+    if not root.is_dir():
+        raise UserError(f"{name} not found: expected the python-pickle folder {root} "
+                        f"(torchvision.datasets.{name.upper()}(root={str(data_root)!r}, download=True) writes it; "
+                        f"set --data-root)")
+
+    def read(file: str) -> dict:
+        path = root / file
+        if not path.is_file():
+            raise UserError(f"{name}: missing file {path}")
+        try:
+            with open(path, "rb") as f:
+                return pickle.load(f, encoding="bytes")
+        except Exception as e:  # truncated or foreign pickles
+            raise UserError(f"{name}: cannot read {path}: {e}") from None
+
+    def split(files: list[str]) -> Split:
+        parts = [read(f) for f in files]
+        data = np.concatenate([np.asarray(p[b"data"], dtype=np.uint8) for p in parts])
+        labels = np.concatenate([np.asarray(p[label_key]) for p in parts])
+        images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        return Split(labels=labels, images=np.ascontiguousarray(images))
+
+    classes = [n.decode() for n in read(meta_file)[names_key]]
+    return Domain(name, classes, split(train_files), split(test_files))
+
+
+def imagefolder_domain(root: Path) -> Domain:
+    from .imagefolder import scan_split  # file scanning and bad-file handling live there
+
+    if not root.is_dir():
+        raise UserError(f"image folder {root} does not exist")
+    train_dir = root / "train"
+    test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
+    if train_dir.is_dir():
+        classes, train, notes = scan_split(train_dir)
+        if test_dir is None:
+            train, test = stratified_split(train, 0.2, SPLIT_SEED)
+        else:
+            test_classes, test, test_notes = scan_split(test_dir, classes)
+            notes += test_notes
+    else:
+        classes, full, notes = scan_split(root)
+        train, test = stratified_split(full, 0.2, SPLIT_SEED)
+    return Domain(f"imagefolder:{root}", classes, train, test, notes=notes)

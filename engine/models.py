@@ -1,0 +1,115 @@
+"""Building the backbone: a timm ViT by name with hub, local-file or embedded weights.
+
+The feature the engine measures forgetting with is timm's pre-logits output: the CLS token after
+the final norm (`forward_head(forward_features(x), pre_logits=True)`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import UserError
+
+EMBEDDED = "embedded"
+
+
+def build_backbone(cfg: ModelConfig) -> nn.Module:
+    """A headless timm ViT (num_classes 0) with the weights `cfg` names; the strategy adds the head."""
+    if cfg.name == EMBEDDED:
+        from .embedded import create_embedded_vit
+        model = create_embedded_vit(pretrained=cfg.pretrained and cfg.weights is None, num_classes=0)
+        if cfg.weights:
+            load_weights(model, cfg.weights)
+        return model
+    return _timm_backbone(cfg)
+
+
+def _timm_backbone(cfg: ModelConfig) -> nn.Module:
+    import timm
+
+    if not timm.is_model(cfg.name):
+        raise UserError(f"unknown model {cfg.name!r}; give a timm ViT name, e.g. vit_base_patch16_224.dino, "
+                        f"or 'embedded'")
+    if cfg.weights:
+        model = timm.create_model(cfg.name, pretrained=False, num_classes=0)
+        load_weights(model, cfg.weights)
+        return model
+    try:
+        return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=0)
+    except Exception as e:  # hub unreachable, no such weights tag, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"could not get pretrained weights for {cfg.name} ({first}); offline? "
+                        f"download them elsewhere and pass --weights PATH (.pth or .safetensors)") from None
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from .safetensors or a torch pickle (.pth/.pt/.bin; a {'model': ...} wrapper too)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"weights file {path} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"cannot read weights file {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    for key in ("model", "state_dict", "teacher", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise UserError(f"weights file {path} does not hold a state dict")
+    return state
+
+
+def load_weights(model: nn.Module, path: str | Path) -> None:
+    """Load a local checkpoint into a headless backbone; a clear error when it does not fit.
+
+    Classifier weights (head.*) are dropped: the strategy adds a new head. DINO-style prefixes
+    (`module.`, `backbone.`) are stripped.
+    """
+    state = read_state_dict(path)
+    state = {_strip_prefix(k): v for k, v in state.items()}
+    state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong_shape = [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}"
+                   for k in own if k in state and state[k].shape != own[k].shape]
+    name = getattr(model, "default_cfg", {}).get("architecture", type(model).__name__)
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing keys, e.g. {missing[0]}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected keys, e.g. {unexpected[0]}")
+    if wrong_shape:
+        problems.append(f"{len(wrong_shape)} keys of the wrong shape, e.g. {wrong_shape[0]}")
+    if problems:
+        raise UserError(f"weights file {Path(path).name} does not fit {name}: {'; '.join(problems)}")
+    model.load_state_dict(state)
+
+
+def _strip_prefix(key: str) -> str:
+    for prefix in ("module.", "backbone.", "_orig_mod."):
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def timm_spec(model: nn.Module) -> dict:
+    """What `timm.create_model(name, pretrained=False, **kwargs)` needs to rebuild this architecture."""
+    from .embedded import EMBEDDED_VIT
+
+    if getattr(model, "pretrained_cfg", {}).get("architecture") == EMBEDDED:
+        return {"name": "vit_tiny_patch16_224", "kwargs": dict(EMBEDDED_VIT, depth=len(model.blocks),
+                                                               num_classes=model.num_classes)}
+    arch = model.pretrained_cfg.get("architecture") or model.default_cfg.get("architecture")
+    return {"name": arch, "kwargs": {"depth": len(model.blocks), "num_classes": model.num_classes}}
+
+
+def features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The backbone feature: CLS (or pooled) token after the final norm, before any head. (B, D)"""
+    return model.forward_head(model.forward_features(images), pre_logits=True)

@@ -1,0 +1,70 @@
+"""The run's report: a table on screen and results.json / results.csv in the run folder.
+
+`RESULT_KEYS` is a stable contract (DESIGN.md, "Run artefacts"): tools and tests read these files.
+Accuracies are percentages; `forgetting` = source_knn_before - source_knn_after and
+`mean` = (target_top1 + source_knn_after) / 2, as in the paper.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from .io import atomic_write_json, atomic_write_text
+
+RESULT_KEYS = ("strategy", "model", "trainable_params", "total_params", "target_top1", "source_knn_before",
+               "source_knn_after", "forgetting", "mean", "train_img_per_s", "infer_img_per_s", "peak_mem_mb",
+               "train_gflops_per_img", "infer_gflops_per_img", "wall_s")
+OPTIONAL_KEYS = ("active_blocks", "total_blocks")
+
+_LABELS = {
+    "trainable_params": "trainable params", "total_params": "total params",
+    "target_top1": "target top-1 (test) %", "source_knn_before": "source k-NN before %",
+    "source_knn_after": "source k-NN after %", "forgetting": "forgetting (points)", "mean": "mean %",
+    "train_img_per_s": "train img/s", "infer_img_per_s": "infer img/s", "peak_mem_mb": "peak memory MB",
+    "train_gflops_per_img": "train GFLOPs/img", "infer_gflops_per_img": "infer GFLOPs/img",
+    "wall_s": "wall time s", "active_blocks": "active LoRA blocks", "total_blocks": "LoRA blocks",
+}
+
+
+def build_results(values: dict) -> dict:
+    """Order and round the results; derive `forgetting` and `mean`; refuse missing or unknown keys."""
+    values = dict(values)
+    values["forgetting"] = values["source_knn_before"] - values["source_knn_after"]
+    values["mean"] = (values["target_top1"] + values["source_knn_after"]) / 2
+    missing = [k for k in RESULT_KEYS if k not in values]
+    unknown = [k for k in values if k not in RESULT_KEYS and k not in OPTIONAL_KEYS]
+    if missing or unknown:
+        raise KeyError(f"results: missing {missing}, unknown {unknown}")
+    keys = list(RESULT_KEYS) + [k for k in OPTIONAL_KEYS if k in values]
+    return {k: (round(values[k], 4) if isinstance(values[k], float) else values[k]) for k in keys}
+
+
+def write_results(run_dir: Path, results: dict) -> None:
+    atomic_write_json(run_dir / "results.json", results)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(results))
+    writer.writeheader()
+    writer.writerow(results)
+    atomic_write_text(run_dir / "results.csv", buffer.getvalue())
+
+
+def format_table(results: dict, knn: dict | None = None) -> str:
+    """A two-column table of the results, plus the k-NN accuracy at every k when given."""
+    rows = [(_LABELS.get(k, k), _fmt(v)) for k, v in results.items() if k not in ("strategy", "model")]
+    if knn:
+        for k in sorted(knn["before"]):
+            rows.append((f"source {k}-NN before / after %", f"{knn['before'][k]:.2f} / {knn['after'][k]:.2f}"))
+    width = max(len(label) for label, _ in rows)
+    title = f"{results['strategy']} on {results['model']}"
+    lines = [title, "-" * max(len(title), width + 14)]
+    lines += [f"{label:<{width}}  {value:>12}" for label, value in rows]
+    return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.2f}" if abs(value) >= 0.01 or value == 0 else f"{value:.4f}"
+    return str(value)
