@@ -1,0 +1,67 @@
+"""Config: defaults < YAML < flags < key=value, typed, validated, saved resolved."""
+import pytest
+import yaml
+
+from engine.config import RunConfig, build_config, save_yaml
+from engine.errors import UserError
+
+
+def test_defaults_come_from_the_dataclasses():
+    assert build_config() == RunConfig()
+
+
+def test_precedence_yaml_then_flags_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"train": {"lr": 0.3, "steps": 7, "eval_every": 5}, "strategy": "linear"}))
+    cfg = build_config(str(path), {"lr": 0.2, "steps": None}, ["train.lr=0.1"])
+    assert cfg.train.lr == 0.1          # key=value beats the flag
+    assert cfg.train.steps == 7         # an unset flag leaves the YAML value
+    assert cfg.train.eval_every == 5
+    assert cfg.strategy == "linear"
+    cfg = build_config(str(path), {"lr": 0.2})
+    assert cfg.train.lr == 0.2          # the flag beats YAML
+
+
+def test_overrides_are_coerced_to_the_declared_type():
+    cfg = build_config(overrides=["adapter.active_blocks=3", "train.grad_clip=1.5", "dry_run=true",
+                                  "eval.knn_k=5,10", "eval.knn_report_k=10", "adapter.lora_alpha=none"])
+    assert cfg.adapter.active_blocks == 3 and cfg.train.grad_clip == 1.5 and cfg.dry_run is True
+    assert cfg.eval.knn_k == [5, 10] and cfg.adapter.lora_alpha is None
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=0.1", "unknown config key 'train.lrr'"),
+    ("nosection.lr=1", "unknown config key"),
+    ("train.steps=ten", "expects int"),
+    ("train.steps=0", "must be positive"),
+    ("train.precision=fp64", "must be one of"),
+    ("data.loader=magic", "must be one of"),
+    ("adapter.active_fraction=1.5", "active_fraction"),
+    ("lr", "must look like key=value"),
+])
+def test_bad_keys_and_values_are_user_errors(override, message):
+    with pytest.raises(UserError, match=message):
+        build_config(overrides=[override])
+
+
+def test_unknown_yaml_key_is_a_user_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  learning_rate: 0.1\n")
+    with pytest.raises(UserError, match="train.learning_rate"):
+        build_config(str(path))
+
+
+def test_missing_yaml_file_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="does not exist"):
+        build_config(str(tmp_path / "nope.yaml"))
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = build_config(overrides=["train.lr=0.01", "adapter.lora_targets=q,k,v", "eval.knn_k=10,20"])
+    save_yaml(cfg, tmp_path / "config.yaml")
+    assert build_config(str(tmp_path / "config.yaml")) == cfg
+
+
+def test_report_k_is_added_to_the_k_list():
+    cfg = build_config(overrides=["eval.knn_k=10", "eval.knn_report_k=20"])
+    assert cfg.eval.knn_k == [10, 20]
