@@ -50,8 +50,9 @@ def gflops_per_image(model: nn.Module, input_size: int, train: bool = False, bat
         if train:
             logits = model(x)
             loss = F.cross_entropy(logits, torch.zeros(batch, dtype=torch.long, device=device))
-            if extra_loss is not None:
-                loss = loss + extra_loss()
+            extra = extra_loss() if extra_loss is not None else None
+            if extra is not None:
+                loss = loss + extra
             if loss.requires_grad:
                 loss.backward()
         else:

@@ -63,7 +63,7 @@ def parse_args(argv: list[str] | None = None) -> RunConfig:
     p.add_argument("--dry-run", action="store_true", default=None,
                    help="build the model, print parameters and GFLOPs, exit (no data, weights or training)")
     p.add_argument("--json", action="store_true", default=None, help="with --dry-run: print one JSON object")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     flags = {k: v for k, v in vars(args).items() if k in FLAG_KEYS}
     return build_config(args.config, flags, args.overrides)
 
@@ -210,6 +210,7 @@ def run(cfg: RunConfig) -> dict:
     if num_classes < target.num_classes:
         raise UserError(f"--num-classes {num_classes} is below the target's {target.num_classes} classes")
 
+    torch.manual_seed(cfg.seed)  # the same backbone again at restore time, even from a random init
     backbone = build_backbone(cfg.model).to(device)
     pre = Preprocess.from_model(backbone)
     amp = PRECISIONS[cfg.train.precision]
@@ -257,6 +258,7 @@ def run(cfg: RunConfig) -> dict:
 
     # Restore the best checkpoint onto a fresh backbone (this is also the adapter round trip).
     best_dir = run_dir / "checkpoints" / "best"
+    torch.manual_seed(cfg.seed)
     model, strategy = adapters.load_adapter(build_backbone(cfg.model), best_dir)
     model = strategy.finalize(model.to(device))
     if main_rank:

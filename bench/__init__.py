@@ -1,0 +1,1 @@
+"""Measurement: per-strategy runs, kernel microbenchmarks, loader throughput."""

@@ -1,0 +1,120 @@
+"""`python -m engine.run`, called in-process as a user would: artefacts, golden losses, bad input."""
+import csv
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from engine.report import RESULT_KEYS
+from engine.run import main
+
+# A few steps on the embedded default, with a small k-NN bank, so each run takes seconds.
+QUICK = ["--steps", "4", "--eval-every", "2", "--batch-size", "16", "data.knn_train_limit=300",
+         "data.knn_test_limit=100", "data.workers=0"]
+TIMING_KEYS = {"train_img_per_s", "infer_img_per_s", "peak_mem_mb", "wall_s"}
+
+
+def run_cli(tmp_path, name, *args):
+    code = main([*QUICK, "--out", str(tmp_path), "--name", name, *args])
+    return code, tmp_path / name
+
+
+@pytest.fixture(scope="module")
+def linear_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    code, run_dir = run_cli(out, "linear", "--strategy", "linear", "--eval-every", "1")
+    assert code == 0
+    return run_dir
+
+
+def test_run_folder_holds_every_artefact(linear_run):
+    for name in ("config.yaml", "results.json", "results.csv", "metrics.csv", "source_knn.json",
+                 "checkpoints/best/adapter.safetensors", "checkpoints/last/adapter.safetensors",
+                 "adapter/adapter.json"):
+        assert (linear_run / name).is_file(), name
+
+
+def test_results_json_has_exactly_the_contract_keys(linear_run):
+    results = json.loads((linear_run / "results.json").read_text())
+    assert tuple(results) == RESULT_KEYS
+    assert results["forgetting"] == pytest.approx(results["source_knn_before"] - results["source_knn_after"], abs=1e-3)
+    assert results["mean"] == pytest.approx((results["target_top1"] + results["source_knn_after"]) / 2, abs=1e-3)
+    with open(linear_run / "results.csv") as f:
+        row = next(csv.DictReader(f))
+    assert list(row) == list(results)
+
+
+def test_linear_probe_forgets_nothing(linear_run):
+    results = json.loads((linear_run / "results.json").read_text())
+    assert results["source_knn_after"] == results["source_knn_before"]
+    assert results["trainable_params"] == 128 * 10 + 10
+
+
+# The first losses of the embedded default (linear probe, seed 0). A change here means the data,
+# the model, the initialisation or the loop changed: update only on purpose.
+GOLDEN_LINEAR_LOSSES = None
+
+
+def test_first_losses_match_the_golden_values(linear_run):
+    with open(linear_run / "metrics.csv") as f:
+        losses = [float(r["train_loss"]) for r in csv.DictReader(f)]
+    assert len(losses) == 4
+    if GOLDEN_LINEAR_LOSSES is None:
+        pytest.fail(f"record the golden losses: {losses}")
+    assert losses == pytest.approx(GOLDEN_LINEAR_LOSSES, rel=1e-4)
+
+
+def test_same_seed_gives_identical_metrics(tmp_path, linear_run):
+    code, again = run_cli(tmp_path, "again", "--strategy", "linear", "--eval-every", "1")
+    assert code == 0
+    first = json.loads((linear_run / "results.json").read_text())
+    second = json.loads((again / "results.json").read_text())
+    assert {k: v for k, v in first.items() if k not in TIMING_KEYS} == \
+           {k: v for k, v in second.items() if k not in TIMING_KEYS}
+
+
+@pytest.mark.parametrize("strategy, top_k, expected", [
+    ("full", 3, 85_875_556), ("top_k", 3, 21_342_052), ("linear", 3, 76_900)])
+def test_dry_run_json_counts_vit_b(capsys, strategy, top_k, expected):
+    code = main(["--dry-run", "--json", "--strategy", strategy, "--top-k", str(top_k),
+                 "--model", "vit_base_patch16_224", "--num-classes", "100"])
+    assert code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["trainable_params"] == expected
+    assert out["infer_gflops_per_img"] == pytest.approx(35.13, abs=0.01)
+    assert set(out) == {"trainable_params", "total_params", "infer_gflops_per_img"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--strategy", "nope"], "unknown strategy 'nope'"),
+    (["train.nope=1"], "unknown config key 'train.nope'"),
+    (["--target", "cifar10", "--data-root", "/nonexistent"], "cifar10 not found"),
+    (["--target", "imagefolder:/nonexistent"], "does not exist"),
+    (["--precision", "fp64"], "must be one of"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
+    code, _ = run_cli(tmp_path, "bad", "--strategy", "linear", *args)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("error: ") and message in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_weights_that_do_not_fit_are_named(tmp_path, capsys):
+    save_file({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, str(tmp_path / "w.safetensors"))
+    code, _ = run_cli(tmp_path, "bad", "--strategy", "linear", "--weights", str(tmp_path / "w.safetensors"))
+    assert code == 2
+    assert "does not fit" in capsys.readouterr().err
+
+
+def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_says_the_step(tmp_path, capsys):
+    code, run_dir = run_cli(tmp_path, "nan", "--strategy", "full", "--lr", "1e12", "--steps", "6",
+                            "--eval-every", "1")
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "loss became nan at step" in err
+    step = int(err.split("at step ")[1].split(";")[0])
+    last = json.loads((run_dir / "checkpoints/last/trainer.json").read_text())
+    assert last["step"] == step - 1
+    assert not (run_dir / "results.json").exists()
