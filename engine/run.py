@@ -162,6 +162,14 @@ def _run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
+def _shared_run_dir(cfg: RunConfig, main_rank: bool, world: int) -> Path:
+    """Rank 0 names (and creates) the run folder; the other ranks learn its name from it."""
+    holder = [str(_run_dir(cfg)) if main_rank else None]
+    if world > 1:
+        torch.distributed.broadcast_object_list(holder, src=0)
+    return Path(holder[0])
+
+
 def _limit(split, limit: int | None, seed: int):
     from .data import stratified_split
     if limit is None or len(split) <= limit:
@@ -194,7 +202,7 @@ def run(cfg: RunConfig) -> dict:
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
     main_rank = rank == 0
-    run_dir = _run_dir(cfg) if main_rank else Path(cfg.out) / (cfg.name or "rank")
+    run_dir = _shared_run_dir(cfg, main_rank, world)
     if main_rank:
         save_yaml(cfg, run_dir / "config.yaml")
 
@@ -257,6 +265,8 @@ def run(cfg: RunConfig) -> dict:
         raise UserError(str(e)) from None
 
     # Restore the best checkpoint onto a fresh backbone (this is also the adapter round trip).
+    if world > 1:
+        torch.distributed.barrier()  # rank 0 has finished writing it
     best_dir = run_dir / "checkpoints" / "best"
     torch.manual_seed(cfg.seed)
     model, strategy = adapters.load_adapter(build_backbone(cfg.model), best_dir)

@@ -1,0 +1,116 @@
+"""Adapters on disk: the trainable weights (safetensors) and the JSON that rebuilds the structure.
+
+    <dir>/adapter.safetensors  every parameter that requires grad, under its model state-dict name
+    <dir>/adapter.json         {"strategy", "adapter_config", "state", "base"}
+
+The frozen weights are not stored: `load_adapter` takes a fresh base backbone (the same one the run
+started from), re-applies the strategy from the JSON, restores its state (block positions, gates) and
+loads the tensors, which reproduces the fine-tuned model's logits exactly. The engine uses the same
+pair for checkpoints/best and checkpoints/last ('full' saves every parameter).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from engine.errors import UserError
+from engine.io import atomic_write, atomic_write_json
+
+from .registry import get_strategy
+
+WEIGHTS = "adapter.safetensors"
+CONFIG = "adapter.json"
+
+
+def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors an adapter holds: every parameter that requires grad, by state-dict name."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_adapter(model: nn.Module, strategy, directory: str | Path, base: dict) -> None:
+    """Write the trainable weights and the JSON that rebuilds them onto `base` (each file atomically).
+
+    The weights are written first, the JSON last: a reader that finds the JSON finds weights of the
+    same save or a newer one, and `load_adapter` refuses weights whose keys do not fit the JSON.
+    """
+    directory = Path(directory)
+    tensors = {name: p.detach().to("cpu").contiguous() for name, p in adapter_tensors(model).items()}
+    meta = {"strategy": strategy.name, "adapter_config": dataclasses.asdict(strategy.cfg),
+            "state": strategy.state(), "base": base}
+    json.dumps(meta)  # fail before writing anything if the state is not JSON
+    atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"strategy": strategy.name}))
+    atomic_write_json(directory / CONFIG, meta)
+
+
+def read_adapter_config(directory: str | Path) -> dict:
+    """The adapter's JSON; UserError if the folder or the file is missing or unreadable."""
+    directory = Path(directory)
+    path = directory / CONFIG
+    if not directory.is_dir():
+        raise UserError(f"adapter folder {directory} does not exist")
+    if not path.is_file() or not (directory / WEIGHTS).is_file():
+        raise UserError(f"{directory} holds no adapter: expected {CONFIG} and {WEIGHTS} (written by save_adapter)")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno})") from None
+    missing = [k for k in ("strategy", "adapter_config", "state", "base") if k not in meta]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; it was not written by save_adapter")
+    return meta
+
+
+def _adapter_config(fields: dict, path: Path):
+    from engine.config import AdapterConfig
+    known = {f.name for f in dataclasses.fields(AdapterConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise UserError(f"{path} sets adapter options this version does not know: {', '.join(unknown)}")
+    return AdapterConfig(**fields)
+
+
+def load_adapter(model: nn.Module, directory: str | Path):
+    """Apply the saved strategy to a fresh base `model`, load its weights; return (model in eval, strategy)."""
+    directory = Path(directory)
+    meta = read_adapter_config(directory)
+    cfg = _adapter_config(meta["adapter_config"], directory / CONFIG)
+    try:
+        strategy = get_strategy(meta["strategy"], cfg)
+        num_classes = meta["base"].get("num_classes")
+        if num_classes is None:
+            raise UserError(f"{directory / CONFIG} does not say the head's num_classes (base.num_classes)")
+        model = strategy.apply(model, int(num_classes))
+        strategy.load_state(model, meta["state"])
+    except ValueError as e:
+        raise UserError(f"cannot rebuild the adapter in {directory} on this model: {e}") from None
+    device = next(model.parameters()).device
+    tensors = load_file(directory / WEIGHTS, device=str(device))
+    _check_fits(tensors, model, directory / WEIGHTS)
+    with torch.no_grad():
+        params = dict(model.named_parameters())
+        for name, value in tensors.items():
+            params[name].copy_(value)
+    return model.eval(), strategy
+
+
+def _check_fits(tensors: dict, model: nn.Module, path: Path) -> None:
+    """The saved keys must be exactly the rebuilt model's trainable parameters, with the same shapes."""
+    expected = {name: p.shape for name, p in adapter_tensors(model).items()}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing keys, e.g. {', '.join(missing[:3])}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys, e.g. {', '.join(unexpected[:3])}")
+        raise UserError(f"adapter weights {path} do not fit the rebuilt model: {'; '.join(parts)}")
+    for name, shape in expected.items():
+        if tensors[name].shape != shape:
+            raise UserError(f"adapter weights {path} do not fit the rebuilt model: {name} has shape "
+                            f"{tuple(tensors[name].shape)}, the model expects {tuple(shape)}")

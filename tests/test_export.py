@@ -1,0 +1,111 @@
+"""`python -m engine.export RUN_DIR --merged OUT.safetensors`: a merged model that timm alone rebuilds."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from adapters import get_strategy, save_adapter
+from engine.config import AdapterConfig, ModelConfig, RunConfig, save_yaml
+from engine.export import main
+from engine.models import build_backbone, timm_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """A small model: one intra-op thread (two spin-wait each other on a busy 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_run(tmp_path, strategy_name, **options):
+    """A run folder as engine.run leaves it: config.yaml + adapter/ of a briefly trained embedded ViT.
+
+    The base weights are a random embedded backbone saved to a file, so the test needs no shipped asset.
+    """
+    torch.manual_seed(0)
+    weights = tmp_path / "base.safetensors"
+    save_file(build_backbone(ModelConfig(pretrained=False)).state_dict(), str(weights))
+    cfg = RunConfig(strategy=strategy_name, model=ModelConfig(weights=str(weights)), adapter=AdapterConfig(**options))
+    run_dir = tmp_path / "run"
+    save_yaml(cfg, run_dir / "config.yaml")
+    strategy = get_strategy(strategy_name, cfg.adapter)
+    backbone = build_backbone(cfg.model)
+    base = {"model": "embedded", "weights": str(weights), "num_classes": 10, "timm": timm_spec(backbone)}
+    model = strategy.apply(backbone, 10)
+    gen = torch.Generator().manual_seed(1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)
+    for step in range(1, 4):
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(4, 3, 32, 32, generator=gen)),
+                                                 torch.randint(0, 10, (4,), generator=gen))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        strategy.on_step(model, step, 3)
+    save_adapter(model, strategy, run_dir / "adapter", base)
+    return run_dir, model.eval()
+
+
+@pytest.mark.parametrize("strategy_name, options", [
+    ("lora", dict(lora_targets="q,v,fc2")),
+    ("block_expansion", dict(blocks=2)),
+    ("selective_lora", dict(active_blocks=4)),
+])
+def test_merged_export_loads_with_timm_alone_and_gives_the_fine_tuned_logits(tmp_path, strategy_name, options):
+    run_dir, fine_tuned = make_run(tmp_path, strategy_name, **options)
+    x = torch.randn(3, 3, 32, 32)
+    expected = fine_tuned(x)
+    out = tmp_path / "merged.safetensors"
+    assert main([str(run_dir), "--merged", str(out)]) == 0
+
+    spec = json.loads(out.with_suffix(".json").read_text())
+    model = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
+    model.load_state_dict(load_file(str(out)))  # strict: a plain timm state dict
+    assert torch.allclose(model.eval()(x), expected, atol=1e-5, rtol=0)
+
+
+def test_exported_depth_counts_the_expanded_blocks(tmp_path):
+    run_dir, _ = make_run(tmp_path, "block_expansion", blocks=3)
+    out = tmp_path / "merged.safetensors"
+    main([str(run_dir), "--merged", str(out)])
+    assert json.loads(out.with_suffix(".json").read_text())["kwargs"]["depth"] == 6 + 3
+
+
+def test_the_safetensors_metadata_also_names_the_timm_model_and_kwargs(tmp_path):
+    run_dir, _ = make_run(tmp_path, "lora")
+    out = tmp_path / "merged.safetensors"
+    main([str(run_dir), "--merged", str(out)])
+    sidecar = json.loads(out.with_suffix(".json").read_text())
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    assert meta["timm_model"] == sidecar["name"] and json.loads(meta["timm_kwargs"]) == sidecar["kwargs"]
+    assert sidecar["kwargs"]["num_classes"] == 10 and meta["strategy"] == "lora"
+
+
+def test_a_missing_run_folder_is_one_line_and_exit_status_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "engine.export", str(tmp_path / "nope"), "--merged",
+                           str(tmp_path / "out.safetensors")], cwd=ROOT, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: run folder {tmp_path / 'nope'} does not exist"]
+
+
+def test_a_run_folder_without_an_adapter_is_a_clear_error(tmp_path, capsys):
+    save_yaml(RunConfig(), tmp_path / "config.yaml")
+    assert main([str(tmp_path), "--merged", str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "has no adapter (adapter/adapter.json)" in err[0]
+
+
+def test_a_folder_without_config_is_not_a_run_folder(tmp_path, capsys):
+    assert main([str(tmp_path), "--merged", str(tmp_path / "out.safetensors")]) == 2
+    assert "is not a run folder: it has no config.yaml" in capsys.readouterr().err
