@@ -32,6 +32,11 @@ class Strategy:
     def on_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Called after each optimiser step (selective LoRA's budget mode fixes its gates here)."""
 
+    def selectable(self, step: int, total_steps: int) -> bool:
+        """Whether a checkpoint taken after `step` may be kept as best (False while the structure
+        is still being searched, e.g. selective LoRA's budget mode before its gates are fixed)."""
+        return True
+
     def finalize(self, model: nn.Module) -> nn.Module:
         """Return the inference form (LoRA merged, inactive blocks dropped). May modify in place."""
         return model

@@ -177,6 +177,10 @@ class SelectiveLoRA(LoRA):
         if self.budget_mode and not self._fixed and step >= self.search_steps(total_steps):
             self.fix_gates(self._final_selection())
 
+    def selectable(self, step, total_steps):
+        """In budget mode only checkpoints with the final K gates fixed (and fine-tuned) compete for best."""
+        return not self.budget_mode or self._fixed
+
     def finalize(self, model):
         if not self._fixed:
             self.fix_gates(self._final_selection())

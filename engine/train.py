@@ -180,7 +180,8 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg: TrainConfig
             running_loss, running_n = 0.0, 0
             best.history.append(row)
             info = {"step": step, "val_top1": val_top1}
-            if val_top1 > best.best_val_top1:
+            never_saved = step == cfg.steps and best.best_step == 0
+            if never_saved or (strategy.selectable(step, cfg.steps) and val_top1 > best.best_val_top1):
                 best.best_val_top1, best.best_step = val_top1, step
                 save_checkpoint(engine.module, "best", info)
             save_checkpoint(engine.module, "last", info)
