@@ -46,6 +46,9 @@ class GatedLoRALinear(LoRALinear):
         self.lora_score = nn.ParameterDict(
             [(n, nn.Parameter(torch.full((1,), float(score_init), device=base.weight.device))) for n in segments])
         self.fixed: dict[str, bool] | None = None  # None while searching; then segment -> on/off
+        # The score tensors the last forward used: the sparsity penalty reads these, not the parameters,
+        # because under ZeRO-3 a parameter is only materialised inside its module's forward.
+        self.scores_in_forward: dict[str, torch.Tensor] = {}
 
     def is_active(self, name: str) -> bool:
         if self.fixed is not None:
@@ -55,6 +58,7 @@ class GatedLoRALinear(LoRALinear):
     def _gate(self, name: str) -> torch.Tensor:
         """Hard indicator forward, identity backward (straight-through): value exactly 0. or 1."""
         score = self.lora_score[name].view(())  # (1,) -> 0-dim, still the parameter's graph
+        self.scores_in_forward[name] = score
         hard = (score.detach() >= self.threshold).to(score.dtype)
         return hard + (score - score.detach())  # x - x is exactly 0, so the value stays a hard 0/1
 
@@ -170,7 +174,8 @@ class SelectiveLoRA(LoRA):
         """lambda * mean|score| over all blocks, off during the warm-up and once the gates are fixed."""
         if self._fixed or self.cfg.sparsity_lambda == 0 or step < self.cfg.penalty_warmup * total_steps:
             return None
-        scores = torch.cat([m.lora_score[seg] for m, seg in self._gates.values()])
+        scores = torch.stack([m.scores_in_forward[seg] if seg in m.scores_in_forward else m.lora_score[seg].view(())
+                              for m, seg in self._gates.values()])
         return self.cfg.sparsity_lambda * scores.abs().mean()
 
     def on_step(self, model, step, total_steps):

@@ -311,17 +311,12 @@ def run(cfg: RunConfig) -> dict:
 def _save_checkpoint(module, strategy, directory: Path, base: dict, info: dict, zero_stage: int,
                      main_rank: bool) -> None:
     """Write the strategy's trainable weights (gathered under ZeRO-3) and the step info, atomically."""
-    import contextlib
-
     import adapters
 
     from .io import atomic_write_json
+    from .train import gathered
 
-    gather = contextlib.nullcontext()
-    if zero_stage == 3:
-        import deepspeed
-        gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
-    with gather:
+    with gathered(module, zero_stage):
         if main_rank:
             adapters.save_adapter(module, strategy, directory, base)
             atomic_write_json(directory / "trainer.json", info)

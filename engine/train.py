@@ -107,6 +107,30 @@ def lr_lambda(cfg: TrainConfig):
     return factor
 
 
+def gathered(model: nn.Module, zero_stage: int):
+    """Outside a forward, ZeRO-3 parameters are partitioned: gather them (read-only) for host code."""
+    import contextlib
+
+    import deepspeed
+
+    if zero_stage != 3:
+        return contextlib.nullcontext()
+    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
+
+
+def _register_container_parameters(model: nn.Module) -> None:
+    """ZeRO-3 gathers a module's parameters only around that module's own forward. Parameters held
+    in a ParameterDict/ParameterList child (LoRA's A, B and gate scores) are used by the parent's
+    forward instead, so they are registered as the parent's external parameters."""
+    import deepspeed
+
+    for module in model.modules():
+        for child in module.children():
+            if isinstance(child, (nn.ParameterDict, nn.ParameterList)):
+                for p in child.parameters():
+                    deepspeed.zero.register_external_parameter(module, p)
+
+
 def _batches(loader):
     """Endless batches, a fresh pass (and shuffle) per epoch."""
     epoch = 0
@@ -136,6 +160,8 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg: TrainConfig
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world))
+    if cfg.zero_stage == 3:
+        _register_container_parameters(engine.module)
     amp = PRECISIONS[cfg.precision]
     batches = _batches(train_loader)
     metrics_path = run_dir / "metrics.csv"
@@ -167,7 +193,8 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg: TrainConfig
             running_loss += value
             running_n += 1
             best.train_images += len(labels) * world
-        strategy.on_step(engine.module, step, cfg.steps)
+        with gathered(engine.module, cfg.zero_stage):  # on_step may read parameters (gate scores)
+            strategy.on_step(engine.module, step, cfg.steps)
         best.train_seconds += time.perf_counter() - start
         best.steps = step
         bar.update(1)
@@ -188,8 +215,9 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg: TrainConfig
             last_good = step
             if rank == 0:
                 _append_csv(metrics_path, row)
-            bar.write(f"step {step}: loss {row['train_loss']:.4f}  val top-1 {val_top1:.2f}%"
-                      + ("  (best)" if best.best_step == step else ""))
+            if rank == 0:
+                bar.write(f"step {step}: loss {row['train_loss']:.4f}  val top-1 {val_top1:.2f}%"
+                          + ("  (best)" if best.best_step == step else ""))
     bar.close()
     return best
 
