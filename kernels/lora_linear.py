@@ -1,0 +1,182 @@
+"""The public functional `lora_linear` and the process-wide backend switch.
+
+    y = x W^T + b (+ residual);  y[..., start_i : start_i + n_i] += g_i * s * (x A_i^T) B_i^T
+
+Example, timm's fused qkv (embed dim D = 768) with LoRA on q and v, rank 8:
+    y = lora_linear(x, qkv.weight, qkv.bias, [a_q, a_v], [b_q, b_v], [0, 2 * 768], scale=2.0)
+    # x (B, 197, 768) -> y (B, 197, 2304); a_* (8, 768), b_* (768, 8); k columns [768, 1536) untouched
+
+Backends (`--kernels`): 'reference' (plain autograd, the ground truth), 'torch' (the CPU fast path:
+in-place accumulation into the base GEMM output), 'triton' (fused GPU kernels), 'auto' (Triton for
+CUDA tensors, torch otherwise). The backend is resolved per call from the input's device.
+
+Gates make selective LoRA cheap: a gate that is 0 (a Python 0. or a 0-dim tensor holding 0 that does
+not require grad) removes its segment from the call, so A_i and B_i are never read and no low-rank
+FLOPs are spent forward or backward. A 0-gate that requires grad costs only its straight-through
+gradient, d g_i = s * sum((dY_i B_i) * (x A_i^T)), in backward. Reading a tensor gate's value costs a
+host sync on CUDA; pass Python floats where the value is static.
+
+Weight and bias are frozen: they never receive a gradient, even if they require one (they are
+detached, not asserted, so that a model whose base is not yet frozen still runs).
+
+Under autocast, the torch and triton backends cast every operand (residual too) to the autocast
+dtype themselves, as autocast does for F.linear. Under torch.compile, calls with tensor gates take a
+branch-free form (the gate multiplies the update; no skip), since reading a gate would break the
+graph. DeepSpeed ZeRO-3 gathers W only inside its owning module's forward: call lora_linear there,
+with the weight passed in as an argument (as the adapters do).
+"""
+import os
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch", "reference")
+_backend = "auto"
+
+
+def set_backend(name):
+    """Set the process-wide default backend (the engine calls this from `--kernels`)."""
+    global _backend
+    _backend = _check_name(name)
+
+
+def get_backend():
+    """The current process-wide setting, possibly 'auto'."""
+    return _backend
+
+
+def _check_name(name):
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernels backend {name!r}: expected one of {', '.join(BACKENDS)} "
+                         f"(set it with --kernels or kernels.set_backend)")
+    return name
+
+
+def _triton_interpret():
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def resolve_backend(name=None, device=None):
+    """The concrete backend for a call: 'auto' is Triton for CUDA tensors, the torch path otherwise.
+
+    `device` is the input's device (None: judge by whether CUDA exists at all). Asking for 'triton'
+    on a CPU tensor is only allowed when TRITON_INTERPRET=1 (the tests run the kernels that way).
+    """
+    name = _check_name(get_backend() if name is None else name)
+    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    if name == "auto":
+        return "triton" if on_cuda and _triton_available() else "torch"
+    if name == "triton" and not on_cuda and not _triton_interpret():
+        raise ValueError("kernels backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the "
+                         "kernels on the CPU for testing); use 'auto' or 'torch' on this device")
+    return name
+
+
+def _triton_available():
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@dataclass
+class Segment:
+    """One LoRA update: writes columns [start, start + n) with (x A^T) B^T, gated by gate_tensor (None: on)."""
+    a: torch.Tensor  # (R, K)
+    b: torch.Tensor  # (n, R)
+    start: int
+    gate_tensor: Optional[torch.Tensor] = None  # 0-dim, value exactly 0. or 1.; None means a static 1
+
+
+def _segments(weight, lora_a, lora_b, starts, gates):
+    """Validate the per-segment lists and drop the statically gated-off segments."""
+    n_out, k = weight.shape
+    if not (len(lora_a) == len(lora_b) == len(starts)):
+        raise ValueError(f"lora_linear: lora_a, lora_b and starts must have one entry per segment, "
+                         f"got {len(lora_a)}, {len(lora_b)}, {len(starts)}")
+    if gates is None:
+        gates = [None] * len(lora_a)
+    if len(gates) != len(lora_a):
+        raise ValueError(f"lora_linear: gates must have one entry per segment ({len(lora_a)}), got {len(gates)}")
+    segs = []
+    for i, (a, b, start, g) in enumerate(zip(lora_a, lora_b, starts, gates)):
+        r = a.shape[0]
+        if a.dim() != 2 or a.shape[1] != k or b.dim() != 2 or b.shape[1] != r:
+            raise ValueError(f"lora_linear: segment {i} expects A (R, {k}) and B (n, R), got A {tuple(a.shape)} "
+                             f"and B {tuple(b.shape)}")
+        start = int(start)
+        if start < 0 or start + b.shape[0] > n_out:
+            raise ValueError(f"lora_linear: segment {i} writes columns [{start}, {start + b.shape[0]}) "
+                             f"outside the output width {n_out}")
+        if isinstance(g, torch.Tensor):
+            if g.dim() != 0:
+                raise ValueError(f"lora_linear: gate {i} must be a 0-dim tensor, got shape {tuple(g.shape)}")
+            segs.append(Segment(a, b, start, g))
+            continue
+        g = 1.0 if g is None else float(g)
+        if g not in (0.0, 1.0):
+            raise ValueError(f"lora_linear: gate {i} is {g}; gates are hard indicators, 0. or 1.")
+        if g == 1.0:
+            segs.append(Segment(a, b, start, None))
+    return segs
+
+
+def lora_linear(x, weight, bias, lora_a, lora_b, starts, scale, gates=None, residual=None, backend=None):
+    """y = x W^T + b + sum_i g_i * s * (x A_i^T) B_i^T on columns [starts[i], starts[i] + n_i) (+ residual).
+
+    x (..., K); weight (N, K) frozen; bias (N,) or None; lora_a[i] (R_i, K); lora_b[i] (n_i, R_i);
+    gates: None or one entry per segment of None / 0. / 1. / 0-dim tensor (may require grad);
+    residual: None or a tensor of y's shape. Returns y (..., N).
+    """
+    k = x.shape[-1]
+    n_out = weight.shape[0]
+    if weight.dim() != 2 or weight.shape[1] != k:
+        raise ValueError(f"lora_linear: weight must be (N, {k}) for x (..., {k}), got {tuple(weight.shape)}")
+    segs = _segments(weight, lora_a, lora_b, starts, gates)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)  # (M, K)
+    res2 = None
+    if residual is not None:
+        if residual.shape != (*lead, n_out):
+            raise ValueError(f"lora_linear: residual must have y's shape {(*lead, n_out)}, got {tuple(residual.shape)}")
+        res2 = residual.reshape(-1, n_out)
+    name = resolve_backend(backend, x.device)
+    if name != "reference":
+        x2, weight, bias, segs, res2 = _match_dtypes(x2, weight, bias, segs, res2)
+    if name != "reference" and torch.is_autocast_enabled(x.device.type):
+        with torch.autocast(x.device.type, enabled=False):  # operands are cast already: keep it so inside
+            return _dispatch(name, x2, weight, bias, segs, scale, res2).reshape(*lead, n_out)
+    return _dispatch(name, x2, weight, bias, segs, scale, res2).reshape(*lead, n_out)
+
+
+def _match_dtypes(x, weight, bias, segs, residual):
+    """Under autocast, cast every operand to the autocast dtype (as autocast does for F.linear, since
+    custom ops and in-place accumulation bypass it); otherwise insist that the dtypes agree."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        dt = torch.get_autocast_dtype(dev)
+        cast = lambda t: None if t is None else t.to(dt)  # noqa: E731
+        segs = [Segment(cast(s.a), cast(s.b), s.start, s.gate_tensor) for s in segs]
+        return cast(x), cast(weight), cast(bias), segs, cast(residual)
+    named = [("weight", weight), ("bias", bias), ("residual", residual)]
+    named += [(f"lora_a/lora_b of segment {i}", t) for i, s in enumerate(segs) for t in (s.a, s.b)]
+    for what, t in named:
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"lora_linear: {what} is {t.dtype} but x is {x.dtype}; cast them to one dtype "
+                             f"or run under torch.autocast")
+    return x, weight, bias, segs, residual
+
+
+def _dispatch(name, x2, weight, bias, segs, scale, res2):
+    if name == "reference":
+        from ._reference import lora_linear_reference
+        y = lora_linear_reference(x2, weight, bias, segs, float(scale), res2)
+    elif name == "torch":
+        from ._torch_path import lora_linear_torch
+        y = lora_linear_torch(x2, weight, bias, segs, float(scale), res2)
+    else:
+        from ._custom_op import lora_linear_triton
+        y = lora_linear_triton(x2, weight, bias, segs, float(scale), res2)
+    return y
