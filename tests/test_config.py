@@ -65,3 +65,10 @@ def test_saved_config_round_trips(tmp_path):
 def test_report_k_is_added_to_the_k_list():
     cfg = build_config(overrides=["eval.knn_k=10", "eval.knn_report_k=20"])
     assert cfg.eval.knn_k == [10, 20]
+
+
+def test_the_paper_recipe_file_loads():
+    from pathlib import Path
+    cfg = build_config(str(Path(__file__).parents[1] / "configs" / "paper_cifar100.yaml"))
+    assert (cfg.train.steps, cfg.train.eval_every, cfg.train.batch_size, cfg.train.warmup_steps) == (10000, 500, 128, 500)
+    assert cfg.model.name == "vit_base_patch16_224.dino" and cfg.data.target == "cifar100"
