@@ -1,0 +1,355 @@
+"""DALI pipelines that turn a Split into (images, labels) batches, the same way the torch path does.
+
+Two pipelines share one augmentation graph:
+
+- files (ImageFolder): `readers.file` over the scanned paths and labels (so the sample set and
+  label order are the torch path's) -> decode (`mixed` on a GPU, `cpu` here) -> augment;
+- arrays (CIFAR, digits, the embedded domain): an external source fed from the uint8 array ->
+  augment.
+
+Augment, following `Preprocess` (the model's pretrained config):
+
+- train: random-resized crop (area `train_scale`, aspect 3/4-4/3) + horizontal flip. For files the
+  crop is fused into the decoder, which then decodes only the crop window.
+- eval: torchvision's `Resize(size / crop_pct)` (short side; long side truncated) + `CenterCrop`
+  (offsets rounded half to even), computed from each image's shape; only the crop window is
+  resized (a resize with a region of interest: the same arithmetic as resize-then-crop, without
+  computing the border it discards). Bicubic with antialiasing, as PIL's: on photographs the two
+  paths agree within one grey level (mean under a quarter); where a bicubic upscale overshoots a
+  hard edge, PIL's 8-bit intermediate clips and DALI's float one does not, which moves a few
+  pixels by more.
+
+Then normalise with `mean` / `std` into CHW float (fp16 straight from DALI; bf16 converted after).
+
+Sharding: rank r reads shard r of `world` (`shard_id`, `num_shards`). Evaluation pads the last
+batch in the reader and the iterator trims the padding (`LastBatchPolicy.PARTIAL`), so each sample
+is scored exactly once across ranks. Training shuffles the whole set each epoch with a seed that
+every rank shares (so the shards of one epoch are disjoint) and drops the last partial batch; every
+rank yields `(N // world) // batch_size` batches. The array pipeline does the same with
+`engine.loaders.shard_indices`.
+
+CPU mode is `device_id=None` (CPU operators only), which runs without a driver.
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import torch
+
+from .data import Split
+from .errors import UserError
+from .transforms import Preprocess
+
+_ASPECT = (3 / 4, 4 / 3)  # torchvision's and timm's random-resized-crop ratio range
+
+
+def dali_works() -> bool:
+    """Whether DALI imports and runs a CPU pipeline here (about a second; callers cache the answer)."""
+    try:
+        from nvidia.dali import fn, pipeline_def, types  # noqa: F401
+    except Exception:
+        return False
+    try:
+        @pipeline_def(batch_size=1, num_threads=1, device_id=None)
+        def probe():
+            return fn.random.uniform(range=(0.0, 1.0), shape=(1,))
+
+        pipe = probe()
+        pipe.build()
+        pipe.run()
+        return True
+    except Exception:
+        return False
+
+
+def make_dali_loader(split: Split, preprocess: Preprocess, *, train: bool, batch_size: int, seed: int = 0,
+                     workers: int = 0, rank: int = 0, world: int = 1, device: torch.device | str | None = None,
+                     dtype: torch.dtype = torch.float32) -> "DaliLoader":
+    """`engine.loaders.make_loader`'s DALI path; `workers` DALI threads (at least one)."""
+    return DaliLoader(split, preprocess, train=train, batch_size=batch_size, seed=seed, threads=max(1, workers),
+                      rank=rank, world=world, device=torch.device(device or "cpu"), dtype=dtype)
+
+
+class DaliLoader:
+    """An iterable of (images, labels) passes over a Split, built on a DALI pipeline.
+
+    Each `iter()` is one pass: a new shuffle for training, every sample of this rank's shard once
+    for evaluation. The pipeline is built on the first pass and kept; a pass abandoned midway
+    (a `break`) gets a fresh pipeline next time, since DALI cannot restart a pass it did not finish.
+    """
+
+    def __init__(self, split: Split, preprocess: Preprocess, *, train: bool, batch_size: int, seed: int,
+                 threads: int, rank: int, world: int, device: torch.device, dtype: torch.dtype) -> None:
+        from .loaders import shard_indices
+
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is outside a world of {world}")
+        images = split.images
+        if images is not None and (images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3):
+            raise ValueError(f"in-memory images must be (N, H, W, 3) uint8, got {images.shape} {images.dtype}")
+        self.split, self.preprocess, self.train = split, preprocess, train
+        self.batch_size, self.seed, self.threads = batch_size, seed, threads
+        self.rank, self.world, self.device, self.dtype = rank, world, device, dtype
+        self._next_epoch = 0        # the epoch the array source shuffles for in its next pass
+        self._current_epoch = None  # the epoch of the pass the array source is on (DALI runs ahead)
+        self._iterator = None
+        self._builds = 0
+        self._stale = False         # set when the pipeline cannot serve the next pass as asked
+        self._shard_size = len(shard_indices(len(split), rank=rank, world=world, train=train, seed=seed))
+        # A split smaller than one batch still trains, on one partial batch (as the torch path does).
+        self._drop_last = train and self._shard_size >= batch_size
+
+    def __len__(self) -> int:
+        if self._drop_last:
+            return self._shard_size // self.batch_size
+        return math.ceil(self._shard_size / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Array splits: shuffle the next pass as epoch `epoch`. The file reader reshuffles on its own."""
+        if not self.split.in_memory or epoch == self._current_epoch:
+            return
+        self._next_epoch = epoch
+        self._stale = self._iterator is not None
+
+    def __iter__(self):
+        if self._iterator is None or self._stale:
+            self._iterator = self._build()
+        self._stale = True  # until this pass ends: a pass abandoned midway cannot be resumed
+        batches = 0
+        for out in self._outputs():
+            images, labels = out[0]["images"], out[0]["labels"]
+            if labels.numel() == 0:  # a shard's padding-only tail batch
+                continue
+            batches += 1
+            if batches > len(self):
+                continue  # equal batch counts on every rank; an extra batch is drained, not used
+            yield self._to_output(images, labels)
+        self._stale = False
+
+    def _outputs(self):
+        """The DALI iterator's outputs, with a decode failure turned into a UserError naming the file."""
+        it, done = iter(self._iterator), 0
+        while True:
+            try:
+                out = next(it)
+            except StopIteration:
+                return
+            except RuntimeError as e:
+                if self.split.in_memory:
+                    raise
+                raise self._decode_error(str(e), done) from None
+            done += 1
+            yield out
+
+    def _decode_error(self, message: str, batches_done: int) -> UserError:
+        """DALI names the file only for some failures (a broken JPEG body, not a broken header, nor a
+        file deleted since the scan): otherwise read and decode the candidates one by one to find it."""
+        match = _FAILED_SAMPLE.search(message)
+        path = match.group(1).strip() if match else None
+        if path is None:
+            candidates = self.split.paths  # training reads a shuffled slice: any file may be the one
+            if not self.train:  # file order: the failure is in one of the next few (prefetched) batches
+                shard_start = len(self.split) * self.rank // self.world  # DALI's reader shards so
+                first = shard_start + batches_done * self.batch_size
+                candidates = candidates[first:first + 4 * self.batch_size]
+            path = _first_undecodable(candidates[:_MAX_PROBES])
+        if path is None:
+            reason = message.split("encountered:")[-1].strip().splitlines()[0]
+            return UserError(f"DALI could not read an image among {len(self.split)} files ({reason}); "
+                             f"run with --loader torch, which names the file it cannot read")
+        return UserError(f"DALI cannot read or decode {path}, although it passed the scan-time check; "
+                         f"replace or remove the file, or run with --loader torch")
+
+    def _to_output(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        images = images.to(self.device, self.dtype, non_blocking=True)           # (B, 3, S, S)
+        labels = labels.reshape(-1).to(self.device, torch.int64, non_blocking=True)  # (B,)
+        return images, labels
+
+    def _build(self):
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        self._builds += 1
+        gpu = self.device.type == "cuda"
+        common = dict(batch_size=self.batch_size, num_threads=self.threads,
+                      device_id=(self.device.index or 0) if gpu else None,
+                      # augmentations differ per rank; the shuffle (reader seed / epoch order) does not
+                      seed=(self.seed * 7919 + self.rank * 104729 + self._builds) % (2**31 - 1),
+                      prefetch_queue_depth=2)
+        out_dtype = _dali_dtype(self.dtype)
+        if self.split.in_memory:
+            source = _ArrayBatches(self)
+            pipe = _array_pipeline(source, self.preprocess, self.train, gpu, out_dtype, **common)
+            return DALIGenericIterator(pipe, ["images", "labels"], auto_reset=True, prepare_first_batch=False)
+        pipe = _file_pipeline(self.split, self.preprocess, self.train, gpu, out_dtype,
+                              shard_id=self.rank, num_shards=self.world,
+                              reader_seed=(self.seed + 1000 * self._builds) % (2**31 - 1), **common)
+        policy = LastBatchPolicy.DROP if self._drop_last else LastBatchPolicy.PARTIAL
+        return DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader", last_batch_policy=policy,
+                                   auto_reset=True, prepare_first_batch=False)
+
+
+class _ArrayBatches:
+    """The array pipeline's external source: each call is one pass, batch by batch.
+
+    DALI calls it again when a pass ends (`cycle="raise"`), already while prefetching, so the
+    epoch counter lives here and not in `DaliLoader.__iter__`.
+    """
+
+    def __init__(self, loader: DaliLoader) -> None:
+        self.loader = loader
+
+    def __call__(self):
+        from .loaders import shard_indices
+
+        L = self.loader
+        epoch = L._current_epoch = L._next_epoch
+        L._next_epoch += 1
+        order = shard_indices(len(L.split), rank=L.rank, world=L.world, train=L.train, seed=L.seed, epoch=epoch)
+        stop = len(order) - len(order) % L.batch_size if L._drop_last else len(order)
+        images, labels = L.split.images, L.split.labels  # (N, H, W, 3) uint8, (N,) int64
+        for start in range(0, stop, L.batch_size):
+            index = order[start:start + L.batch_size]
+            yield images[index], labels[index]           # (B, H, W, 3), (B,)
+
+
+def _dali_dtype(dtype: torch.dtype):
+    from nvidia.dali import types
+    return types.FLOAT16 if dtype == torch.float16 else types.FLOAT  # bf16: DALI has none; cast after
+
+
+def _array_pipeline(source, preprocess: Preprocess, train: bool, gpu: bool, out_dtype, **pipe_args):
+    from nvidia.dali import fn, pipeline_def, types
+
+    image_shape = source.loader.split.images.shape[1:3]        # (H, W)
+
+    @pipeline_def(**pipe_args)
+    def arrays():
+        images, labels = fn.external_source(source=source, num_outputs=2, batch=True, cycle="raise",
+                                            layout=["HWC", ""], dtype=[types.UINT8, types.INT64])
+        if gpu:
+            images = images.gpu()
+        if train:
+            images = fn.random_resized_crop(images, size=(preprocess.input_size,) * 2,
+                                            random_area=preprocess.train_scale, random_aspect_ratio=_ASPECT,
+                                            num_attempts=10, interp_type=types.INTERP_CUBIC, antialias=True)
+        else:  # one shape for the whole array: the crop window is a constant
+            images = _eval_resize_fixed(images, image_shape, preprocess)
+        return _normalise(images, preprocess, train, out_dtype), labels
+
+    return arrays()
+
+
+def _file_pipeline(split: Split, preprocess: Preprocess, train: bool, gpu: bool, out_dtype, *, shard_id: int,
+                   num_shards: int, reader_seed: int, **pipe_args):
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(**pipe_args)
+    def files():
+        encoded, labels = fn.readers.file(
+            files=list(split.paths), labels=[int(v) for v in split.labels], name="reader",
+            shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, seed=reader_seed,
+            # train: a full reshuffle every epoch, identical on all ranks; eval: file order, fixed shard
+            shuffle_after_epoch=train, stick_to_shard=not train)
+        decoder = "mixed" if gpu else "cpu"
+        if train:
+            images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
+                                                   adjust_orientation=False, random_area=preprocess.train_scale,
+                                                   random_aspect_ratio=_ASPECT, num_attempts=10)
+            images = fn.resize(images, size=(preprocess.input_size,) * 2, interp_type=types.INTERP_CUBIC,
+                               antialias=True)
+        else:
+            shape = fn.peek_image_shape(encoded, adjust_orientation=False)  # (H, W, C), no decoding
+            images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False)
+            images = _eval_resize(images, shape, preprocess)
+        return _normalise(images, preprocess, train, out_dtype), labels
+
+    return files()
+
+
+def _eval_window(h: int, w: int, preprocess: Preprocess) -> tuple[int, int, int, int]:
+    """torchvision's Resize(short side S) then CenterCrop(C) of an h x w image, as numbers:
+    (resized h, resized w, crop top, crop left). The long side is truncated, offsets round half to even."""
+    S, C = preprocess.resize_size, preprocess.input_size
+    new_h, new_w = (S, S * w // h) if w > h else (S * h // w, S)
+    return new_h, new_w, round((new_h - C) / 2), round((new_w - C) / 2)
+
+
+def _eval_resize_fixed(images, hw: tuple[int, int], preprocess: Preprocess):
+    """`_eval_resize` for images that all have shape `hw`: the window is computed here, once."""
+    from nvidia.dali import fn, types
+
+    h, w = hw
+    C = preprocess.input_size
+    new_h, new_w, top, left = _eval_window(h, w, preprocess)
+    if (new_h, new_w) == (h, w):  # no resize (crop_pct 1 at the native size): a crop alone
+        return images if (h, w) == (C, C) else fn.slice(images, start=(top, left), shape=(C, C), axes=(0, 1))
+    sy, sx = h / new_h, w / new_w
+    return fn.resize(images, size=(C, C), roi_start=(top * sy, left * sx), roi_end=((top + C) * sy, (left + C) * sx),
+                     roi_relative=False, interp_type=types.INTERP_CUBIC, antialias=True)
+
+
+def _eval_resize(images, shape, preprocess: Preprocess):
+    """torchvision's Resize(short side S) + CenterCrop(C) per image, as a resize of the crop window.
+
+    `_eval_window` in graph arithmetic on each image's `shape` (H, W, C). The window in source pixels
+    is the crop offset times source / resized, and resizing it to C x C keeps the scale
+    resized / source, so every output pixel samples the source where resize-then-crop would,
+    without computing the border the crop discards. One pass: PIL instead rounds to 8 bits between
+    its horizontal and vertical passes, which differs from it only where a bicubic upscale overshoots.
+    (Two DALI passes match PIL exactly but cost twice as much: DALI's horizontal-only CPU resize is slow.)
+    """
+    from nvidia.dali import fn, types
+
+    S, C = preprocess.resize_size, preprocess.input_size
+    h = fn.cast(shape[0], dtype=types.INT64)
+    w = fn.cast(shape[1], dtype=types.INT64)
+    wide = fn.cast(w > h, dtype=types.INT64)                 # 1 when the short side is the height
+    new_h = wide * S + (1 - wide) * ((S * h) // w)
+    new_w = wide * ((S * w) // h) + (1 - wide) * S
+    top, left = _half_even_half(new_h - C), _half_even_half(new_w - C)
+    scale_y = fn.cast(h, dtype=types.FLOAT) / fn.cast(new_h, dtype=types.FLOAT)
+    scale_x = fn.cast(w, dtype=types.FLOAT) / fn.cast(new_w, dtype=types.FLOAT)
+    y0, x0 = fn.cast(top, dtype=types.FLOAT) * scale_y, fn.cast(left, dtype=types.FLOAT) * scale_x
+    roi_start, roi_end = fn.stack(y0, x0), fn.stack(y0 + C * scale_y, x0 + C * scale_x)
+    return fn.resize(images, size=(C, C), roi_start=roi_start, roi_end=roi_end, roi_relative=False,
+                     interp_type=types.INTERP_CUBIC, antialias=True)  # (C, C, 3)
+
+
+def _half_even_half(d):
+    """round(d / 2) with ties to even (Python's round, which torchvision's CenterCrop uses), d >= 0."""
+    k = d // 2
+    return k + (d % 2) * (k % 2)
+
+
+def _normalise(images, preprocess: Preprocess, train: bool, out_dtype):
+    from nvidia.dali import fn
+
+    mirror = fn.random.coin_flip(probability=0.5) if train else 0
+    return fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="CHW", mirror=mirror,
+                                    mean=[255.0 * m for m in preprocess.mean], std=[255.0 * s for s in preprocess.std])
+
+
+_FAILED_SAMPLE = re.compile(r"Failed to decode sample[^:]*:\s*(\S.*)")
+_MAX_PROBES = 20_000  # about 20 s of single-image decodes, only ever after a failure
+
+
+def _first_undecodable(paths: list[str]) -> str | None:
+    """The first of `paths` that cannot be read or that DALI's CPU decoder rejects, one at a time."""
+    from nvidia.dali import fn, pipeline_def, types
+
+    @pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_async=False, exec_pipelined=False)
+    def probe():
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8)
+        return fn.decoders.image(encoded, device="cpu", output_type=types.RGB, adjust_orientation=False)
+
+    pipe = probe()
+    pipe.build()
+    for path in paths:
+        try:
+            pipe.feed_input("encoded", [np.fromfile(path, dtype=np.uint8)])
+            pipe.run()
+        except (OSError, RuntimeError):
+            return path
+    return None

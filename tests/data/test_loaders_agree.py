@@ -1,0 +1,225 @@
+"""The DALI and torch loaders: one contract, same samples and labels, eval preprocessing that agrees."""
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engine.data import Split
+from engine.errors import UserError
+from engine.imagefolder import scan_split
+from engine.loaders import make_loader, resolve_loader, shard_indices
+from engine.transforms import Preprocess
+
+from data_fixtures import PRE, photo, write_good_folder
+
+dali_works = resolve_loader("auto") == "dali"
+needs_dali = pytest.mark.skipif(not dali_works, reason="NVIDIA DALI is not installed or does not run here")
+BOTH = ["torch", pytest.param("dali", marks=needs_dali)]
+# One grey level after normalisation, the smallest std dividing: the unit of "agree".
+LEVEL = 1 / 255 / min(PRE.std)
+
+
+def assert_close_to_pil(dali_x: torch.Tensor, torch_x: torch.Tensor, level: float = LEVEL) -> None:
+    """A quarter of a grey level apart on average, more than 1.5 levels at no more than 0.5% of the
+    pixels. PIL rounds to 8 bits between its horizontal and vertical passes, so where a bicubic
+    upscale overshoots a hard edge it clips and DALI does not: those few pixels may differ by more
+    (never by 16 levels)."""
+    diff = (dali_x - torch_x).abs() / level
+    assert diff.mean() <= 0.25
+    assert (diff > 1.5).float().mean() <= 0.005
+    assert diff.max() <= 16
+
+
+def all_batches(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    batches = list(loader)
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
+
+
+def array_split(n: int, seed: int = 0, size: tuple[int, int] = (32, 32)) -> Split:
+    """n photo-like uint8 images; label i for sample i, so labels identify samples."""
+    rng = np.random.default_rng(seed)
+    images = np.stack([photo(rng, size[1], size[0]) for _ in range(n)])      # (N, H, W, 3) uint8
+    return Split(labels=np.arange(n), images=images)
+
+
+def file_split(root, n_classes: int) -> Split:
+    """One image per class folder, so labels identify samples here too."""
+    write_good_folder(root, classes=[f"c{i:02d}" for i in range(n_classes)], per_class=1)
+    _, split, _ = scan_split(root)
+    return split
+
+
+@pytest.fixture(params=["arrays", "files"])
+def unique_split(request, tmp_path) -> Split:
+    """23 samples with distinct labels, in memory or as files."""
+    return array_split(23) if request.param == "arrays" else file_split(tmp_path / "files", 23)
+
+
+def test_resolve_loader_names():
+    assert resolve_loader("torch") == "torch"
+    assert resolve_loader("auto") in ("dali", "torch")
+    with pytest.raises(ValueError, match="unknown loader"):
+        resolve_loader("tf.data")
+
+
+def test_without_dali_auto_falls_back_to_torch_and_dali_is_a_user_error(monkeypatch):
+    import engine.loaders
+
+    monkeypatch.setattr(engine.loaders, "_dali_works", lambda: False)
+    assert resolve_loader("auto") == "torch"
+    assert isinstance(make_loader(array_split(4), PRE, train=False, batch_size=2), engine.loaders.TorchLoader)
+    with pytest.raises(UserError, match="DALI is not installed"):
+        make_loader(array_split(4), PRE, train=False, batch_size=2, loader="dali")
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_batches_follow_the_contract(name):
+    loader = make_loader(array_split(10), PRE, train=False, batch_size=4, loader=name)
+    batches = list(loader)
+    assert len(loader) == len(batches) == 3
+    images, labels = batches[-1]
+    assert images.shape == (2, 3, 32, 32) and images.dtype == torch.float32 and images.device.type == "cpu"
+    assert labels.shape == (2,) and labels.dtype == torch.int64
+
+
+@pytest.mark.parametrize("name", BOTH)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_batches_on_request(name, dtype):
+    images, _ = next(iter(make_loader(array_split(4), PRE, train=True, batch_size=4, loader=name, dtype=dtype)))
+    assert images.dtype == dtype
+
+
+@needs_dali
+def test_eval_preprocessing_agrees_on_image_files(messy_folder):
+    """JPEGs of mixed sizes and orientation, grey / RGBA / palette / CMYK / 16-bit PNGs: same order,
+    same labels, pixels within a grey level."""
+    root, _, _ = messy_folder
+    _, split, _ = scan_split(root)
+    dali_x, dali_y = all_batches(make_loader(split, PRE, train=False, batch_size=5, loader="dali"))
+    torch_x, torch_y = all_batches(make_loader(split, PRE, train=False, batch_size=5, loader="torch"))
+    assert torch.equal(dali_y, torch.as_tensor(split.labels)) and torch.equal(torch_y, dali_y)
+    assert_close_to_pil(dali_x, torch_x)
+
+
+@needs_dali
+@pytest.mark.parametrize("pre", [PRE, Preprocess(input_size=48, mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=0.9),
+                                 Preprocess(input_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0),
+                                 Preprocess(input_size=30, mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0)],
+                         ids=["down", "up", "crop_pct_1", "crop_only"])
+def test_eval_preprocessing_agrees_on_uint8_arrays(pre):
+    split = array_split(9, size=(30, 40))
+    dali_x, dali_y = all_batches(make_loader(split, pre, train=False, batch_size=4, loader="dali"))
+    torch_x, torch_y = all_batches(make_loader(split, pre, train=False, batch_size=4, loader="torch"))
+    assert dali_x.shape == (9, 3, pre.input_size, pre.input_size)
+    assert torch.equal(dali_y, torch_y) and dali_y.tolist() == list(range(9))
+    assert_close_to_pil(dali_x, torch_x, level=1 / 255 / min(pre.std))
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_train_pass_reads_each_sample_at_most_once_and_reshuffles(unique_split, name):
+    loader = make_loader(unique_split, PRE, train=True, batch_size=4, loader=name, seed=3)
+    first, second = all_batches(loader)[1], all_batches(loader)[1]
+    for labels in (first, second):
+        assert len(labels) == 20 == 4 * len(loader)              # 23 samples, the partial batch dropped
+        assert len(set(labels.tolist())) == 20
+    assert first.tolist() != second.tolist()
+
+
+@pytest.mark.parametrize("kind", ["arrays", "files"])
+def test_train_passes_of_both_loaders_read_the_same_samples(tmp_path, kind):
+    if not dali_works:
+        pytest.skip("needs DALI")
+    split = array_split(24) if kind == "arrays" else file_split(tmp_path / "f", 24)
+    labels = {name: all_batches(make_loader(split, PRE, train=True, batch_size=4, loader=name))[1]
+              for name in ("dali", "torch")}
+    assert sorted(labels["dali"].tolist()) == sorted(labels["torch"].tolist()) == sorted(split.labels.tolist())
+    if kind == "arrays":  # both follow shard_indices: the very same order
+        assert labels["dali"].tolist() == labels["torch"].tolist()
+
+
+@pytest.mark.parametrize("name", BOTH)
+@pytest.mark.parametrize("world", [2, 3])
+def test_eval_shards_cover_the_split_exactly_once(unique_split, name, world):
+    shards = [all_batches(make_loader(unique_split, PRE, train=False, batch_size=4, loader=name,
+                                      rank=rank, world=world))[1].tolist() for rank in range(world)]
+    assert sum(shards, []) == unique_split.labels.tolist()           # disjoint, complete, in order
+    assert all(shard for shard in shards)
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_train_shards_are_disjoint_and_equally_long(unique_split, name):
+    loaders = [make_loader(unique_split, PRE, train=True, batch_size=4, loader=name, rank=r, world=2, seed=1)
+               for r in range(2)]
+    for _ in range(2):  # two epochs
+        a, b = (all_batches(loader)[1].tolist() for loader in loaders)
+        assert len(a) == len(b) == 8 == 4 * len(loaders[0])           # 23 // 2 = 11 per rank, 2 full batches
+        assert not set(a) & set(b)
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_split_smaller_than_a_batch_still_trains(name):
+    labels = all_batches(make_loader(array_split(3), PRE, train=True, batch_size=8, loader=name))[1]
+    assert sorted(labels.tolist()) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_a_pass_abandoned_midway_does_not_shorten_the_next(unique_split, name):
+    loader = make_loader(unique_split, PRE, train=False, batch_size=4, loader=name)
+    for _ in loader:
+        break
+    assert all_batches(loader)[1].tolist() == unique_split.labels.tolist()
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_set_epoch_replays_an_epochs_shuffle(name):
+    split = array_split(16)
+    orders = []
+    for _ in range(2):
+        loader = make_loader(split, PRE, train=True, batch_size=4, loader=name, seed=5)
+        loader.set_epoch(3)
+        orders.append(all_batches(loader)[1].tolist())
+    assert orders[0] == orders[1]
+    assert orders[0] == shard_indices(16, rank=0, world=1, train=True, seed=5, epoch=3).tolist()
+
+
+def test_torch_workers_reshuffle_every_epoch():
+    loader = make_loader(array_split(16), PRE, train=True, batch_size=4, loader="torch", workers=2)
+    first, second = all_batches(loader)[1].tolist(), all_batches(loader)[1].tolist()
+    assert sorted(first) == sorted(second) == list(range(16)) and first != second
+
+
+def damage(path: str, how: str) -> None:
+    """Break a file after the scan-time check passed it."""
+    if how == "header":
+        with open(path, "r+b") as f:
+            f.seek(20)
+            f.write(b"\xff" * 100)
+    elif how == "body":
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    else:
+        Path(path).unlink()
+
+
+@pytest.mark.parametrize("name", BOTH)
+@pytest.mark.parametrize("how", ["header", "body", "deleted"])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_a_file_broken_after_the_scan_is_a_user_error_naming_it(tmp_path, name, how, train):
+    split = file_split(tmp_path / "f", 6)
+    victim = split.paths[4]
+    damage(victim, how)
+    loader = make_loader(split, PRE, train=train, batch_size=2, loader=name)
+    with pytest.raises(UserError, match=re.escape(victim)):
+        for _ in range(2):  # a training pass drops a batch: two passes surely touch every file
+            all_batches(loader)
+
+
+def test_a_torch_worker_that_cannot_read_a_file_names_it_in_one_line(tmp_path):
+    split = file_split(tmp_path / "f", 4)
+    damage(split.paths[1], "deleted")
+    loader = make_loader(split, PRE, train=False, batch_size=2, loader="torch", workers=2)
+    with pytest.raises(UserError, match=re.escape(split.paths[1])) as error:
+        all_batches(loader)
+    assert "\n" not in str(error.value)
