@@ -38,15 +38,15 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
-    eval_every: int = 100
+    steps: int = 150
+    eval_every: int = 50
     lr: float = 0.05
-    batch_size: int = 64
+    batch_size: int = 32
     optimizer: str = "sgd"            # sgd | adamw
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "cosine"          # cosine | constant  (both after a linear warm-up)
-    warmup_steps: int = 30
+    warmup_steps: int = 15
     grad_accum: int = 1
     zero_stage: int = 2               # ZeRO-2: optimiser state + gradients sharded; frozen weights left alone
     precision: str = "fp32"           # fp32 | bf16 (autocast) | fp16 (autocast, CUDA only)

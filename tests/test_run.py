@@ -53,7 +53,7 @@ def test_linear_probe_forgets_nothing(linear_run):
 
 # The first losses of the embedded default (linear probe, seed 0). A change here means the data,
 # the model, the initialisation or the loop changed: update only on purpose.
-GOLDEN_LINEAR_LOSSES = None
+GOLDEN_LINEAR_LOSSES = [2.36309, 2.55006, 2.45815, 2.20135]
 
 
 def test_first_losses_match_the_golden_values(linear_run):
@@ -118,3 +118,22 @@ def test_nan_loss_stops_keeps_the_last_good_checkpoint_and_says_the_step(tmp_pat
     last = json.loads((run_dir / "checkpoints/last/trainer.json").read_text())
     assert last["step"] == step - 1
     assert not (run_dir / "results.json").exists()
+
+
+def test_selective_lora_budget_under_zero3_ends_with_exactly_k_blocks(tmp_path):
+    code, run_dir = run_cli(tmp_path, "z3", "--strategy", "selective_lora", "--active-blocks", "2",
+                            "--zero-stage", "3")
+    assert code == 0
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["active_blocks"] == 2 and results["total_blocks"] == 12
+    from engine.embedded import create_embedded_vit
+    from engine.metrics import gflops_per_image
+    base = gflops_per_image(create_embedded_vit(pretrained=False, num_classes=10), 32)
+    assert results["infer_gflops_per_img"] == pytest.approx(base, abs=1e-4)  # merged: the base model's FLOPs
+
+
+@pytest.mark.parametrize("loader", ["torch", "dali"])
+def test_both_loaders_run_the_default(tmp_path, loader):
+    code, run_dir = run_cli(tmp_path, loader, "--strategy", "lora", "--loader", loader, "--steps", "2")
+    assert code == 0
+    assert json.loads((run_dir / "results.json").read_text())["strategy"] == "lora"
