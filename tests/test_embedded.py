@@ -118,7 +118,7 @@ def test_shipped_checkpoint_features_separate_the_source_classes():
 
     model = create_embedded_vit().eval()
     d = shapes_domain()
-    bank, bank_y = _to_tensors(d.train.subset(np.arange(2000)))
+    bank, bank_y = _to_tensors(d.train.subset(np.arange(1000)))
     queries, query_y = _to_tensors(d.test.subset(np.arange(500)))
     with torch.no_grad():
         acc = knn_accuracy(model(_normalise(bank)), bank_y, model(_normalise(queries)), query_y, ks=(20,))[20]
