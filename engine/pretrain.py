@@ -15,12 +15,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .embedded import CHECKPOINT, EMBEDDED_MEAN, EMBEDDED_STD, EMBEDDED_VIT, create_embedded_vit, shapes_domain
+from .embedded import (CHECKPOINT, CLASSES, EMBEDDED_MEAN, EMBEDDED_STD, EMBEDDED_VIT, create_embedded_vit,
+                       shapes_domain)
 from .io import atomic_write, atomic_write_json
 
 
@@ -42,8 +44,16 @@ class PretrainConfig:
 
 def pretrain(cfg: PretrainConfig, out: str | Path = CHECKPOINT, progress: bool = True) -> dict:
     """Train, measure, write `out` and `out.with_suffix('.json')`; return the provenance dict."""
-    start = time.perf_counter()
+    threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
+    try:
+        return _pretrain(cfg, Path(out), progress)
+    finally:
+        torch.set_num_threads(threads)  # callers (tests, the engine) keep their own setting
+
+
+def _pretrain(cfg: PretrainConfig, out: Path, progress: bool) -> dict:
+    start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
 
@@ -84,9 +94,7 @@ def pretrain(cfg: PretrainConfig, out: str | Path = CHECKPOINT, progress: bool =
     knn = source_knn(model, train_x, train_y, test_x, test_y, ks=(cfg.knn_k,))[cfg.knn_k]
     backbone = {k: v.detach().contiguous().float() for k, v in model.state_dict().items()
                 if not k.startswith("head.")}
-    out = Path(out)
     atomic_write(out, lambda tmp: _save(backbone, tmp))
-    import timm
     provenance = {
         "seed": cfg.seed, "steps": cfg.steps,
         "architecture": "timm VisionTransformer", "kwargs": EMBEDDED_VIT,
@@ -97,10 +105,12 @@ def pretrain(cfg: PretrainConfig, out: str | Path = CHECKPOINT, progress: bool =
         "wall_s": round(time.perf_counter() - start, 1),
         "loss_per_100_steps": curve,
         "torch": torch.__version__, "timm": timm.__version__,
-        "command": "python -m engine.pretrain " + " ".join(_cli_flags(cfg)),
+        "command": " ".join(["python -m engine.pretrain", *_cli_flags(cfg)]),
         "config": asdict(cfg),
     }
     atomic_write_json(out.with_suffix(".json"), provenance)
+    for path in (out, out.with_suffix(".json")):
+        path.chmod(0o644)  # temp files are created 0600; a shipped asset must be readable by all
     return provenance
 
 
@@ -191,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = PretrainConfig(**args)
     provenance = pretrain(cfg, out)
     print(f"source {cfg.knn_k}-NN accuracy {provenance[f'source_knn{cfg.knn_k}']:.2f}% "
-          f"(chance {100 / 10:.0f}%), {provenance['params']:,} parameters, {provenance['wall_s']:.0f} s")
+          f"(chance {100 / len(CLASSES):.0f}%), {provenance['params']:,} parameters, {provenance['wall_s']:.0f} s")
     print(f"wrote {out} ({provenance['bytes'] / 1e6:.1f} MB) and {Path(out).with_suffix('.json')}")
     return 0
 

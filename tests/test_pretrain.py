@@ -13,7 +13,9 @@ TINY = dict(steps=3, batch_size=16, warmup_steps=1, n_train=64, n_test=32, threa
 
 def test_pretrain_writes_a_headless_checkpoint_that_loads_back(tmp_path):
     out = tmp_path / "vit.safetensors"
+    threads = torch.get_num_threads()
     provenance = P.pretrain(P.PretrainConfig(**TINY), out, progress=False)
+    assert torch.get_num_threads() == threads  # the caller's setting survives
     state = load_file(str(out))
     assert not any(k.startswith("head.") for k in state)
     model = create_embedded_vit(pretrained=False)
