@@ -109,8 +109,6 @@ def _pretrain(cfg: PretrainConfig, out: Path, progress: bool) -> dict:
         "config": asdict(cfg),
     }
     atomic_write_json(out.with_suffix(".json"), provenance)
-    for path in (out, out.with_suffix(".json")):
-        path.chmod(0o644)  # temp files are created 0600; a shipped asset must be readable by all
     return provenance
 
 

@@ -48,3 +48,13 @@ def sgd_steps(model, steps=3, lr=0.5, num_classes=10, seed=1, strategy=None):
 def images(n=3, seed=123):
     """Random 32 px inputs."""
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def randomize_b(model, seed=5):
+    """Give every B a non-zero value so the update is visible (at init B = 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_b." in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return model

@@ -8,7 +8,7 @@ from torch import nn
 
 import adapters.lora as lora_mod
 from adapters import LoRALinear, get_strategy, merge_lora, trainable_parameter_count, unmerge_lora
-from adapter_helpers import cfg, images, sgd_steps, tiny_vit, vit_b_meta
+from adapter_helpers import cfg, images, sgd_steps, tiny_vit, vit_b_meta, randomize_b
 
 
 def lora_vit(seed=0, **options):
@@ -17,14 +17,6 @@ def lora_vit(seed=0, **options):
     return strategy.apply(model, 10).eval(), strategy
 
 
-def randomize_b(model, seed=5):
-    """Give every B a non-zero value so the update is visible (at init B = 0)."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_b." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
 
 
 # The paper's table shows 301 K / 448 K / 743 K: an old peft release counted the 76,900-parameter

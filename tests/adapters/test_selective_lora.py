@@ -12,7 +12,7 @@ import adapters.lora as lora_mod
 import kernels
 from adapters import GatedLoRALinear, get_strategy, trainable_parameter_count
 from engine.config import AdapterConfig
-from adapter_helpers import cfg, images, sgd_steps, tiny_vit
+from adapter_helpers import cfg, images, sgd_steps, tiny_vit, randomize_b
 
 
 def selective_vit(seed=0, **options):
@@ -21,13 +21,6 @@ def selective_vit(seed=0, **options):
     return strategy.apply(model, 10).eval(), strategy
 
 
-def randomize_b(model, seed=5):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if ".lora_b." in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return model
 
 
 def set_scores(strategy, scores: dict):
