@@ -32,6 +32,10 @@ class DataConfig:
     val_fraction: float = 0.1         # held out of the target train split for checkpoint selection
     loader: str = "auto"              # auto | dali | torch
     workers: int = 2
+    # Training augmentation; None = the target's own choice: 0.08 and 0.5 (the paper's recipe) for
+    # natural images, 0.35 and 0 (no flip) for digits.
+    crop_scale_min: float | None = None  # random-resized crop keeps crop_scale_min..100% of the area
+    hflip: float | None = None           # horizontal-flip probability in training
     knn_train_limit: int | None = None  # cap on the k-NN bank (source train); None = all
     knn_test_limit: int | None = None   # cap on the k-NN queries (source test); None = all
 
@@ -235,6 +239,10 @@ def validate(cfg: RunConfig) -> None:
     for key in positive:
         if flat[key] is not None and flat[key] <= 0:
             raise UserError(f"{key} must be positive, got {flat[key]}")
+    if cfg.data.crop_scale_min is not None and not 0 < cfg.data.crop_scale_min <= 1:
+        raise UserError(f"data.crop_scale_min must be in (0, 1], got {cfg.data.crop_scale_min}")
+    if cfg.data.hflip is not None and not 0 <= cfg.data.hflip <= 1:
+        raise UserError(f"data.hflip must be in [0, 1], got {cfg.data.hflip}")
     if not 0 <= cfg.data.val_fraction < 1:
         raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
     if cfg.adapter.active_fraction is not None and not 0 < cfg.adapter.active_fraction <= 1:

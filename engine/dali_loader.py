@@ -9,7 +9,7 @@ Two pipelines share one augmentation graph:
 
 Augment, following `Preprocess` (the model's pretrained config):
 
-- train: random-resized crop (area `train_scale`, aspect 3/4-4/3) + horizontal flip. For files the
+- train: random-resized crop (area `train_scale`, aspect 3/4-4/3) + flip (`hflip`). For files the
   crop is fused into the decoder, which then decodes only the crop window.
 - eval: torchvision's `Resize(size / crop_pct)` (short side; long side truncated) + `CenterCrop`
   (offsets rounded half to even), computed from each image's shape; only the crop window is
@@ -326,7 +326,7 @@ def _half_even_half(d):
 def _normalise(images, preprocess: Preprocess, train: bool, out_dtype):
     from nvidia.dali import fn
 
-    mirror = fn.random.coin_flip(probability=0.5) if train else 0
+    mirror = fn.random.coin_flip(probability=preprocess.hflip) if train and preprocess.hflip > 0 else 0
     return fn.crop_mirror_normalize(images, dtype=out_dtype, output_layout="CHW", mirror=mirror,
                                     mean=[255.0 * m for m in preprocess.mean], std=[255.0 * s for s in preprocess.std])
 

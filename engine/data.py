@@ -55,6 +55,11 @@ class Domain:
     test: Split
     val: Split | None = None
     notes: list[str] = field(default_factory=list)  # e.g. "skipped 2 unreadable files"
+    # Training augmentation suited to the domain, used where the config leaves it unset: the
+    # paper's random-resized crop (8-100% of the area) and a horizontal flip suit natural images,
+    # not handwritten digits, where a flip turns one class into a stranger and a small crop erases it.
+    crop_scale_min: float = 0.08
+    hflip: float = 0.5
 
     @property
     def num_classes(self) -> int:

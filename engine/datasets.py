@@ -50,7 +50,7 @@ def digits_domain(size: int = 32) -> Domain:
     images = rgb.permute(0, 2, 3, 1).contiguous().numpy()                              # (N, S, S, 3)
     full = Split(labels=bunch.target, images=images)
     train, test = stratified_split(full, 0.2, SPLIT_SEED)
-    return Domain("digits", [str(i) for i in range(10)], train, test)
+    return Domain("digits", [str(i) for i in range(10)], train, test, crop_scale_min=0.35, hflip=0.0)
 
 
 _CIFAR = {

@@ -211,6 +211,11 @@ def run(cfg: RunConfig) -> dict:
     source = load_domain(cfg.data.source, cfg.data.data_root, cfg.seed, role="source")
     for note in target.notes + source.notes:
         print(f"note: {note}")
+    if cfg.data.crop_scale_min is None or cfg.data.hflip is None:  # the target's own augmentation
+        cfg.data.crop_scale_min = target.crop_scale_min if cfg.data.crop_scale_min is None else cfg.data.crop_scale_min
+        cfg.data.hflip = target.hflip if cfg.data.hflip is None else cfg.data.hflip
+        if main_rank:
+            save_yaml(cfg, run_dir / "config.yaml")
     train_split, val_split = stratified_split(target.train, cfg.data.val_fraction, cfg.seed)
     if len(val_split) == 0:
         raise UserError("the validation split is empty: raise data.val_fraction")
@@ -220,7 +225,7 @@ def run(cfg: RunConfig) -> dict:
 
     torch.manual_seed(cfg.seed)  # the same backbone again at restore time, even from a random init
     backbone = build_backbone(cfg.model).to(device)
-    pre = Preprocess.from_model(backbone)
+    pre = Preprocess.from_model(backbone, crop_scale_min=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
     amp = PRECISIONS[cfg.train.precision]
     micro = cfg.train.batch_size // (cfg.train.grad_accum * world)
     common = dict(loader=cfg.data.loader, workers=cfg.data.workers, device=device)

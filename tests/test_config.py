@@ -72,3 +72,10 @@ def test_the_paper_recipe_file_loads():
     cfg = build_config(str(Path(__file__).parents[1] / "configs" / "paper_cifar100.yaml"))
     assert (cfg.train.steps, cfg.train.eval_every, cfg.train.batch_size, cfg.train.warmup_steps) == (10000, 500, 128, 500)
     assert cfg.model.name == "vit_base_patch16_224.dino" and cfg.data.target == "cifar100"
+
+
+@pytest.mark.parametrize("item", ["data.crop_scale_min=0", "data.crop_scale_min=1.5", "data.hflip=-0.1",
+                                  "data.hflip=2"])
+def test_augmentation_ranges_are_checked(item):
+    with pytest.raises(UserError, match=item.split("=")[0]):
+        build_config(overrides=[item])

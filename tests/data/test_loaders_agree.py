@@ -223,3 +223,16 @@ def test_a_torch_worker_that_cannot_read_a_file_names_it_in_one_line(tmp_path):
     with pytest.raises(UserError, match=re.escape(split.paths[1])) as error:
         all_batches(loader)
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("name", BOTH)
+@pytest.mark.parametrize("hflip", [0.0, 1.0])
+def test_train_flip_follows_the_preprocess(name, hflip):
+    """hflip = 0 never mirrors (digits), 1 always does: a dark-left, bright-right image stays or turns."""
+    images = np.zeros((8, 32, 32, 3), np.uint8)
+    images[:, :, 16:] = 255
+    pre = Preprocess(**{**PRE.__dict__, "train_scale": (1.0, 1.0), "hflip": hflip})
+    x, _ = next(iter(make_loader(Split(labels=np.arange(8), images=images), pre, train=True, batch_size=8,
+                                 loader=name)))
+    left, right = x[..., :12].mean(dim=(1, 2, 3)), x[..., -12:].mean(dim=(1, 2, 3))
+    assert bool((left < right).all()) if hflip == 0 else bool((left > right).all())
