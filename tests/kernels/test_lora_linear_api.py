@@ -89,3 +89,30 @@ def test_scale_zero_lora_is_the_plain_linear(backend):
     case["scale"] = 0.0
     y = lora_linear(*_args(case), backend=backend)
     torch.testing.assert_close(y, torch.nn.functional.linear(case["x"], case["weight"], case["bias"]))
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_torch_path_saves_no_output_sized_tensor(monkeypatch, merge):
+    """Backward memory: x, W, A, B (and, on the activation side, the M x R product x A^T), never M x N."""
+    from kernels import _torch_path
+
+    monkeypatch.setattr(_torch_path, "merge_pays", lambda *args: merge)
+    case = make_case(197, 40, 8, layout="qv", d=24)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = lora_linear(*_args(case), backend="torch")
+    m, n = y.shape
+    k, r_total = case["x"].shape[1], sum(a.shape[0] for a in case["lora_a"])
+    assert all(t.shape != (m, n) for t in saved)
+    expected = m * k + n * k + sum(a.numel() + b.numel() for a, b in zip(case["lora_a"], case["lora_b"])) \
+        + (0 if merge else m * r_total)
+    assert sum(t.numel() for t in saved) == expected
+
+
+def test_merge_pays_for_vit_b_training_batches_in_fp32_only():
+    from kernels._torch_path import merge_pays
+
+    for k, n_out, rows in [(768, 2304, [768, 768]), (768, 768, [768]), (768, 3072, [3072]), (3072, 768, [768])]:
+        assert merge_pays(8 * 197, k, n_out, rows, torch.float32)
+        assert not merge_pays(7, k, n_out, rows, torch.float32)
+        assert not merge_pays(8 * 197, k, n_out, rows, torch.bfloat16)  # rounding W + sBA would lose updates

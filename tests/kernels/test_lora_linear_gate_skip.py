@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import kernels
+from kernels._torch_path import merge_pays
 from lora_cases import OFF, ON, T0_FROZEN, make_case
 
 ALL_BACKENDS = ["reference", "torch", "triton"]
@@ -81,9 +82,11 @@ def test_forward_flops_are_base_plus_low_rank_of_active_segments(any_backend, la
     m, k, r = 197, 40, 8
     case = make_case(m, k, r, layout=layout, gates=gates)
     n_out = case["weight"].shape[0]
+    rows = [b.shape[0] for b, g in zip(case["lora_b"], case["gates"]) if g is None]
     want = 2 * m * k * n_out
-    for b, g in zip(case["lora_b"], case["gates"]):
-        if g is None:  # the k range of the qkv costs nothing: 2MRn with n the segment's width
-            want += 2 * m * k * r + 2 * m * r * b.shape[0]
+    if any_backend == "torch" and merge_pays(m, k, n_out, rows, case["x"].dtype):
+        want += sum(2 * n * r * k for n in rows)  # the update folded into W's rows: s B A, n x K
+    else:  # the k range of the qkv costs nothing: 2MKR + 2MRn with n the segment's width
+        want += sum(2 * m * k * r + 2 * m * r * n for n in rows)
     with torch.no_grad():
         assert _flops(lambda: _call(case, any_backend)) == want

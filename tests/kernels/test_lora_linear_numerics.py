@@ -31,6 +31,17 @@ def test_gate_patterns_on_qkv_match_reference(backend, gates, bias, residual):
     assert_matches_reference(case, backend)
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["activation-side", "weight-side"])
+@pytest.mark.parametrize("gates", GATES, ids=["-".join(g) for g in GATES])
+def test_torch_path_both_sides_match_reference(monkeypatch, merge, gates):
+    """The torch path folds the update into W or adds it to the output, by size; both, every gate pattern."""
+    from kernels import _torch_path
+
+    monkeypatch.setattr(_torch_path, "merge_pays", lambda *args: merge)
+    assert_matches_reference(make_case(33, 40, 8, layout="qv", gates=gates, residual=True), "torch")
+    assert_matches_reference(make_case(33, 40, 8, layout="full", gates=gates[:1]), "torch")
+
+
 @pytest.mark.parametrize("gate", [ON, OFF, T1, T0, T0_FROZEN])
 def test_full_width_gates_match_reference(backend, gate):
     case = make_case(197, 40, 8, layout="full", gates=(gate,), residual=True)
