@@ -211,11 +211,14 @@ def run(cfg: RunConfig) -> dict:
     source = load_domain(cfg.data.source, cfg.data.data_root, cfg.seed, role="source")
     for note in target.notes + source.notes:
         print(f"note: {note}")
-    if cfg.data.crop_scale_min is None or cfg.data.hflip is None:  # the target's own augmentation
-        cfg.data.crop_scale_min = target.crop_scale_min if cfg.data.crop_scale_min is None else cfg.data.crop_scale_min
-        cfg.data.hflip = target.hflip if cfg.data.hflip is None else cfg.data.hflip
-        if main_rank:
-            save_yaml(cfg, run_dir / "config.yaml")
+    # The target's own augmentation where the config leaves it unset; the saved config records it.
+    unset = cfg.data.crop_scale_min is None or cfg.data.hflip is None
+    if cfg.data.crop_scale_min is None:
+        cfg.data.crop_scale_min = target.crop_scale_min
+    if cfg.data.hflip is None:
+        cfg.data.hflip = target.hflip
+    if unset and main_rank:
+        save_yaml(cfg, run_dir / "config.yaml")
     train_split, val_split = stratified_split(target.train, cfg.data.val_fraction, cfg.seed)
     if len(val_split) == 0:
         raise UserError("the validation split is empty: raise data.val_fraction")
