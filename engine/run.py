@@ -203,8 +203,6 @@ def run(cfg: RunConfig) -> dict:
         else torch.device("cpu")
     main_rank = rank == 0
     run_dir = _shared_run_dir(cfg, main_rank, world)
-    if main_rank:
-        save_yaml(cfg, run_dir / "config.yaml")
 
     # Data: target train/val/test, source train (k-NN bank) / test (k-NN queries).
     target = load_domain(cfg.data.target, cfg.data.data_root, cfg.seed, role="target")
@@ -212,12 +210,11 @@ def run(cfg: RunConfig) -> dict:
     for note in target.notes + source.notes:
         print(f"note: {note}")
     # The target's own augmentation where the config leaves it unset; the saved config records it.
-    unset = cfg.data.crop_scale_min is None or cfg.data.hflip is None
     if cfg.data.crop_scale_min is None:
         cfg.data.crop_scale_min = target.crop_scale_min
     if cfg.data.hflip is None:
         cfg.data.hflip = target.hflip
-    if unset and main_rank:
+    if main_rank:
         save_yaml(cfg, run_dir / "config.yaml")
     train_split, val_split = stratified_split(target.train, cfg.data.val_fraction, cfg.seed)
     if len(val_split) == 0:

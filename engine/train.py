@@ -215,7 +215,6 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg: TrainConfig
             last_good = step
             if rank == 0:
                 _append_csv(metrics_path, row)
-            if rank == 0:
                 bar.write(f"step {step}: loss {row['train_loss']:.4f}  val top-1 {val_top1:.2f}%"
                           + ("  (best)" if best.best_step == step else ""))
     bar.close()

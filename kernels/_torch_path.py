@@ -1,4 +1,4 @@
-"""The torch fast path for machines without a GPU: the low-rank term never gets an M x N pass of its own.
+"""The torch fast path for machines without a GPU: the low-rank term never gets an M x N tensor of its own.
 
 Why it beats a LoRA nn.Module (HF peft's way): peft computes `base(x) + B(A(x)) * s`, which writes
 and re-reads two extra M x N tensors forward and adds an M x K partial gradient backward. Here the
