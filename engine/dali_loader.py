@@ -82,7 +82,7 @@ class DaliLoader:
 
     def __init__(self, split: Split, preprocess: Preprocess, *, train: bool, batch_size: int, seed: int,
                  threads: int, rank: int, world: int, device: torch.device, dtype: torch.dtype) -> None:
-        from .loaders import shard_indices
+        from .loaders import shard_size
 
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside a world of {world}")
@@ -97,7 +97,7 @@ class DaliLoader:
         self._iterator = None
         self._builds = 0
         self._stale = False         # set when the pipeline cannot serve the next pass as asked
-        self._shard_size = len(shard_indices(len(split), rank=rank, world=world, train=train, seed=seed))
+        self._shard_size = shard_size(len(split), rank=rank, world=world, train=train)
         # A split smaller than one batch still trains, on one partial batch (as the torch path does).
         self._drop_last = train and self._shard_size >= batch_size
 

@@ -80,6 +80,11 @@ def shard_indices(n: int, *, rank: int, world: int, train: bool, seed: int, epoc
     return np.arange(n * rank // world, n * (rank + 1) // world)
 
 
+def shard_size(n: int, *, rank: int, world: int, train: bool) -> int:
+    """len(shard_indices(...)) without drawing the permutation."""
+    return n // world if train else n * (rank + 1) // world - n * rank // world
+
+
 class ShardSampler(Sampler[int]):
     """`shard_indices` as a torch Sampler; each `iter()` moves on to the next epoch's shuffle."""
 
@@ -91,7 +96,7 @@ class ShardSampler(Sampler[int]):
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(shard_indices(self.n, rank=self.rank, world=self.world, train=self.train, seed=self.seed))
+        return shard_size(self.n, rank=self.rank, world=self.world, train=self.train)
 
     def __iter__(self):
         index = shard_indices(self.n, rank=self.rank, world=self.world, train=self.train, seed=self.seed,
