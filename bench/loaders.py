@@ -1,14 +1,15 @@
 """Loader throughput, side by side in one process, and the data wait of the default run's train loop.
 
-    python -m bench.loaders            # 2,000 JPEGs, 3 interleaved rounds, 40 train steps (a few minutes)
+    python -m bench.loaders            # 2,000 JPEGs, 5 interleaved rounds, 40 train steps (a few minutes)
     python -m bench.loaders --quick    # 1,000 JPEGs, 2 rounds, 12 train steps (a minute or two)
 
 Three sections, one table and `bench/results/loaders-<device>.csv`:
 
 - files: a generated ImageFolder of JPEGs around 500 x 375 (cached under the temp folder), read at
-  224 px (crop_pct 0.875, bicubic) by DALI on the CPU, the torch DataLoader with PIL (the engine's
-  torch path) and a torch DataLoader that decodes with torchvision.io and transforms uint8
-  tensors; DALI `mixed` too on a GPU. Same thread / worker count for all. Train = random-resized
+  224 px (crop_pct 0.875, bicubic) by DALI on the CPU (the engine's way: DALI decodes, torch
+  resamples; and with DALI's own resampler), the torch DataLoader with PIL (the engine's torch
+  path) and a torch DataLoader that decodes with torchvision.io and transforms uint8 tensors;
+  DALI `mixed` too on a GPU. Same thread / worker count for all. Train = random-resized
   crop + flip, eval = resize + centre crop.
 - arrays: the embedded default's 32 x 32 in-memory images (digits), DALI external source vs torch.
 - train wait: the fraction of each training step spent in `next(loader)` for the default run's
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.loaders", description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="1000 images, 2 rounds, 12 train steps")
     p.add_argument("--images", type=int, help="JPEGs to generate (default 2000, quick 1000)")
-    p.add_argument("--rounds", type=int, help="interleaved rounds per configuration (default 3, quick 2)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds per configuration (default 5, quick 2)")
     p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers (default 2)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, help="train steps per loader for the data-wait harness (default 40, quick 12)")
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default="bench/results", help="folder for the CSV")
     args = p.parse_args(argv)
     n_images = args.images or (1000 if args.quick else 2000)
-    rounds = args.rounds or (2 if args.quick else 3)
+    rounds = args.rounds or (2 if args.quick else 5)
     steps = args.steps or (12 if args.quick else 40)
     sections = args.sections.split(",")
 
@@ -164,6 +165,7 @@ def bench_files(folder: Path, threads: int, batch_size: int, rounds: int) -> lis
         common = dict(train=train, batch_size=batch_size, workers=threads)
         configs = {
             "dali-cpu": make_loader(split, pre, loader="dali", **common),
+            "dali-cpu-dali-resize": make_loader(split, pre, loader="dali", dali_resize="dali", **common),
             "torch-pil": make_loader(split, pre, loader="torch", **common),
             "torch-tvio": tvio_loader(split, pre, train, batch_size, threads),
         }
@@ -314,10 +316,10 @@ def _endless(loader):
 def print_table(rows: list[dict]) -> None:
     throughput = [r for r in rows if r["section"] != "train-wait"]
     if throughput:
-        print(f"\n{'section':8s} {'mode':5s} {'loader':13s} {'thr':>3s} {'img/s':>7s} {'vs best torch':>13s} "
+        print(f"\n{'section':8s} {'mode':5s} {'loader':20s} {'thr':>3s} {'img/s':>7s} {'vs best torch':>13s} "
               f"{'cpu ms/img':>10s}  note")
         for r in throughput:
-            print(f"{r['section']:8s} {r['mode']:5s} {r['loader']:13s} {r['threads']:3d} {r['img_per_s']:7d} "
+            print(f"{r['section']:8s} {r['mode']:5s} {r['loader']:20s} {r['threads']:3d} {r['img_per_s']:7d} "
                   f"{r['vs_best_torch']:>13s} {r['cpu_ms_per_img']:>10s}  {r.get('note', '')}")
     waits = [r for r in rows if r["section"] == "train-wait"]
     if waits:

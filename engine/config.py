@@ -31,6 +31,7 @@ class DataConfig:
     data_root: str = "data"
     val_fraction: float = 0.1         # held out of the target train split for checkpoint selection
     loader: str = "auto"              # auto | dali | torch
+    dali_resize: str = "auto"         # DALI's image-file resampler: auto (torch's on CPU, DALI's on GPU) | dali | torch
     workers: int = 2
     # Training augmentation; None = the target's own choice: 0.08 and 0.5 (the paper's recipe) for
     # natural images, 0.35 and 0 (no flip) for digits.
@@ -119,6 +120,7 @@ FLAG_KEYS = {
 
 _CHOICES = {
     "data.loader": ("auto", "dali", "torch"),
+    "data.dali_resize": ("auto", "dali", "torch"),
     "train.optimizer": ("sgd", "adamw"),
     "train.schedule": ("cosine", "constant"),
     "train.precision": ("fp32", "bf16", "fp16"),

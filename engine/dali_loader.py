@@ -21,6 +21,13 @@ Augment, following `Preprocess` (the model's pretrained config):
 
 Then normalise with `mean` / `std` into CHW float (fp16 straight from DALI; bf16 converted after).
 
+The resampler of the file pipeline (`resize`): on a GPU, DALI's own (`fn.resize`). On the CPU,
+torch's by default, called from the pipeline (`fn.python_function`, one thread pool of `threads`):
+DALI's CPU resampler is scalar and takes about 3 ms per photo to 224 px where torch's SIMD uint8
+one takes 0.3 ms (bench/README.md), so with it DALI reads JPEGs slower than a torch DataLoader.
+torch's resamples as torchvision's Resize + CenterCrop on uint8 tensors does (8-bit between passes,
+like PIL). In-memory arrays keep DALI's resampler: upscaling small images is fast there.
+
 Sharding: rank r reads shard r of `world` (`shard_id`, `num_shards`). Evaluation pads the last
 batch in the reader and the iterator trims the padding (`LastBatchPolicy.PARTIAL`), so each sample
 is scored exactly once across ranks. Training shuffles the whole set each epoch with a seed that
@@ -66,10 +73,23 @@ def dali_works() -> bool:
 
 def make_dali_loader(split: Split, preprocess: Preprocess, *, train: bool, batch_size: int, seed: int = 0,
                      workers: int = 0, rank: int = 0, world: int = 1, device: torch.device | str | None = None,
-                     dtype: torch.dtype = torch.float32) -> "DaliLoader":
-    """`engine.loaders.make_loader`'s DALI path; `workers` DALI threads (at least one)."""
+                     dtype: torch.dtype = torch.float32, resize: str = "auto") -> "DaliLoader":
+    """`engine.loaders.make_loader`'s DALI path; `workers` DALI threads (at least one).
+
+    `resize`: the file pipeline's resampler, `dali`, `torch` (CPU only) or `auto` (torch on the CPU).
+    """
+    device = torch.device(device or "cpu")
+    if resize not in RESIZERS:
+        raise ValueError(f"unknown DALI resize {resize!r}; choose from {', '.join(RESIZERS)}")
+    if resize == "torch" and device.type == "cuda":
+        raise UserError("data.dali_resize=torch resamples on the CPU; on a GPU use dali or auto")
+    if resize == "auto":
+        resize = "dali" if device.type == "cuda" else "torch"
     return DaliLoader(split, preprocess, train=train, batch_size=batch_size, seed=seed, threads=max(1, workers),
-                      rank=rank, world=world, device=torch.device(device or "cpu"), dtype=dtype)
+                      rank=rank, world=world, device=device, dtype=dtype, resize=resize)
+
+
+RESIZERS = ("auto", "dali", "torch")
 
 
 class DaliLoader:
@@ -81,7 +101,8 @@ class DaliLoader:
     """
 
     def __init__(self, split: Split, preprocess: Preprocess, *, train: bool, batch_size: int, seed: int,
-                 threads: int, rank: int, world: int, device: torch.device, dtype: torch.dtype) -> None:
+                 threads: int, rank: int, world: int, device: torch.device, dtype: torch.dtype,
+                 resize: str = "dali") -> None:
         from .loaders import shard_size
 
         if not 0 <= rank < world:
@@ -92,6 +113,7 @@ class DaliLoader:
         self.split, self.preprocess, self.train = split, preprocess, train
         self.batch_size, self.seed, self.threads = batch_size, seed, threads
         self.rank, self.world, self.device, self.dtype = rank, world, device, dtype
+        self.resize = resize
         self._next_epoch = 0        # the epoch the array source shuffles for in its next pass
         self._current_epoch = None  # the epoch of the pass the array source is on (DALI runs ahead)
         self._iterator = None
@@ -182,7 +204,8 @@ class DaliLoader:
             source = _ArrayBatches(self)
             pipe = _array_pipeline(source, self.preprocess, self.train, gpu, out_dtype, **common)
             return DALIGenericIterator(pipe, ["images", "labels"], auto_reset=True, prepare_first_batch=False)
-        pipe = _file_pipeline(self.split, self.preprocess, self.train, gpu, out_dtype,
+        torch_resize = _TorchResize(self.preprocess, self.train, self.threads) if self.resize == "torch" else None
+        pipe = _file_pipeline(self.split, self.preprocess, self.train, gpu, out_dtype, torch_resize,
                               shard_id=self.rank, num_shards=self.world,
                               reader_seed=(self.seed + 1000 * self._builds) % (2**31 - 1), **common)
         policy = LastBatchPolicy.DROP if self._drop_last else LastBatchPolicy.PARTIAL
@@ -241,8 +264,9 @@ def _array_pipeline(source, preprocess: Preprocess, train: bool, gpu: bool, out_
     return arrays()
 
 
-def _file_pipeline(split: Split, preprocess: Preprocess, train: bool, gpu: bool, out_dtype, *, shard_id: int,
-                   num_shards: int, reader_seed: int, **pipe_args):
+def _file_pipeline(split: Split, preprocess: Preprocess, train: bool, gpu: bool, out_dtype, torch_resize,
+                   *, shard_id: int, num_shards: int, reader_seed: int, **pipe_args):
+    """`torch_resize`: a `_TorchResize` that resamples the decoded images, or None for DALI's resize."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(**pipe_args)
@@ -257,15 +281,56 @@ def _file_pipeline(split: Split, preprocess: Preprocess, train: bool, gpu: bool,
             images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
                                                    adjust_orientation=False, random_area=preprocess.train_scale,
                                                    random_aspect_ratio=_ASPECT, num_attempts=10)
-            images = fn.resize(images, size=(preprocess.input_size,) * 2, interp_type=types.INTERP_CUBIC,
-                               antialias=True)
-        else:
+            if torch_resize is None:
+                images = fn.resize(images, size=(preprocess.input_size,) * 2, interp_type=types.INTERP_CUBIC,
+                                   antialias=True)
+        elif torch_resize is None:
             shape = fn.peek_image_shape(encoded, adjust_orientation=False)  # (H, W, C), no decoding
             images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False)
             images = _eval_resize(images, shape, preprocess)
+        else:
+            images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False)
+        if torch_resize is not None:
+            images = fn.python_function(images, function=torch_resize, batch_processing=True, output_layouts="HWC")
         return _normalise(images, preprocess, train, out_dtype), labels
 
     return files()
+
+
+class _TorchResize:
+    """The file pipeline's CPU resampler: torch's antialiased bicubic on uint8, a batch at a time.
+
+    Train: each decoded crop window to input_size squared. Eval: torchvision's Resize(short side) +
+    CenterCrop on each image. Images are spread over a pool of `threads` threads (torch's resize
+    releases the GIL), which run while DALI's own threads wait for this stage.
+    """
+
+    def __init__(self, preprocess: Preprocess, train: bool, threads: int) -> None:
+        self.preprocess, self.train, self.threads = preprocess, train, threads
+        self._pool = None
+
+    def __call__(self, images: list[np.ndarray]) -> list[np.ndarray]:
+        if self._pool is None:  # made on first use, in the pipeline's process
+            from concurrent.futures import ThreadPoolExecutor
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="dali-torch-resize")
+        return list(self._pool.map(self._one, images))
+
+    def _one(self, image: np.ndarray) -> np.ndarray:
+        h, w = image.shape[:2]
+        C = self.preprocess.input_size
+        if self.train:
+            new_h, new_w, top, left = C, C, 0, 0
+        else:
+            new_h, new_w, top, left = _eval_window(h, w, self.preprocess)
+        x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # (1, 3, H, W) channels-last
+        if (new_h, new_w) != (h, w):
+            x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True)
+        x = x[0, :, top:top + C, left:left + C]                                    # (3, C, C) uint8
+        return x.permute(1, 2, 0).contiguous().numpy()                            # (C, C, 3)
+
+    def __del__(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
 
 def _eval_window(h: int, w: int, preprocess: Preprocess) -> tuple[int, int, int, int]:

@@ -137,10 +137,12 @@ class TorchLoader:
 
 def make_loader(split: Split, preprocess: Preprocess, *, train: bool, batch_size: int, seed: int = 0,
                 loader: str = "auto", workers: int = 0, rank: int = 0, world: int = 1,
-                device: torch.device | str | None = None, dtype: torch.dtype = torch.float32):
+                device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                dali_resize: str = "auto"):
     """An iterable over one pass of `split` per `iter()` (train: shuffled, last partial batch dropped).
 
     `workers` is DataLoader worker processes on the torch path and threads on DALI's (at least 1).
+    `dali_resize` picks the DALI file pipeline's resampler (`engine.dali_loader`).
     """
     if len(split) == 0:
         raise ValueError("cannot make a loader for an empty split")
@@ -154,7 +156,8 @@ def make_loader(split: Split, preprocess: Preprocess, *, train: bool, batch_size
                             "(pip install nvidia-dali-cuda130); use --loader torch or auto")
         from .dali_loader import make_dali_loader
         return make_dali_loader(split, preprocess, train=train, batch_size=batch_size, seed=seed,
-                                workers=workers, rank=rank, world=world, device=device, dtype=dtype)
+                                workers=workers, rank=rank, world=world, device=device, dtype=dtype,
+                                resize=dali_resize)
     return TorchLoader(split, preprocess, train=train, batch_size=batch_size, seed=seed, workers=workers,
                        rank=rank, world=world, device=device, dtype=dtype)
 

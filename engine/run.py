@@ -228,7 +228,7 @@ def run(cfg: RunConfig) -> dict:
     pre = Preprocess.from_model(backbone, crop_scale_min=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
     amp = PRECISIONS[cfg.train.precision]
     micro = cfg.train.batch_size // (cfg.train.grad_accum * world)
-    common = dict(loader=cfg.data.loader, workers=cfg.data.workers, device=device)
+    common = dict(loader=cfg.data.loader, workers=cfg.data.workers, device=device, dali_resize=cfg.data.dali_resize)
     eval_bs = cfg.eval.batch_size
     loaders = _Loaders(
         train=make_loader(train_split, pre, train=True, batch_size=max(micro, 1), seed=cfg.seed,

@@ -8,7 +8,7 @@ import torch
 
 from engine.data import Split
 from engine.errors import UserError
-from engine.imagefolder import scan_split
+from engine.imagefolder import open_rgb, scan_split
 from engine.loaders import make_loader, resolve_loader, shard_indices
 from engine.transforms import Preprocess
 
@@ -92,15 +92,54 @@ def test_half_precision_batches_on_request(name, dtype):
 
 
 @needs_dali
-def test_eval_preprocessing_agrees_on_image_files(messy_folder):
+@pytest.mark.parametrize("resize", ["dali", "torch"])
+def test_eval_preprocessing_agrees_on_image_files(messy_folder, resize):
     """JPEGs of mixed sizes and orientation, grey / RGBA / palette / CMYK / 16-bit PNGs: same order,
-    same labels, pixels within a grey level."""
+    same labels, pixels within a grey level, with either of DALI's resamplers."""
     root, _, _ = messy_folder
     _, split, _ = scan_split(root)
-    dali_x, dali_y = all_batches(make_loader(split, PRE, train=False, batch_size=5, loader="dali"))
+    dali_x, dali_y = all_batches(make_loader(split, PRE, train=False, batch_size=5, loader="dali",
+                                             dali_resize=resize))
     torch_x, torch_y = all_batches(make_loader(split, PRE, train=False, batch_size=5, loader="torch"))
     assert torch.equal(dali_y, torch.as_tensor(split.labels)) and torch.equal(torch_y, dali_y)
     assert_close_to_pil(dali_x, torch_x)
+
+
+@needs_dali
+@pytest.mark.parametrize("pre", [PRE, Preprocess(input_size=48, mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=0.9)],
+                         ids=["down", "up"])
+def test_dali_with_torch_resize_equals_torchvision_on_the_decoded_images(messy_folder, pre):
+    """On the CPU DALI decodes and torch resamples: exactly torchvision's uint8 Resize + CenterCrop
+    of the decoded image (DALI's decoder equals `open_rgb`, tests/data/test_image_folders.py)."""
+    from torchvision.transforms import InterpolationMode, v2
+
+    root, _, _ = messy_folder
+    _, split, _ = scan_split(root)
+    resize_crop = v2.Compose([v2.Resize(pre.resize_size, interpolation=InterpolationMode.BICUBIC, antialias=True),
+                              v2.CenterCrop(pre.input_size)])
+    mean, std = torch.tensor(pre.mean).view(3, 1, 1), torch.tensor(pre.std).view(3, 1, 1)
+    expected = torch.stack([(resize_crop(torch.from_numpy(np.array(open_rgb(path))).permute(2, 0, 1)) / 255 - mean)
+                            / std for path in split.paths])
+    x, _ = all_batches(make_loader(split, pre, train=False, batch_size=5, loader="dali", dali_resize="torch"))
+    torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)
+
+
+@needs_dali
+@pytest.mark.parametrize("resize", ["dali", "torch"])
+def test_train_batches_from_files_with_either_resampler(tmp_path, resize):
+    split = file_split(tmp_path / "f", 12)
+    x, y = all_batches(make_loader(split, PRE, train=True, batch_size=4, loader="dali", dali_resize=resize))
+    assert x.shape == (12, 3, PRE.input_size, PRE.input_size) and torch.isfinite(x).all()
+    assert sorted(y.tolist()) == sorted(split.labels.tolist())
+
+
+@needs_dali
+def test_dali_resize_choices_are_checked():
+    with pytest.raises(ValueError, match="unknown DALI resize"):
+        make_loader(array_split(4), PRE, train=False, batch_size=2, loader="dali", dali_resize="pil")
+    with pytest.raises(UserError, match="on a GPU use dali or auto"):
+        make_loader(array_split(4), PRE, train=False, batch_size=2, loader="dali", dali_resize="torch",
+                    device="cuda")
 
 
 @needs_dali
