@@ -14,7 +14,8 @@ Augment, following `Preprocess` (the model's pretrained config):
 - eval: torchvision's `Resize(size / crop_pct)` (short side; long side truncated) + `CenterCrop`
   (offsets rounded half to even), computed from each image's shape; only the crop window is
   resized (a resize with a region of interest: the same arithmetic as resize-then-crop, without
-  computing the border it discards). Bicubic with antialiasing, as PIL's: on photographs the two
+  computing the border it discards). The model's interpolation (bicubic, or bilinear where its
+  pretrained config says so) with antialiasing, as PIL's: on photographs the two
   paths agree within one grey level (mean under a quarter); where a bicubic upscale overshoots a
   hard edge, PIL's 8-bit intermediate clips and DALI's float one does not, which moves a few
   pixels by more.
@@ -256,7 +257,7 @@ def _array_pipeline(source, preprocess: Preprocess, train: bool, gpu: bool, out_
         if train:
             images = fn.random_resized_crop(images, size=(preprocess.input_size,) * 2,
                                             random_area=preprocess.train_scale, random_aspect_ratio=_ASPECT,
-                                            num_attempts=10, interp_type=types.INTERP_CUBIC, antialias=True)
+                                            num_attempts=10, interp_type=_dali_interp(preprocess), antialias=True)
         else:  # one shape for the whole array: the crop window is a constant
             images = _eval_resize_fixed(images, image_shape, preprocess)
         return _normalise(images, preprocess, train, out_dtype), labels
@@ -282,7 +283,7 @@ def _file_pipeline(split: Split, preprocess: Preprocess, train: bool, gpu: bool,
                                                    adjust_orientation=False, random_area=preprocess.train_scale,
                                                    random_aspect_ratio=_ASPECT, num_attempts=10)
             if torch_resize is None:
-                images = fn.resize(images, size=(preprocess.input_size,) * 2, interp_type=types.INTERP_CUBIC,
+                images = fn.resize(images, size=(preprocess.input_size,) * 2, interp_type=_dali_interp(preprocess),
                                    antialias=True)
         elif torch_resize is None:
             shape = fn.peek_image_shape(encoded, adjust_orientation=False)  # (H, W, C), no decoding
@@ -298,7 +299,7 @@ def _file_pipeline(split: Split, preprocess: Preprocess, train: bool, gpu: bool,
 
 
 class _TorchResize:
-    """The file pipeline's CPU resampler: torch's antialiased bicubic on uint8, a batch at a time.
+    """The file pipeline's CPU resampler: torch's antialiased bicubic (or bilinear) on uint8, a batch at a time.
 
     Train: each decoded crop window to input_size squared. Eval: torchvision's Resize(short side) +
     CenterCrop on each image. Images are spread over a pool of `threads` threads (torch's resize
@@ -324,13 +325,25 @@ class _TorchResize:
             new_h, new_w, top, left = _eval_window(h, w, self.preprocess)
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]  # (1, 3, H, W) channels-last
         if (new_h, new_w) != (h, w):
-            x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode="bicubic", antialias=True)
+            x = torch.nn.functional.interpolate(x, size=(new_h, new_w), mode=_torch_interp(self.preprocess),
+                                                antialias=True)
         x = x[0, :, top:top + C, left:left + C]                                    # (3, C, C) uint8
         return x.permute(1, 2, 0).contiguous().numpy()                            # (C, C, 3)
 
     def __del__(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=False)
+
+
+def _torch_interp(preprocess: Preprocess) -> str:
+    """The model's interpolation as torch names it: bilinear when it asks for that, bicubic otherwise
+    (timm's default, and what its 'random' train interpolation most often draws)."""
+    return "bilinear" if preprocess.interpolation == "bilinear" else "bicubic"
+
+
+def _dali_interp(preprocess: Preprocess):
+    from nvidia.dali import types
+    return types.INTERP_LINEAR if _torch_interp(preprocess) == "bilinear" else types.INTERP_CUBIC
 
 
 def _eval_window(h: int, w: int, preprocess: Preprocess) -> tuple[int, int, int, int]:
@@ -352,7 +365,7 @@ def _eval_resize_fixed(images, hw: tuple[int, int], preprocess: Preprocess):
         return images if (h, w) == (C, C) else fn.slice(images, start=(top, left), shape=(C, C), axes=(0, 1))
     sy, sx = h / new_h, w / new_w
     return fn.resize(images, size=(C, C), roi_start=(top * sy, left * sx), roi_end=((top + C) * sy, (left + C) * sx),
-                     roi_relative=False, interp_type=types.INTERP_CUBIC, antialias=True)
+                     roi_relative=False, interp_type=_dali_interp(preprocess), antialias=True)
 
 
 def _eval_resize(images, shape, preprocess: Preprocess):
@@ -379,7 +392,7 @@ def _eval_resize(images, shape, preprocess: Preprocess):
     y0, x0 = fn.cast(top, dtype=types.FLOAT) * scale_y, fn.cast(left, dtype=types.FLOAT) * scale_x
     roi_start, roi_end = fn.stack(y0, x0), fn.stack(y0 + C * scale_y, x0 + C * scale_x)
     return fn.resize(images, size=(C, C), roi_start=roi_start, roi_end=roi_end, roi_relative=False,
-                     interp_type=types.INTERP_CUBIC, antialias=True)  # (C, C, 3)
+                     interp_type=_dali_interp(preprocess), antialias=True)  # (C, C, 3)
 
 
 def _half_even_half(d):

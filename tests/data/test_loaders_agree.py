@@ -91,16 +91,21 @@ def test_half_precision_batches_on_request(name, dtype):
     assert images.dtype == dtype
 
 
+BILINEAR = Preprocess(**{**PRE.__dict__, "interpolation": "bilinear"})
+
+
 @needs_dali
 @pytest.mark.parametrize("resize", ["dali", "torch"])
-def test_eval_preprocessing_agrees_on_image_files(messy_folder, resize):
+@pytest.mark.parametrize("pre", [PRE, BILINEAR], ids=["bicubic", "bilinear"])
+def test_eval_preprocessing_agrees_on_image_files(messy_folder, resize, pre):
     """JPEGs of mixed sizes and orientation, grey / RGBA / palette / CMYK / 16-bit PNGs: same order,
-    same labels, pixels within a grey level, with either of DALI's resamplers."""
+    same labels, pixels within a grey level, with either of DALI's resamplers and the model's
+    interpolation."""
     root, _, _ = messy_folder
     _, split, _ = scan_split(root)
-    dali_x, dali_y = all_batches(make_loader(split, PRE, train=False, batch_size=5, loader="dali",
+    dali_x, dali_y = all_batches(make_loader(split, pre, train=False, batch_size=5, loader="dali",
                                              dali_resize=resize))
-    torch_x, torch_y = all_batches(make_loader(split, PRE, train=False, batch_size=5, loader="torch"))
+    torch_x, torch_y = all_batches(make_loader(split, pre, train=False, batch_size=5, loader="torch"))
     assert torch.equal(dali_y, torch.as_tensor(split.labels)) and torch.equal(torch_y, dali_y)
     assert_close_to_pil(dali_x, torch_x)
 
@@ -145,8 +150,9 @@ def test_dali_resize_choices_are_checked():
 @needs_dali
 @pytest.mark.parametrize("pre", [PRE, Preprocess(input_size=48, mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=0.9),
                                  Preprocess(input_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0),
-                                 Preprocess(input_size=30, mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0)],
-                         ids=["down", "up", "crop_pct_1", "crop_only"])
+                                 Preprocess(input_size=30, mean=(0.5,) * 3, std=(0.25,) * 3, crop_pct=1.0),
+                                 Preprocess(input_size=24, mean=(0.5,) * 3, std=(0.25,) * 3, interpolation="bilinear")],
+                         ids=["down", "up", "crop_pct_1", "crop_only", "bilinear"])
 def test_eval_preprocessing_agrees_on_uint8_arrays(pre):
     split = array_split(9, size=(30, 40))
     dali_x, dali_y = all_batches(make_loader(split, pre, train=False, batch_size=4, loader="dali"))
