@@ -1,7 +1,7 @@
 """Loader throughput, side by side in one process, and the data wait of the default run's train loop.
 
     python -m bench.loaders            # 2,000 JPEGs, 5 interleaved rounds, 40 train steps (a few minutes)
-    python -m bench.loaders --quick    # 1,000 JPEGs, 2 rounds, 12 train steps (a minute or two)
+    python -m bench.loaders --quick    # 1,000 JPEGs, 3 rounds, 12 train steps (about a minute)
 
 Three sections, one table and `bench/results/loaders-<device>.csv`:
 
@@ -41,9 +41,9 @@ COLUMNS = ("section", "loader", "mode", "threads", "batch_size", "images", "img_
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.loaders", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="1000 images, 2 rounds, 12 train steps")
+    p.add_argument("--quick", action="store_true", help="1000 images, 3 rounds, 12 train steps")
     p.add_argument("--images", type=int, help="JPEGs to generate (default 2000, quick 1000)")
-    p.add_argument("--rounds", type=int, help="interleaved rounds per configuration (default 5, quick 2)")
+    p.add_argument("--rounds", type=int, help="interleaved rounds per configuration (default 5, quick 3)")
     p.add_argument("--threads", type=int, default=2, help="DALI threads = DataLoader workers (default 2)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--steps", type=int, help="train steps per loader for the data-wait harness (default 40, quick 12)")
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", default="bench/results", help="folder for the CSV")
     args = p.parse_args(argv)
     n_images = args.images or (1000 if args.quick else 2000)
-    rounds = args.rounds or (2 if args.quick else 5)
+    rounds = args.rounds or (3 if args.quick else 5)
     steps = args.steps or (12 if args.quick else 40)
     sections = args.sections.split(",")
 
