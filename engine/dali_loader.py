@@ -51,6 +51,7 @@ from .errors import UserError
 from .transforms import Preprocess
 
 _ASPECT = (3 / 4, 4 / 3)  # torchvision's and timm's random-resized-crop ratio range
+RESIZERS = ("auto", "dali", "torch")  # the file pipeline's resampler: see make_dali_loader
 
 
 def dali_works() -> bool:
@@ -89,8 +90,6 @@ def make_dali_loader(split: Split, preprocess: Preprocess, *, train: bool, batch
     return DaliLoader(split, preprocess, train=train, batch_size=batch_size, seed=seed, threads=max(1, workers),
                       rank=rank, world=world, device=device, dtype=dtype, resize=resize)
 
-
-RESIZERS = ("auto", "dali", "torch")
 
 
 class DaliLoader:
@@ -278,21 +277,19 @@ def _file_pipeline(split: Split, preprocess: Preprocess, train: bool, gpu: bool,
             # train: a full reshuffle every epoch, identical on all ranks; eval: file order, fixed shard
             shuffle_after_epoch=train, stick_to_shard=not train)
         decoder = "mixed" if gpu else "cpu"
-        if train:
+        if train:  # the crop window is fused into the decoder, which decodes only that window
             images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
                                                    adjust_orientation=False, random_area=preprocess.train_scale,
                                                    random_aspect_ratio=_ASPECT, num_attempts=10)
-            if torch_resize is None:
-                images = fn.resize(images, size=(preprocess.input_size,) * 2, interp_type=_dali_interp(preprocess),
-                                   antialias=True)
-        elif torch_resize is None:
-            shape = fn.peek_image_shape(encoded, adjust_orientation=False)  # (H, W, C), no decoding
-            images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False)
-            images = _eval_resize(images, shape, preprocess)
         else:
             images = fn.decoders.image(encoded, device=decoder, output_type=types.RGB, adjust_orientation=False)
         if torch_resize is not None:
             images = fn.python_function(images, function=torch_resize, batch_processing=True, output_layouts="HWC")
+        elif train:
+            images = fn.resize(images, size=(preprocess.input_size,) * 2, interp_type=_dali_interp(preprocess),
+                               antialias=True)
+        else:  # the shape of the encoded image (H, W, C), read without decoding
+            images = _eval_resize(images, fn.peek_image_shape(encoded, adjust_orientation=False), preprocess)
         return _normalise(images, preprocess, train, out_dtype), labels
 
     return files()
