@@ -15,11 +15,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from engine.errors import UserError
-from engine.io import atomic_write, atomic_write_json
+from engine.io import atomic_write_safetensors, atomic_write_text
 
 from .registry import get_strategy
 
@@ -39,12 +39,11 @@ def save_adapter(model: nn.Module, strategy, directory: str | Path, base: dict) 
     same save or a newer one, and `load_adapter` refuses weights whose keys do not fit the JSON.
     """
     directory = Path(directory)
-    tensors = {name: p.detach().to("cpu").contiguous() for name, p in adapter_tensors(model).items()}
     meta = {"strategy": strategy.name, "adapter_config": dataclasses.asdict(strategy.cfg),
             "state": strategy.state(), "base": base}
-    json.dumps(meta)  # fail before writing anything if the state is not JSON
-    atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"strategy": strategy.name}))
-    atomic_write_json(directory / CONFIG, meta)
+    text = json.dumps(meta, indent=2) + "\n"  # fails before anything is written if the state is not JSON
+    atomic_write_safetensors(directory / WEIGHTS, adapter_tensors(model), metadata={"strategy": strategy.name})
+    atomic_write_text(directory / CONFIG, text)
 
 
 def read_adapter_config(directory: str | Path) -> dict:

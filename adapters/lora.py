@@ -134,15 +134,9 @@ class LoRALinear(nn.Module):
                 f"segments=[{segs}]")
 
 
-def _get(module: nn.Module, path: str) -> nn.Module:
-    for part in path.split("."):
-        module = getattr(module, part)
-    return module
-
-
 def _set(module: nn.Module, path: str, child: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
-    setattr(_get(module, parent) if parent else module, leaf, child)
+    setattr(module.get_submodule(parent), leaf, child)  # get_submodule("") is the module itself
 
 
 def _segments_for(targets: tuple[str, ...], path: str, linear: nn.Linear) -> dict[str, tuple[int, int]]:
@@ -164,7 +158,7 @@ def inject_lora(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: fl
     wrapped = {}
     for i, block in enumerate(blocks):
         for path in paths:
-            linear = _get(block, path)
+            linear = block.get_submodule(path)
             if not isinstance(linear, nn.Linear):
                 raise ValueError(f"blocks.{i}.{path} is a {type(linear).__name__}, not a Linear; LoRA supports "
                                  f"timm VisionTransformer blocks")

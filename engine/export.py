@@ -17,43 +17,48 @@ import json
 import sys
 from pathlib import Path
 
-from safetensors.torch import save_file
+import torch
 from torch import nn
 
 from .errors import UserError
-from .io import atomic_write, atomic_write_json
+from .io import atomic_write_json, atomic_write_safetensors
 
 
-def finalized_model(backbone: nn.Module, adapter_dir: str | Path) -> tuple[nn.Module, object]:
-    """Load the adapter onto a fresh base backbone and return its inference form and the strategy."""
+def restore_adapter(cfg, adapter_dir: str | Path) -> tuple[nn.Module, object]:
+    """The run's base backbone rebuilt as the run built it (its seed first, so a random init repeats),
+    with the adapter at `adapter_dir` loaded onto it; returns (model, strategy)."""
     from adapters import load_adapter
 
-    model, strategy = load_adapter(backbone, adapter_dir)
-    return strategy.finalize(model).eval(), strategy
+    from .models import build_backbone
+
+    torch.manual_seed(cfg.seed)
+    return load_adapter(build_backbone(cfg.model), adapter_dir)
 
 
-def write_merged(model: nn.Module, spec: dict, out: str | Path, strategy_name: str) -> dict:
+def write_merged(model: nn.Module, out: str | Path, strategy_name: str) -> dict:
     """Write `model`'s state dict to `out` and its timm spec to `out` with a .json suffix; return the spec.
 
-    `spec` is {"name": timm model name, "kwargs": {...}}; depth and num_classes are taken from the model
-    itself, so expanded blocks and the new head are always described correctly.
+    The spec comes from the model itself (`timm_spec`), so expanded blocks and the new head are
+    always described correctly.
     """
+    from .models import timm_spec
+
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UserError(f"--merged must name a .safetensors file, got {out}")
-    kwargs = dict(spec.get("kwargs", {}), depth=len(model.blocks), num_classes=model.num_classes)
-    sidecar = {"name": spec["name"], "kwargs": kwargs, "strategy": strategy_name}
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    metadata = {"timm_model": spec["name"], "timm_kwargs": json.dumps(kwargs), "strategy": strategy_name}
-    atomic_write(out, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    spec = timm_spec(model)
+    sidecar = {"name": spec["name"], "kwargs": spec["kwargs"], "strategy": strategy_name}
+    metadata = {"timm_model": spec["name"], "timm_kwargs": json.dumps(spec["kwargs"]), "strategy": strategy_name}
+    atomic_write_safetensors(out, model.state_dict(), metadata=metadata)
     atomic_write_json(out.with_suffix(".json"), sidecar)
     return sidecar
 
 
 def export_run(run_dir: str | Path, out: str | Path) -> dict:
     """Export the run folder's adapter (its best checkpoint) merged into its base model; return the spec."""
+    from adapters.checkpoint import CONFIG
+
     from .config import build_config
-    from .models import build_backbone, timm_spec
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -62,12 +67,11 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict:
     if not config.is_file():
         raise UserError(f"{run_dir} is not a run folder: it has no config.yaml (written by python -m engine.run)")
     adapter_dir = run_dir / "adapter"
-    if not (adapter_dir / "adapter.json").is_file():
+    if not (adapter_dir / CONFIG).is_file():
         raise UserError(f"{run_dir} has no adapter (adapter/adapter.json): the run did not finish; "
                         f"its checkpoints/ folder may hold one to export instead")
-    cfg = build_config(config)
-    model, strategy = finalized_model(build_backbone(cfg.model), adapter_dir)
-    return write_merged(model, timm_spec(model), out, strategy.name)
+    model, strategy = restore_adapter(build_config(config), adapter_dir)
+    return write_merged(strategy.finalize(model).eval(), out, strategy.name)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,14 @@ def atomic_write_json(path: str | Path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
+def atomic_write_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` (moved to the CPU, made contiguous) as a safetensors file, atomically."""
+    from safetensors.torch import save_file
+
+    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -180,10 +180,9 @@ def _limit(split, limit: int | None, seed: int):
 
 def run(cfg: RunConfig) -> dict:
     """The whole protocol; returns the results dict it wrote to results.json."""
-    import adapters
-
     from .data import load_domain, stratified_split
     from .evaluate import extract_features, top1_accuracy
+    from .export import restore_adapter
     from .knn import knn_accuracy
     from .loaders import make_loader
     from .metrics import gflops_per_image, inference_throughput, parameter_counts, peak_memory_mb
@@ -273,8 +272,7 @@ def run(cfg: RunConfig) -> dict:
     if world > 1:
         torch.distributed.barrier()  # rank 0 has finished writing it
     best_dir = run_dir / "checkpoints" / "best"
-    torch.manual_seed(cfg.seed)
-    model, strategy = adapters.load_adapter(build_backbone(cfg.model), best_dir)
+    model, strategy = restore_adapter(cfg, best_dir)  # the same seed: the same backbone, even from a random init
     model = strategy.finalize(model.to(device))
     if main_rank:
         adapter_dir = run_dir / "adapter"
