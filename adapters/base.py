@@ -6,6 +6,8 @@ A strategy never sees data or the train loop. The engine calls, in order:
 """
 from __future__ import annotations
 
+import contextlib
+
 from typing import ClassVar
 
 import torch
@@ -29,8 +31,12 @@ class Strategy:
         """A term added to the task loss (selective LoRA's sparsity penalty); None for most."""
         return None
 
-    def on_step(self, model: nn.Module, step: int, total_steps: int) -> None:
-        """Called after each optimiser step (selective LoRA's budget mode fixes its gates here)."""
+    def on_step(self, model: nn.Module, step: int, total_steps: int, gather=contextlib.nullcontext) -> None:
+        """Called after each optimiser step (selective LoRA's budget mode fixes its gates here).
+
+        `gather()` is a context in which parameters can be read on the host (ZeRO-3 partitions them
+        outside a forward); a strategy enters it only at the steps where it reads them.
+        """
 
     def selectable(self, step: int, total_steps: int) -> bool:
         """Whether a checkpoint taken after `step` may be kept as best (False while the structure

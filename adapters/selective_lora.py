@@ -23,6 +23,8 @@ plain timm model with the base model's FLOPs, whatever the rank.
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 
 import torch
@@ -178,9 +180,10 @@ class SelectiveLoRA(LoRA):
                               for m, seg in self._gates.values()])
         return self.cfg.sparsity_lambda * scores.abs().mean()
 
-    def on_step(self, model, step, total_steps):
+    def on_step(self, model, step, total_steps, gather=contextlib.nullcontext):
         if self.budget_mode and not self._fixed and step >= self.search_steps(total_steps):
-            self.fix_gates(self._final_selection())
+            with gather():  # the final selection reads the gate scores
+                self.fix_gates(self._final_selection())
 
     def selectable(self, step, total_steps):
         """In budget mode only checkpoints with the final K gates fixed (and fine-tuned) compete for best."""

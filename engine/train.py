@@ -111,10 +111,10 @@ def gathered(model: nn.Module, zero_stage: int):
     """Outside a forward, ZeRO-3 parameters are partitioned: gather them (read-only) for host code."""
     import contextlib
 
-    import deepspeed
-
     if zero_stage != 3:
         return contextlib.nullcontext()
+    import deepspeed
+
     return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
 
 
@@ -137,8 +137,6 @@ def _batches(loader):
     while True:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        elif hasattr(getattr(loader, "sampler", None), "set_epoch"):
-            loader.sampler.set_epoch(epoch)
         empty = True
         for batch in loader:
             empty = False
@@ -193,8 +191,7 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg: TrainConfig
             running_loss += value
             running_n += 1
             best.train_images += len(labels) * world
-        with gathered(engine.module, cfg.zero_stage):  # on_step may read parameters (gate scores)
-            strategy.on_step(engine.module, step, cfg.steps)
+        strategy.on_step(engine.module, step, cfg.steps, gather=lambda: gathered(engine.module, cfg.zero_stage))
         best.train_seconds += time.perf_counter() - start
         best.steps = step
         bar.update(1)
