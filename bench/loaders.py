@@ -252,6 +252,7 @@ def bench_train_wait(threads: int, batch_size: int, steps: int) -> list[dict]:
     """Fraction of each train step spent waiting in next(loader), default run's data and model."""
     from engine.datasets import digits_domain
     from engine.loaders import make_loader, resolve_loader
+    from engine.models import features
     from engine.transforms import Preprocess
 
     model, note = _default_model()
@@ -262,7 +263,7 @@ def bench_train_wait(threads: int, batch_size: int, steps: int) -> list[dict]:
     auto = resolve_loader("auto")
 
     def train_step(images, labels):
-        logits = head(model.forward_head(model.forward_features(images), pre_logits=True))
+        logits = head(features(model, images))
         loss = torch.nn.functional.cross_entropy(logits, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -295,17 +296,11 @@ def bench_train_wait(threads: int, batch_size: int, steps: int) -> list[dict]:
 
 
 def _default_model():
-    """The embedded default backbone (random weights suffice for timing), or a stand-in ViT."""
-    try:
-        from engine.config import ModelConfig
-        from engine.models import build_backbone
-        return build_backbone(ModelConfig(pretrained=False)).train(), "embedded ViT (random init)"
-    except Exception as e:  # the models module is someone else's and may be mid-change
-        import timm
-        model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=4, embed_dim=128, depth=6,
-                                  num_heads=4, num_classes=0)
-        model.pretrained_cfg = dict(model.pretrained_cfg, input_size=(3, 32, 32), crop_pct=1.0)
-        return model.train(), f"stand-in ViT (32 px, patch 4, dim 128, depth 6): {type(e).__name__}"
+    """The embedded default backbone (random weights suffice for timing)."""
+    from engine.config import ModelConfig
+    from engine.models import build_backbone
+
+    return build_backbone(ModelConfig(pretrained=False)).train(), "embedded ViT (random init)"
 
 
 def _endless(loader):

@@ -23,10 +23,12 @@ import random
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .data import Split
 from .errors import UserError
+from .imagefolder import open_rgb
 from .transforms import Preprocess
 
 LOADERS = ("auto", "dali", "torch")
@@ -42,12 +44,9 @@ class SplitDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int):
-        from PIL import Image
-
         if self.split.images is not None:
             img = Image.fromarray(self.split.images[i])
         else:
-            from .imagefolder import open_rgb
             try:
                 img = open_rgb(self.split.paths[i])
             except Exception as e:  # damaged or deleted since the scan-time check

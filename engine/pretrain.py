@@ -139,13 +139,13 @@ def source_knn(model: nn.Module, train_x: torch.Tensor, train_y: torch.Tensor, t
                test_y: torch.Tensor, ks=(20,), batch_size: int = 500) -> dict[int, float]:
     """Weighted k-NN accuracy (%) of the backbone's CLS feature: bank = train, queries = test."""
     from .knn import knn_accuracy
+    from .models import features
 
     was_training = model.training
     model.eval()
 
     def feats(x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([model.forward_head(model.forward_features(_normalise(x[i:i + batch_size])),
-                                             pre_logits=True) for i in range(0, len(x), batch_size)])
+        return torch.cat([features(model, _normalise(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
 
     result = knn_accuracy(feats(train_x), train_y, feats(test_x), test_y, ks=ks)
     model.train(was_training)
@@ -158,17 +158,20 @@ def _to_tensors(split) -> tuple[torch.Tensor, torch.Tensor]:
     return images.contiguous(), torch.from_numpy(np.array(split.labels, dtype=np.int64))
 
 
+_MEAN = torch.tensor(EMBEDDED_MEAN).view(1, 3, 1, 1)
+_STD = torch.tensor(EMBEDDED_STD).view(1, 3, 1, 1)
+
+
 def _normalise(images: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(EMBEDDED_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(EMBEDDED_STD).view(1, 3, 1, 1)
-    return (images - mean) / std
+    return (images - _MEAN) / _STD
 
 
 def _warmup_cosine(step: int, warmup: int, total: int) -> float:
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    """The engine's schedule (linear warm-up, cosine to zero) at `step`."""
+    from .config import TrainConfig
+    from .train import lr_lambda
+
+    return lr_lambda(TrainConfig(steps=total, warmup_steps=warmup, schedule="cosine"))(step)
 
 
 def _save(state: dict[str, torch.Tensor], path: str) -> None:
