@@ -43,6 +43,8 @@ import torch.nn.functional as F
 
 import kernels
 
+from engine.metrics import sync
+
 from .device import device_name
 
 # ViT-B/16 layers: (K, N, segments as (start, width)). qkv carries LoRA on q and v only.
@@ -58,9 +60,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONFIG_ENV = "BENCH_KERNELS_CONFIG"
 COLUMNS = ("section", "device", "shape", "M", "K", "N", "R", "dtype", "provider", "mode", "time_ms",
            "median_ms", "gflops", "gbps", "roofline_frac", "peak_gflops", "peak_gbps", "note")
-# H100 SXM figures used for the README's prediction (measured on this project's H100: an 8192^3
-# bf16 matmul at ~798 TFLOP/s, a device-to-device copy at ~3.0 TB/s) and a per-launch floor.
-H100 = dict(peak_gflops=798e3, peak_gbps=3.0e3, launch_us=3.0)
+# The per-launch floor of the GPU roofline prediction. (The README's H100 prediction used this
+# project's H100 figures: an 8192^3 bf16 matmul at ~798 TFLOP/s, a device-to-device copy at ~3.0 TB/s;
+# a run on a GPU predicts from the peaks it measures itself.)
+LAUNCH_US = 3.0
 
 
 class PeftStyleLoRA(nn.Module):
@@ -191,22 +194,17 @@ def min_bytes(p: Problem, provider, mode):
     return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
 _CLOCK = time.perf_counter
 
 
 def _best_time(fn, device, reps):
     fn()
-    _sync(device)
+    sync(torch.device(device))
     best = float("inf")
     for _ in range(reps):
         t0 = _CLOCK()
         fn()
-        _sync(device)
+        sync(torch.device(device))
         best = min(best, _CLOCK() - t0)
     return best
 
@@ -369,8 +367,7 @@ def main(argv=None):
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes = args.shapes or (["qkv", "proj"] if args.quick else list(SHAPES))
-    providers = args.providers or [p for p in PROVIDERS if device == "cuda" or not p.startswith("triton")]
-    providers = [p for p in providers if device == "cuda" or not p.startswith("triton")]
+    providers = [p for p in args.providers or PROVIDERS if device == "cuda" or not p.startswith("triton")]
     modes = args.modes or (["full"] if args.quick else list(MODES))
     cfg = dict(device=device, clock="cpu" if use_cpu_clock else "wall", load=os.getloadavg()[0],
                batch=args.batch or (64 if device == "cuda" else 8), rank=args.rank,
@@ -427,7 +424,7 @@ def main(argv=None):
             for s in shapes:
                 p = build(s, cfg["batch"], cfg["rank"], d, device)
                 pred_f, pred_e = roofline_prediction(p.m, p.k, p.n, p.r, _segments(p), p.x.element_size(),
-                                                     *peaks[d], H100["launch_us"])
+                                                     *peaks[d], LAUNCH_US)
                 got = {r["provider"]: r["time_ms"] for r in rows
                        if r["section"] == "kernel" and r["shape"] == s and r["dtype"] == d and r["mode"] == "full"}
                 if "triton" in got and "peft" in got:

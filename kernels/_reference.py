@@ -4,7 +4,6 @@ Nothing here is clever on purpose: a plain linear, then one low-rank product per
 the full width and added. Autograd derives every gradient, so the other backends are checked against
 derivatives nobody wrote by hand.
 """
-import torch
 import torch.nn.functional as F
 
 

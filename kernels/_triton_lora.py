@@ -247,9 +247,9 @@ def _col_ranges(b_list, starts):
     return tuple((s, s + b.shape[0]) for b, s in zip(b_list, starts))
 
 
-def lora_forward(x, weight, bias, a_list, b_list, starts, scale, residual=None, fuse_xa=None):
+def lora_forward(x, weight, bias, a_list, b_list, starts, scale, residual=None):
     """y = x W^T + b + s * sum_i pad((x A_i^T) B_i^T) (+ residual) for the active segments: one launch
-    (two with fuse_xa=False: x A^T first into an M x R buffer)."""
+    (two where FUSE_XA is off for the architecture: x A^T first into an M x R buffer)."""
     m, _ = x.shape
     n_out = weight.shape[0]
     y = _empty((m, n_out), x.dtype, x.device)
@@ -258,8 +258,7 @@ def lora_forward(x, weight, bias, a_list, b_list, starts, scale, residual=None, 
     a_cat, b_cat = stack_segments(a_list, b_list, starts, n_out)
     rank = a_cat.shape[0]
     arch = _arch(x.device)
-    fuse = FUSE_XA[arch] if fuse_xa is None else fuse_xa
-    fuse = fuse and rank <= MAX_FUSED_RANK
+    fuse = FUSE_XA[arch] and rank <= MAX_FUSED_RANK
     l = None
     if not fuse:
         l = _launch(x, a_cat.t(), _empty((m, rank), x.dtype, x.device), config=_small_config(x, rank))

@@ -25,6 +25,7 @@ branch-free form (the gate multiplies the update; no skip), since reading a gate
 graph. DeepSpeed ZeRO-3 gathers W only inside its owning module's forward: call lora_linear there,
 with the weight passed in as an argument (as the adapters do).
 """
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -145,10 +146,10 @@ def lora_linear(x, weight, bias, lora_a, lora_b, starts, scale, gates=None, resi
     name = resolve_backend(backend, x.device)
     if name != "reference":
         x2, weight, bias, segs, res2 = _match_dtypes(x2, weight, bias, segs, res2)
-    if name != "reference" and torch.is_autocast_enabled(x.device.type):
-        with torch.autocast(x.device.type, enabled=False):  # operands are cast already: keep it so inside
-            return _dispatch(name, x2, weight, bias, segs, scale, res2).reshape(*lead, n_out)
-    return _dispatch(name, x2, weight, bias, segs, scale, res2).reshape(*lead, n_out)
+    autocast_off = name != "reference" and torch.is_autocast_enabled(x.device.type)
+    # Under autocast the operands are cast already (_match_dtypes): keep it so inside.
+    with torch.autocast(x.device.type, enabled=False) if autocast_off else contextlib.nullcontext():
+        return _dispatch(name, x2, weight, bias, segs, scale, res2).reshape(*lead, n_out)
 
 
 def _match_dtypes(x, weight, bias, segs, residual):
