@@ -59,11 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def format_rows(rows: list[dict]) -> str:
-    def cell(v):
-        return f"{v:,}" if isinstance(v, int) else f"{v:.2f}" if isinstance(v, float) else str(v)
-    table = [COLUMNS] + [tuple(cell(r.get(c, "")) for c in COLUMNS) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(COLUMNS))]
+def _cell(v) -> str:
+    return f"{v:,}" if isinstance(v, int) else f"{v:.2f}" if isinstance(v, float) else str(v)
+
+
+def format_rows(rows: list[dict], columns=COLUMNS, cell=_cell) -> str:
+    """A right-aligned text table of `rows` under `columns`, each value through `cell`."""
+    table = [tuple(columns)] + [tuple(cell(r.get(c, "")) for c in columns) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in table)
 
 

@@ -108,11 +108,15 @@ def main(argv: list[str] | None = None) -> int:
             continue
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
         print(rows[-1], flush=True)
+    if not rows:
+        return 1
     full = next((r for r in rows if r["config"] == "full"), None)
     for r in rows:
         for key in ("saved_activations_mb", "peak_rss_delta_mb"):
             r[key.replace("_mb", "_vs_full")] = round(r[key] / full[key], 3) if full and full[key] else None
     from .device import device_name
+    from .strategies import format_rows
+
     path = Path(args.results) / f"strategy-memory-{device_name()}.csv"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -121,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         writer.writerows(rows)
     cols = ["config", "trainable_params", "saved_activations_mb", "saved_activations_vs_full",
             "peak_rss_delta_mb", "peak_rss_delta_vs_full", "blocks_keeping_activations"]
-    table = [cols] + [[f"{r[c]:,}" if isinstance(r[c], int) else str(r[c]) for c in cols] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(cols))]
-    print("\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in table))
+    print(format_rows(rows, cols, cell=lambda v: f"{v:,}" if isinstance(v, int) else str(v)))
     print(f"\nwritten: {path}")
     return 0
 
