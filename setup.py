@@ -1,12 +1,13 @@
 """Kernel-optimised fine-tuning of pre-trained ViTs without catastrophic forgetting."""
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="vit-forget-not",
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.10",
-    packages=["engine", "adapters", "kernels", "bench"],
+    packages=find_packages(include=["engine", "engine.*", "adapters", "adapters.*", "kernels", "kernels.*",
+                                    "bench", "bench.*"]),
     package_data={"engine": ["assets/*.safetensors", "assets/*.json"]},
     install_requires=[
         "torch>=2.4,<2.16",

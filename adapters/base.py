@@ -2,30 +2,45 @@
 
 A strategy never sees data or the train loop. The engine calls, in order:
 `apply` (once, on a fresh backbone) -> per step `extra_loss` and `on_step` -> `finalize` (inference form).
-`state()` is JSON that, with the config, rebuilds the same structure on a fresh base model.
+`apply` is the same template for every strategy: new head -> freeze everything -> `insert` (the
+strategy's structural change: LoRA modules, block copies) -> train exactly `trainable_names`. That
+declared set is also what an adapter file holds. `state()` is JSON that, with the options, rebuilds
+the same structure on a fresh base model.
 """
 from __future__ import annotations
 
 import contextlib
-
 from typing import ClassVar
 
 import torch
 from torch import nn
 
+from .options import AdapterConfig
+
 
 class Strategy:
-    """Base class: freezes nothing, trains everything. Subclasses override what they change."""
+    """Base class. Subclasses set `name`, declare `trainable_names` and override what they change."""
 
     name: ClassVar[str] = ""
 
-    def __init__(self, cfg) -> None:
-        self.cfg = cfg  # engine.config.AdapterConfig
+    def __init__(self, cfg: AdapterConfig) -> None:
+        cfg.check()
+        self.cfg = cfg
 
     def apply(self, model: nn.Module, num_classes: int) -> nn.Module:
-        """Give `model` a new `num_classes` head, freeze/insert as the strategy requires, return it."""
-        new_head(model, num_classes)
+        """Give `model` a new `num_classes` head, freeze it, `insert`, then train `trainable_names`."""
+        model.reset_classifier(num_classes)  # timm's fresh Linear for the target classes
+        model.requires_grad_(False)
+        self.insert(model)
+        mark_trainable(model, self.trainable_names(model))
         return model
+
+    def insert(self, model: nn.Module) -> None:
+        """The strategy's change to the frozen model's structure (none by default)."""
+
+    def trainable_names(self, model: nn.Module) -> list[str]:
+        """The names (model.named_parameters()) of the parameters that train, in model order."""
+        raise NotImplementedError
 
     def extra_loss(self, model: nn.Module, step: int, total_steps: int) -> torch.Tensor | None:
         """A term added to the task loss (selective LoRA's sparsity penalty); None for most."""
@@ -59,24 +74,26 @@ class Strategy:
         return {}
 
 
-def new_head(model: nn.Module, num_classes: int) -> None:
-    """Replace the classifier with a fresh Linear for the target classes (timm's reset_classifier)."""
-    model.reset_classifier(num_classes)
+def mark_trainable(model: nn.Module, names) -> None:
+    """Exactly the parameters in `names` require grad; every other one is frozen."""
+    names = set(names)
+    params = dict(model.named_parameters())
+    unknown = sorted(names - set(params))
+    if unknown:
+        raise RuntimeError(f"trainable_names lists parameters the model does not have: {unknown[:3]}")
+    for name, p in params.items():
+        p.requires_grad_(name in names)
 
 
-def freeze(module: nn.Module) -> None:
-    for p in module.parameters():
-        p.requires_grad_(False)
+def names_under(model: nn.Module, *prefixes: str) -> list[str]:
+    """Parameter names inside the submodules `prefixes` ('blocks.3', 'head'), in model order."""
+    dotted = tuple(f"{p}." for p in prefixes)
+    return [name for name, _ in model.named_parameters() if name.startswith(dotted)]
 
 
-def unfreeze(module: nn.Module) -> None:
-    for p in module.parameters():
-        p.requires_grad_(True)
-
-
-def head_modules(model: nn.Module) -> list[nn.Module]:
-    """The modules that make up the classifier: the pre-logits norm (if pooled) and the head."""
-    return [m for m in (getattr(model, "fc_norm", None), getattr(model, "head", None)) if m is not None]
+def head_names(model: nn.Module) -> list[str]:
+    """The classifier's parameters: the pre-logits norm (when pooled) and the head."""
+    return names_under(model, "fc_norm", "head")
 
 
 def trainable_parameter_count(model: nn.Module) -> int:

@@ -21,14 +21,15 @@ import copy
 import torch
 from torch import nn
 
-from .base import Strategy, freeze, head_modules, new_head, unfreeze
+from .base import Strategy, head_names, mark_trainable, names_under
+from .options import AdapterError
 from .registry import register
 
 
 def group_tops(depth: int, groups: int) -> list[int]:
     """Original index of the top block of each of `groups` contiguous groups (larger groups first)."""
     if not 1 <= groups <= depth:
-        raise ValueError(f"blocks (P) must be between 1 and the model's depth {depth}, got {groups}")
+        raise AdapterError(f"blocks (P) must be between 1 and the model's depth {depth}, got {groups}")
     size, extra = divmod(depth, groups)
     tops, end = [], 0
     for g in range(groups):
@@ -41,7 +42,7 @@ def identity_copy(block: nn.Module) -> nn.Module:
     """A deep copy of `block` whose attention output projection and MLP output layer are all zeros."""
     outputs = [getattr(getattr(block, a, None), b, None) for a, b in (("attn", "proj"), ("mlp", "fc2"))]
     if not all(isinstance(m, nn.Linear) for m in outputs):
-        raise ValueError(f"block_expansion needs timm ViT blocks with attn.proj and mlp.fc2 Linears; "
+        raise AdapterError(f"block_expansion needs timm ViT blocks with attn.proj and mlp.fc2 Linears; "
                          f"got a {type(block).__name__}")
     new = copy.deepcopy(block)
     with torch.no_grad():
@@ -61,7 +62,7 @@ def expand_blocks(model: nn.Module, positions: list[int]) -> list[nn.Module]:
     """Insert an identity copy after each original block in `positions`; return the copies."""
     blocks = list(model.blocks)
     if sorted(set(positions)) != sorted(positions) or not all(0 <= p < len(blocks) for p in positions):
-        raise ValueError(f"block positions {positions} must be distinct indices below the depth {len(blocks)}")
+        raise AdapterError(f"block positions {positions} must be distinct indices below the depth {len(blocks)}")
     expanded, copies = [], []
     for i, block in enumerate(blocks):
         expanded.append(block)
@@ -88,25 +89,19 @@ class BlockExpansion(Strategy):
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        if not isinstance(cfg.blocks, int) or cfg.blocks < 1:
-            raise ValueError(f"block_expansion needs blocks (P) to be a positive integer, got {cfg.blocks!r}")
         self.positions: list[int] = []
         self.depth: int | None = None  # the original depth N
 
-    def apply(self, model, num_classes):
+    def insert(self, model):
         depth = len(model.blocks)
-        positions = group_tops(depth, self.cfg.blocks)
-        new_head(model, num_classes)
-        freeze(model)
-        self._expand(model, depth, positions)
-        for m in head_modules(model):
-            unfreeze(m)
-        return model
+        self._expand(model, depth, group_tops(depth, self.cfg.blocks))
 
     def _expand(self, model, depth: int, positions: list[int]) -> None:
-        for block in expand_blocks(model, positions):
-            unfreeze(block)
+        expand_blocks(model, positions)
         self.depth, self.positions = depth, list(positions)
+
+    def trainable_names(self, model):
+        return names_under(model, *(f"blocks.{i}" for i in copy_indices(self.positions))) + head_names(model)
 
     def state(self):
         return {"positions": self.positions, "depth": self.depth}
@@ -115,9 +110,10 @@ class BlockExpansion(Strategy):
         """Rebuild the expansion from the saved positions if they differ from what `apply` chose."""
         positions, depth = [int(p) for p in state["positions"]], int(state.get("depth", self.depth))
         if depth != self.depth:
-            raise ValueError(f"the checkpoint expands a {depth}-block model; this model has {self.depth} blocks")
+            raise AdapterError(f"the checkpoint expands a {depth}-block model; this model has {self.depth} blocks")
         if positions == self.positions:
             return
         copies = set(copy_indices(self.positions))
         model.blocks = nn.Sequential(*[b for i, b in enumerate(model.blocks) if i not in copies])
         self._expand(model, depth, positions)
+        mark_trainable(model, self.trainable_names(model))

@@ -1,5 +1,5 @@
 """All: every parameter of the backbone and the new head trains (the forgetting baseline)."""
-from .base import Strategy, new_head, unfreeze
+from .base import Strategy
 from .registry import register
 
 
@@ -7,7 +7,5 @@ from .registry import register
 class Full(Strategy):
     name = "full"
 
-    def apply(self, model, num_classes):
-        new_head(model, num_classes)
-        unfreeze(model)
-        return model
+    def trainable_names(self, model):
+        return [name for name, _ in model.named_parameters()]

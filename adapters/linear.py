@@ -1,5 +1,5 @@
 """Linear probing: only the new head trains; the backbone is untouched, so nothing is forgotten."""
-from .base import Strategy, freeze, head_modules, new_head, unfreeze
+from .base import Strategy, head_names
 from .registry import register
 
 
@@ -7,9 +7,5 @@ from .registry import register
 class Linear(Strategy):
     name = "linear"
 
-    def apply(self, model, num_classes):
-        new_head(model, num_classes)
-        freeze(model)
-        for m in head_modules(model):
-            unfreeze(m)
-        return model
+    def trainable_names(self, model):
+        return head_names(model)

@@ -19,9 +19,10 @@ import math
 import torch
 from torch import nn
 
-from kernels import lora_linear
+from kernels import BACKENDS, lora_linear
 
-from .base import Strategy, freeze, head_modules, new_head, unfreeze
+from .base import Strategy, head_names
+from .options import AdapterError
 from .registry import register
 
 TARGETS = ("q", "k", "v", "proj", "fc1", "fc2")
@@ -35,10 +36,10 @@ def parse_targets(spec: str | list | tuple) -> tuple[str, ...]:
     items = spec.split(",") if isinstance(spec, str) else list(spec)
     names = [str(t).strip() for t in items if str(t).strip()]
     if not names:
-        raise ValueError(f"lora_targets is empty; give a comma-separated subset of {','.join(TARGETS)}, e.g. q,v")
+        raise AdapterError(f"lora_targets is empty; give a comma-separated subset of {','.join(TARGETS)}, e.g. q,v")
     unknown = [t for t in names if t not in TARGETS]
     if unknown:
-        raise ValueError(f"unknown lora target {unknown[0]!r} in {spec!r}; choose from {','.join(TARGETS)}")
+        raise AdapterError(f"unknown lora target {unknown[0]!r} in {spec!r}; choose from {','.join(TARGETS)}")
     return tuple(t for t in TARGETS if t in names)
 
 
@@ -69,6 +70,7 @@ class LoRALinear(nn.Module):
             # As nn.Linear and the paper's code: Kaiming-uniform A, zero B, so the update starts at 0.
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))
         self.merged = False
+        self.backend: str | None = None  # kernels backend; None = kernels' process-wide default
 
     @property
     def segment_names(self) -> list[str]:
@@ -89,8 +91,8 @@ class LoRALinear(nn.Module):
             x_drop = nn.functional.dropout(x, self.dropout, training=True)
             residual = nn.functional.linear(x - x_drop, self.weight.detach())
             return lora_linear(x_drop, self.weight, self.bias, a, b, starts, self.scale, gates=gates,
-                               residual=residual)
-        return lora_linear(x, self.weight, self.bias, a, b, starts, self.scale, gates=gates)
+                               residual=residual, backend=self.backend)
+        return lora_linear(x, self.weight, self.bias, a, b, starts, self.scale, gates=gates, backend=self.backend)
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """s * B A for one segment, (width, in): what merging adds to its rows of the weight."""
@@ -153,14 +155,14 @@ def inject_lora(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: fl
     """Replace the targeted Linears of every block by `module_cls`; return them by path (blocks.3.attn.qkv)."""
     blocks = getattr(model, "blocks", None)
     if blocks is None:
-        raise ValueError(f"LoRA needs a timm VisionTransformer with `blocks`; got {type(model).__name__}")
+        raise AdapterError(f"LoRA needs a timm VisionTransformer with `blocks`; got {type(model).__name__}")
     paths = list(dict.fromkeys(_MODULE_OF[t] for t in targets))  # qkv once for any of q, k, v
     wrapped = {}
     for i, block in enumerate(blocks):
         for path in paths:
             linear = block.get_submodule(path)
             if not isinstance(linear, nn.Linear):
-                raise ValueError(f"blocks.{i}.{path} is a {type(linear).__name__}, not a Linear; LoRA supports "
+                raise AdapterError(f"blocks.{i}.{path} is a {type(linear).__name__}, not a Linear; LoRA supports "
                                  f"timm VisionTransformer blocks")
             module = module_cls(linear, _segments_for(targets, path, linear), rank, alpha, dropout, **module_kwargs)
             _set(block, path, module)
@@ -170,6 +172,16 @@ def inject_lora(model: nn.Module, targets: tuple[str, ...], rank: int, alpha: fl
 
 def lora_modules(model: nn.Module) -> dict[str, LoRALinear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def use_kernels(model: nn.Module, backend: str) -> nn.Module:
+    """Run every LoRA module of `model` on the kernels backend `backend` (a runtime choice, not
+    part of the adapter: the engine applies it wherever it builds or restores a model)."""
+    if backend not in BACKENDS:
+        raise AdapterError(f"unknown kernels backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    for m in lora_modules(model).values():
+        m.backend = backend
+    return model
 
 
 def merge_lora(model: nn.Module) -> nn.Module:
@@ -193,17 +205,9 @@ def replace_with_linear(model: nn.Module) -> nn.Module:
 
 
 def check_lora_options(cfg) -> tuple[tuple[str, ...], int, float, float]:
-    """Validate rank / alpha / targets / dropout; return (targets, rank, alpha, dropout)."""
-    targets = parse_targets(cfg.lora_targets)
-    rank = cfg.lora_rank
-    if not isinstance(rank, int) or rank < 1:
-        raise ValueError(f"lora_rank must be a positive integer, got {rank!r}")
-    alpha = float(rank if cfg.lora_alpha is None else cfg.lora_alpha)
-    if alpha <= 0:
-        raise ValueError(f"lora_alpha must be positive (scale = alpha / rank), got {cfg.lora_alpha}")
-    if not 0 <= cfg.lora_dropout < 1:
-        raise ValueError(f"lora_dropout must be in [0, 1), got {cfg.lora_dropout}")
-    return targets, rank, alpha, float(cfg.lora_dropout)
+    """The LoRA options as (targets, rank, alpha, dropout); `cfg.check()` has checked their ranges."""
+    alpha = float(cfg.lora_rank if cfg.lora_alpha is None else cfg.lora_alpha)
+    return parse_targets(cfg.lora_targets), cfg.lora_rank, alpha, float(cfg.lora_dropout)
 
 
 @register
@@ -216,16 +220,12 @@ class LoRA(Strategy):
         super().__init__(cfg)
         self.targets, self.rank, self.alpha, self.dropout = check_lora_options(cfg)
 
-    def apply(self, model, num_classes):
-        new_head(model, num_classes)
-        freeze(model)
-        self._inject(model)
-        for m in head_modules(model):
-            unfreeze(m)
-        return model
-
-    def _inject(self, model) -> None:
+    def insert(self, model):
         inject_lora(model, self.targets, self.rank, self.alpha, self.dropout)
+
+    def trainable_names(self, model):
+        return [name for name, _ in model.named_parameters() if ".lora_a." in name or ".lora_b." in name] \
+            + head_names(model)
 
     def finalize(self, model):
         return replace_with_linear(model)

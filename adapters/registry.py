@@ -1,5 +1,8 @@
-"""Strategy names -> classes. A module registers its class with `@register` at import."""
+"""Strategy names -> classes. A module registers its class with `@register` at import; this dict is
+the one list of strategy names (the CLI's help and choices, the benches and the sweeps read it)."""
 from __future__ import annotations
+
+from .options import AdapterError
 
 STRATEGIES: dict[str, type] = {}
 
@@ -12,7 +15,7 @@ def register(cls: type) -> type:
 
 
 def get_strategy(name: str, cfg):
-    """Instantiate the strategy `name` with an AdapterConfig; ValueError naming the choices if unknown."""
+    """Instantiate the strategy `name` with an AdapterConfig; AdapterError naming the choices if unknown."""
     if name not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
+        raise AdapterError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
     return STRATEGIES[name](cfg)

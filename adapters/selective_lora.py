@@ -24,13 +24,14 @@ plain timm model with the base model's FLOPs, whatever the rank.
 from __future__ import annotations
 
 import contextlib
-
 import math
 
 import torch
 from torch import nn
 
+from .base import head_names
 from .lora import LoRA, LoRALinear, inject_lora, replace_with_linear
+from .options import AdapterError
 from .registry import register
 
 
@@ -108,40 +109,42 @@ class SelectiveLoRA(LoRA):
 
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
-        if cfg.active_blocks is not None and cfg.active_fraction is not None:
-            raise ValueError("give active_blocks or active_fraction, not both")
-        if cfg.active_blocks is not None and (not isinstance(cfg.active_blocks, int) or cfg.active_blocks < 1):
-            raise ValueError(f"active_blocks must be a positive integer, got {cfg.active_blocks!r}")
-        if cfg.active_fraction is not None and not 0 < cfg.active_fraction <= 1:
-            raise ValueError(f"active_fraction must be in (0, 1], got {cfg.active_fraction}")
-        if self.budget_mode and not 0 < cfg.search_fraction < 1:
-            raise ValueError(f"search_fraction must be in (0, 1): the share of steps spent searching before the "
-                             f"top-K gates are fixed, got {cfg.search_fraction}")
-        if cfg.gate_init < cfg.gate_threshold:
-            raise ValueError(f"gate_init ({cfg.gate_init}) must be at least gate_threshold ({cfg.gate_threshold}): "
-                             f"a block that starts off has B = 0, so its score never gets a task gradient")
-        if cfg.sparsity_lambda < 0:
-            raise ValueError(f"sparsity_lambda must be >= 0, got {cfg.sparsity_lambda}")
-        if not 0 <= cfg.penalty_warmup <= 1:
-            raise ValueError(f"penalty_warmup is a fraction of the steps, in [0, 1], got {cfg.penalty_warmup}")
         self._modules: dict[str, GatedLoRALinear] = {}  # "blocks.3.attn.qkv" -> module
         self._gates: dict[str, tuple[GatedLoRALinear, str]] = {}  # "3.q" -> (module, segment)
-        self._fixed = False
 
     @property
     def budget_mode(self) -> bool:
-        return self.cfg.active_blocks is not None or self.cfg.active_fraction is not None
+        return self.cfg.budget_mode
 
-    def _inject(self, model):
-        """LoRA's apply, with gated modules; gates are named '<block>.<target>' in block, then target order."""
+    @property
+    def fixed(self) -> bool:
+        """Whether the gates are fixed; the modules hold that state (`GatedLoRALinear.fixed`)."""
+        return any(m.fixed is not None for m in self._modules.values())
+
+    def insert(self, model):
+        """LoRA's insert, with gated modules; gates are named '<block>.<target>' in block, then target order."""
         self._modules = inject_lora(model, self.targets, self.rank, self.alpha, self.dropout,
                                     module_cls=GatedLoRALinear, threshold=self.cfg.gate_threshold,
                                     score_init=self.cfg.gate_init)
         self._gates = {_gate_name(path, seg): (m, seg) for path, m in self._modules.items() for seg in m.segment_names}
         k = budget_size(self.cfg, len(self._gates))
         if k is not None and k > len(self._gates):
-            raise ValueError(f"active_blocks {k} exceeds the {len(self._gates)} LoRA blocks of this model "
-                             f"({len(model.blocks)} blocks x targets {','.join(self.targets)})")
+            raise AdapterError(f"active_blocks {k} exceeds the {len(self._gates)} LoRA blocks of this model "
+                               f"({len(model.blocks)} blocks x targets {','.join(self.targets)})")
+
+    def trainable_names(self, model):
+        """The head, and per LoRA block: its score while the gates are searched; A and B unless its
+        gate is fixed off (what `GatedLoRALinear.fix` leaves requiring grad)."""
+        paths = {m: path for path, m in self._modules.items()}
+        names = []
+        for m, path in paths.items():
+            for seg in m.segment_names:
+                if m.fixed is None or m.fixed[seg]:
+                    names += [f"{path}.lora_a.{seg}", f"{path}.lora_b.{seg}"]
+                if m.fixed is None:
+                    names.append(f"{path}.lora_score.{seg}")
+        order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
+        return sorted(names, key=order.__getitem__) + head_names(model)
 
     # -- gates ------------------------------------------------------------------------------------------
     def _scores(self) -> dict[str, float]:
@@ -158,11 +161,10 @@ class SelectiveLoRA(LoRA):
     def fix_gates(self, active: set[str]) -> None:
         unknown = sorted(set(active) - set(self._gates))
         if unknown:
-            raise ValueError(f"unknown LoRA blocks {unknown[:3]}; this model has {len(self._gates)}, "
+            raise AdapterError(f"unknown LoRA blocks {unknown[:3]}; this model has {len(self._gates)}, "
                              f"e.g. {next(iter(self._gates), None)}")
         for path, m in self._modules.items():
             m.fix({seg for seg in m.segment_names if _gate_name(path, seg) in active})
-        self._fixed = True
 
     def _final_selection(self) -> set[str]:
         k = budget_size(self.cfg, len(self._gates))
@@ -174,35 +176,35 @@ class SelectiveLoRA(LoRA):
     # -- the protocol -------------------------------------------------------------------------------------
     def extra_loss(self, model, step, total_steps):
         """lambda * mean|score| over all blocks, off during the warm-up and once the gates are fixed."""
-        if self._fixed or self.cfg.sparsity_lambda == 0 or step < self.cfg.penalty_warmup * total_steps:
+        if self.fixed or self.cfg.sparsity_lambda == 0 or step < self.cfg.penalty_warmup * total_steps:
             return None
         scores = torch.stack([m.scores_in_forward[seg] if seg in m.scores_in_forward else m.lora_score[seg].view(())
                               for m, seg in self._gates.values()])
         return self.cfg.sparsity_lambda * scores.abs().mean()
 
     def on_step(self, model, step, total_steps, gather=contextlib.nullcontext):
-        if self.budget_mode and not self._fixed and step >= self.search_steps(total_steps):
+        if self.budget_mode and not self.fixed and step >= self.search_steps(total_steps):
             with gather():  # the final selection reads the gate scores
                 self.fix_gates(self._final_selection())
 
     def selectable(self, step, total_steps):
         """In budget mode only checkpoints with the final K gates fixed (and fine-tuned) compete for best."""
-        return not self.budget_mode or self._fixed
+        return not self.budget_mode or self.fixed
 
     def finalize(self, model):
-        if not self._fixed:
+        if not self.fixed:
             self.fix_gates(self._final_selection())
         return replace_with_linear(model)
 
     def state(self):
         return {**super().state(), "threshold": self.cfg.gate_threshold, "total_blocks": len(self._gates),
-                "fixed": self._fixed, "active": self._active(), "scores": self._scores()}
+                "fixed": self.fixed, "active": self._active(), "scores": self._scores()}
 
     def load_state(self, model, state):
         scores = state.get("scores", {})
         unknown = sorted(set(scores) - set(self._gates))
         if unknown:
-            raise ValueError(f"saved gates {unknown[:3]} do not exist on this model ({len(self._gates)} LoRA blocks)")
+            raise AdapterError(f"saved gates {unknown[:3]} do not exist on this model ({len(self._gates)} LoRA blocks)")
         with torch.no_grad():
             for name, value in scores.items():
                 m, seg = self._gates[name]

@@ -1,5 +1,6 @@
 """Top-k: the last k transformer blocks, the final norm and the new head train."""
-from .base import Strategy, freeze, head_modules, new_head, unfreeze
+from .base import Strategy, head_names, names_under
+from .options import AdapterError
 from .registry import register
 
 
@@ -7,16 +8,12 @@ from .registry import register
 class TopK(Strategy):
     name = "top_k"
 
-    def apply(self, model, num_classes):
-        k = self.cfg.top_k
+    def insert(self, model):
         depth = len(model.blocks)
-        if not 1 <= k <= depth:
-            raise ValueError(f"top_k must be between 1 and the model's depth {depth}, got {k}")
-        new_head(model, num_classes)
-        freeze(model)
-        for block in model.blocks[depth - k:]:
-            unfreeze(block)
-        unfreeze(model.norm)
-        for m in head_modules(model):
-            unfreeze(m)
-        return model
+        if not 1 <= self.cfg.top_k <= depth:
+            raise AdapterError(f"top_k must be between 1 and the model's depth {depth}, got {self.cfg.top_k}")
+
+    def trainable_names(self, model):
+        depth = len(model.blocks)
+        top = [f"blocks.{i}" for i in range(depth - self.cfg.top_k, depth)]
+        return names_under(model, *top, "norm") + head_names(model)

@@ -151,9 +151,7 @@ def run_rounds(configs: dict, rounds: int) -> dict[str, list[tuple[float, float]
 
 
 def bench_files(folder: Path, threads: int, batch_size: int, rounds: int) -> list[dict]:
-    from engine.data import load_domain, Split
-    from engine.loaders import make_loader
-    from engine.transforms import Preprocess
+    from engine.data import Preprocess, Split, load_domain, make_loader
 
     domain = load_domain(f"imagefolder:{folder}")
     split = Split(labels=np.concatenate([domain.train.labels, domain.test.labels]),
@@ -207,9 +205,8 @@ def tvio_loader(split, pre, train: bool, batch_size: int, workers: int):
 
 def bench_arrays(threads: int, batch_size: int, rounds: int) -> list[dict]:
     """The embedded default's data: 32 x 32 uint8 arrays, read at 32 px (crop_pct 1.0)."""
-    from engine.datasets import digits_domain
-    from engine.loaders import make_loader
-    from engine.transforms import Preprocess
+    from engine.data import Preprocess, make_loader
+    from engine.data.datasets import digits_domain
 
     split = digits_domain().train
     pre = Preprocess(input_size=32, mean=(0.5,) * 3, std=(0.3,) * 3, crop_pct=1.0)
@@ -250,10 +247,9 @@ def _rate_rows(section: str, mode: str, results: dict[str, list[tuple[float, flo
 
 def bench_train_wait(threads: int, batch_size: int, steps: int) -> list[dict]:
     """Fraction of each train step spent waiting in next(loader), default run's data and model."""
-    from engine.datasets import digits_domain
-    from engine.loaders import make_loader, resolve_loader
+    from engine.data import Preprocess, make_loader, resolve_loader
+    from engine.data.datasets import digits_domain
     from engine.models import features
-    from engine.transforms import Preprocess
 
     model, note = _default_model()
     pre = Preprocess.from_model(model)

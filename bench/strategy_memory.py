@@ -42,7 +42,7 @@ def measure(label: str, model_name: str, batch: int, num_classes: int) -> dict:
     import torch
 
     import adapters
-    from engine.config import AdapterConfig
+    from adapters import AdapterConfig
 
     torch.manual_seed(0)
     strategy_name, options = CONFIGS[label]

@@ -1,19 +1,33 @@
 """Typed run configuration: defaults here, then YAML (`--config`), then flags, then `key=value`.
 
-Every default lives in these dataclasses and nowhere else. Defaults are tuned for the embedded
-default run (a small ViT, digits as the target) so that `python -m engine.run` finishes in
-minutes on two CPU cores; `configs/paper_cifar100.yaml` holds the paper's recipe.
+Every default lives in these dataclasses (the adapter section's in `adapters.AdapterConfig`) and
+nowhere else; every choice list is read from the module that owns it (strategies from
+`adapters.STRATEGIES`, kernel backends from `kernels.BACKENDS`, loaders, resamplers, data sets,
+optimisers, schedules, precisions and ZeRO stages from their engine modules); every CLI flag is
+declared once, in `FLAGS`, and the parser and the flag-to-key map are built from it. Defaults are
+tuned for the embedded default run (a small ViT, digits as the target) so that `python -m
+engine.run` finishes in minutes on two CPU cores; `configs/paper_cifar100.yaml` holds the paper's recipe.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import math
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
+import kernels
+from adapters import STRATEGIES, AdapterConfig, AdapterError
+
+from .data import LOADERS, SPEC_HELP, check_spec
+from .data.dali_loader import RESIZERS
+from .distributed import ZERO_STAGES
 from .errors import UserError
+from .optim import OPTIMIZERS, SCHEDULES
+from .precision import PRECISIONS
 
 
 @dataclass
@@ -57,24 +71,7 @@ class TrainConfig:
     precision: str = "fp32"           # fp32 | bf16 (autocast) | fp16 (autocast, CUDA only)
     grad_clip: float | None = None
     label_smoothing: float = 0.0
-
-
-@dataclass
-class AdapterConfig:
-    top_k: int = 3                    # top_k: last K blocks train
-    lora_rank: int = 8
-    lora_alpha: float | None = None   # None = rank, i.e. scale alpha / rank = 1 (as in the paper's code)
-    lora_targets: str = "q,v"         # any of q,k,v,proj,fc1,fc2
-    lora_dropout: float = 0.0
-    blocks: int = 3                   # block_expansion: P new blocks
-    gate_threshold: float = 0.1       # selective_lora (TAPS defaults)
-    gate_init: float = 0.15
-    sparsity_lambda: float = 0.05     # tuned on the embedded default: 0.5 switched every block off in 150 steps
-    penalty_warmup: float = 0.1       # fraction of steps before the sparsity penalty starts
-    active_blocks: int | None = None  # budget mode: exactly K LoRA blocks active at the end
-    active_fraction: float | None = None  # budget mode: a fraction of the LoRA blocks
-    search_fraction: float = 0.5      # budget mode: fraction of steps spent searching before the top-K are fixed
-    kernels: str = "auto"             # auto | triton | torch | reference
+    kernels: str = "auto"             # the fused LoRA op's backend: auto | triton | torch | reference
 
 
 @dataclass
@@ -103,30 +100,85 @@ class RunConfig:
         return asdict(self)
 
 
-# The CLI flags and the dotted key each one sets.
-FLAG_KEYS = {
-    "strategy": "strategy", "name": "name", "out": "out", "seed": "seed",
-    "dry_run": "dry_run", "json": "json",
-    "model": "model.name", "weights": "model.weights", "num_classes": "model.num_classes",
-    "target": "data.target", "source": "data.source", "data_root": "data.data_root", "loader": "data.loader",
-    "steps": "train.steps", "eval_every": "train.eval_every", "lr": "train.lr",
-    "batch_size": "train.batch_size", "precision": "train.precision", "zero_stage": "train.zero_stage",
-    "grad_accum": "train.grad_accum", "optimizer": "train.optimizer",
-    "top_k": "adapter.top_k", "lora_rank": "adapter.lora_rank", "lora_alpha": "adapter.lora_alpha",
-    "lora_targets": "adapter.lora_targets", "blocks": "adapter.blocks",
-    "sparsity_lambda": "adapter.sparsity_lambda", "active_blocks": "adapter.active_blocks",
-    "active_fraction": "adapter.active_fraction", "kernels": "adapter.kernels",
+# The CLI: every flag once, with the dotted key it sets and its help. The type, the default and the
+# choices shown in --help come from the dataclasses and the owners' registries.
+FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--strategy", "strategy", "fine-tuning strategy"),
+    ("--model", "model.name", "'embedded' or a timm ViT name, e.g. vit_base_patch16_224.dino"),
+    ("--weights", "model.weights", "local .pth / .safetensors backbone weights (default: the embedded "
+                                   "checkpoint, or timm's hub weights when online)"),
+    ("--num-classes", "model.num_classes", "classes of the new head (default: the target's)"),
+    ("--target", "data.target", f"the domain to adapt to: {SPEC_HELP}"),
+    ("--source", "data.source", f"the pre-training domain whose k-NN accuracy measures forgetting: {SPEC_HELP}"),
+    ("--data-root", "data.data_root", "folder holding cifar-10-batches-py / cifar-100-python"),
+    ("--loader", "data.loader", "data loader (auto: DALI where it is installed and runs, else torch)"),
+    ("--steps", "train.steps", "optimiser steps"),
+    ("--eval-every", "train.eval_every", "validate (and maybe keep the best checkpoint) every N steps"),
+    ("--lr", "train.lr", "peak learning rate, reached after the warm-up"),
+    ("--batch-size", "train.batch_size", "global batch: micro-batch x grad accumulation x ranks"),
+    ("--grad-accum", "train.grad_accum", "gradient accumulation steps per optimiser step"),
+    ("--optimizer", "train.optimizer", "optimiser over the trainable parameters"),
+    ("--precision", "train.precision", "fp32, or autocast to bf16 (CPU or GPU) or fp16 (CUDA only)"),
+    ("--zero-stage", "train.zero_stage", "DeepSpeed ZeRO stage"),
+    ("--kernels", "train.kernels", "backend of the fused LoRA op (auto: Triton on CUDA, torch elsewhere)"),
+    ("--top-k", "adapter.top_k", "top_k: the last K blocks train"),
+    ("--lora-rank", "adapter.lora_rank", "LoRA rank r"),
+    ("--lora-alpha", "adapter.lora_alpha", "LoRA alpha; scale = alpha / rank (default: the rank, scale 1)"),
+    ("--lora-targets", "adapter.lora_targets", "comma list of q,k,v,proj,fc1,fc2"),
+    ("--blocks", "adapter.blocks", "block_expansion: number of new blocks P"),
+    ("--sparsity-lambda", "adapter.sparsity_lambda", "selective_lora: weight of the sparsity penalty"),
+    ("--active-blocks", "adapter.active_blocks", "selective_lora budget: exactly K active LoRA blocks"),
+    ("--active-fraction", "adapter.active_fraction", "selective_lora budget: a fraction of the LoRA blocks"),
+    ("--seed", "seed", "seed of the initialisation, the data order and the augmentation"),
+    ("--name", "name", "run folder name under --out (default: <strategy>-<time>)"),
+    ("--out", "out", "folder for run folders"),
+    ("--dry-run", "dry_run", "build the model, print parameters and GFLOPs, exit (no data, weights or training)"),
+    ("--json", "json", "with --dry-run: print one JSON object"),
+)
+FLAG_KEYS = {flag[2:].replace("-", "_"): key for flag, key, _ in FLAGS}  # argparse dest -> dotted key
+
+# Every choice, read from its owner.
+_CHOICES = {
+    "strategy": tuple(STRATEGIES),
+    "data.loader": LOADERS,
+    "data.dali_resize": RESIZERS,
+    "train.optimizer": OPTIMIZERS,
+    "train.schedule": SCHEDULES,
+    "train.precision": tuple(PRECISIONS),
+    "train.zero_stage": ZERO_STAGES,
+    "train.kernels": kernels.BACKENDS,
 }
 
-_CHOICES = {
-    "data.loader": ("auto", "dali", "torch"),
-    "data.dali_resize": ("auto", "dali", "torch"),
-    "train.optimizer": ("sgd", "adamw"),
-    "train.schedule": ("cosine", "constant"),
-    "train.precision": ("fp32", "bf16", "fp16"),
-    "train.zero_stage": (0, 1, 2, 3),
-    "adapter.kernels": ("auto", "triton", "torch", "reference"),
+# Ranges of the numeric keys (the adapter section checks its own: AdapterConfig.check). Every float
+# must also be finite.
+_POSITIVE = ("positive", lambda v: v > 0)
+_NON_NEGATIVE = ("at least 0", lambda v: v >= 0)
+_RANGES = {
+    "seed": _NON_NEGATIVE,
+    "model.num_classes": _POSITIVE,
+    "data.val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "data.workers": _NON_NEGATIVE,
+    "data.crop_scale_min": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "data.hflip": ("in [0, 1]", lambda v: 0 <= v <= 1),
+    "data.knn_train_limit": _POSITIVE,
+    "data.knn_test_limit": _POSITIVE,
+    "train.steps": _POSITIVE,
+    "train.eval_every": _POSITIVE,
+    "train.lr": _POSITIVE,
+    "train.batch_size": _POSITIVE,
+    "train.grad_accum": _POSITIVE,
+    "train.momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.warmup_steps": _NON_NEGATIVE,
+    "train.grad_clip": _POSITIVE,
+    "train.label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "eval.knn_report_k": _POSITIVE,
+    "eval.knn_temperature": _POSITIVE,
+    "eval.batch_size": _POSITIVE,
 }
+
+# Keys that older versions wrote into config.yaml under another name.
+_RENAMED = {"adapter.kernels": "train.kernels"}
 
 
 def _section_types(obj) -> dict[str, typing.Any]:
@@ -169,8 +221,26 @@ def _coerce(value, hint, key: str):
     return value
 
 
+def key_hint(key: str):
+    """The declared type of a dotted key (`train.lr` -> float)."""
+    *sections, leaf = key.split(".")
+    target = RunConfig()
+    for part in sections:
+        target = getattr(target, part)
+    return _section_types(target)[leaf]
+
+
+def default(key: str):
+    """The default value of a dotted key."""
+    target = RunConfig()
+    for part in key.split("."):
+        target = getattr(target, part)
+    return target
+
+
 def set_key(cfg: RunConfig, key: str, value) -> None:
     """Set a dotted key (`train.lr`) with type coercion; unknown keys are a UserError."""
+    key = _RENAMED.get(key, key)
     parts = key.split(".")
     target = cfg
     for part in parts[:-1]:
@@ -213,7 +283,10 @@ def load_yaml(path: str | Path) -> dict:
 
 
 def build_config(yaml_path: str | None = None, flags: dict | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Resolve a RunConfig: defaults < YAML file < flags < `key=value` overrides, then validate."""
+    """Resolve a RunConfig: defaults < YAML file < flags < `key=value` overrides, then validate.
+
+    `flags` maps argparse destinations (`lr`, `batch_size`: see FLAG_KEYS) to values; None = unset.
+    """
     cfg = RunConfig()
     if yaml_path:
         for key, value in load_yaml(yaml_path).items():
@@ -231,28 +304,27 @@ def build_config(yaml_path: str | None = None, flags: dict | None = None, overri
 
 
 def validate(cfg: RunConfig) -> None:
-    """Range and choice checks that a type alone cannot express."""
+    """Choice, range and combination checks that a type alone cannot express."""
     flat = _flatten(cfg.to_dict())
+    if flat["strategy"] not in _CHOICES["strategy"]:
+        raise UserError(f"unknown strategy {flat['strategy']!r}; choose one of: {', '.join(_CHOICES['strategy'])}")
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
             raise UserError(f"{key} must be one of {', '.join(map(str, choices))}, got {flat[key]!r}")
-    positive = ["train.steps", "train.eval_every", "train.batch_size", "train.grad_accum", "train.lr",
-                "adapter.lora_rank", "adapter.blocks", "adapter.top_k", "eval.batch_size", "eval.knn_report_k"]
-    for key in positive:
-        if flat[key] is not None and flat[key] <= 0:
-            raise UserError(f"{key} must be positive, got {flat[key]}")
-    if cfg.data.crop_scale_min is not None and not 0 < cfg.data.crop_scale_min <= 1:
-        raise UserError(f"data.crop_scale_min must be in (0, 1], got {cfg.data.crop_scale_min}")
-    if cfg.data.hflip is not None and not 0 <= cfg.data.hflip <= 1:
-        raise UserError(f"data.hflip must be in [0, 1], got {cfg.data.hflip}")
-    if not 0 <= cfg.data.val_fraction < 1:
-        raise UserError(f"data.val_fraction must be in [0, 1), got {cfg.data.val_fraction}")
-    if cfg.adapter.active_fraction is not None and not 0 < cfg.adapter.active_fraction <= 1:
-        raise UserError(f"adapter.active_fraction must be in (0, 1], got {cfg.adapter.active_fraction}")
-    if cfg.adapter.active_blocks is not None and cfg.adapter.active_blocks < 1:
-        raise UserError(f"adapter.active_blocks must be at least 1, got {cfg.adapter.active_blocks}")
-    if cfg.adapter.active_blocks is not None and cfg.adapter.active_fraction is not None:
-        raise UserError("give adapter.active_blocks or adapter.active_fraction, not both")
+    for key, value in flat.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number, got {value}")
+    for key, (what, ok) in _RANGES.items():
+        if flat[key] is not None and not ok(flat[key]):
+            raise UserError(f"{key} must be {what}, got {flat[key]}")
+    try:
+        cfg.adapter.check()
+    except AdapterError as e:
+        raise UserError(f"adapter options: {e}") from None
+    check_spec(cfg.data.target, "target")
+    check_spec(cfg.data.source, "source")
+    if cfg.json and not cfg.dry_run:
+        raise UserError("--json only works with --dry-run (a training run writes results.json in its run folder)")
     if not cfg.eval.knn_k or min(cfg.eval.knn_k) <= 0:
         raise UserError(f"eval.knn_k must list positive k values, got {cfg.eval.knn_k}")
     if cfg.eval.knn_report_k not in cfg.eval.knn_k:
@@ -262,3 +334,49 @@ def validate(cfg: RunConfig) -> None:
 def save_yaml(cfg: RunConfig, path: Path) -> None:
     from .io import atomic_write_text
     atomic_write_text(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+# -- the command line ---------------------------------------------------------------------------------
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wide enough for the choices."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=28, width=110)
+
+
+def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """The CLI parser, built from FLAGS: each flag's type, default and choices from its key."""
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=_HelpFormatter,
+        epilog="Any config key can also be set as key=value, e.g. train.warmup_steps=50 adapter.gate_init=0.2. "
+               "Precedence: defaults < --config YAML < flags < key=value.")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--config", metavar="YAML", help="YAML file of config keys (sections model, data, train, adapter, eval)")
+    for flag, key, text in FLAGS:
+        hint = key_hint(key)
+        if typing.get_args(hint):  # Optional[X] -> X
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        extra = f" (choices: {', '.join(map(str, _CHOICES[key]))})" if key in _CHOICES else ""
+        if hint is bool:
+            p.add_argument(flag, action="store_true", default=None, help=text + extra)
+            continue
+        shown = "" if default(key) is None else f"default: {default(key)}; "  # None: the help says what it means
+        p.add_argument(flag, type=hint, metavar=key.rsplit(".", 1)[-1].upper(), help=f"{text}{extra} ({shown}key {key})")
+    return p
+
+
+def parse_args(argv: list[str] | None, prog: str = "python -m engine.run", description: str = "") -> RunConfig:
+    """argv -> a validated RunConfig (UserError for bad input)."""
+    args = build_parser(prog, description).parse_intermixed_args(argv)
+    flags = {k: v for k, v in vars(args).items() if k in FLAG_KEYS}
+    return build_config(args.config, flags, args.overrides)
+
+
+def resolved_for_target(cfg: RunConfig, crop_scale_min: float, hflip: float) -> RunConfig:
+    """The config with the target's own augmentation filled in where it was left unset (None)."""
+    data = dataclasses.replace(
+        cfg.data,
+        crop_scale_min=crop_scale_min if cfg.data.crop_scale_min is None else cfg.data.crop_scale_min,
+        hflip=hflip if cfg.data.hflip is None else cfg.data.hflip)
+    return dataclasses.replace(cfg, data=data)

@@ -5,8 +5,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .metrics import autocast
 from .models import features
+from .precision import autocast
 
 
 @torch.no_grad()

@@ -17,22 +17,13 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 from torch import nn
 
+from .adapter_files import CONFIG
+from .config import build_config
 from .errors import UserError
 from .io import atomic_write_json, atomic_write_safetensors
-
-
-def restore_adapter(cfg, adapter_dir: str | Path) -> tuple[nn.Module, object]:
-    """The run's base backbone rebuilt as the run built it (its seed first, so a random init repeats),
-    with the adapter at `adapter_dir` loaded onto it; returns (model, strategy)."""
-    from adapters import load_adapter
-
-    from .models import build_backbone
-
-    torch.manual_seed(cfg.seed)
-    return load_adapter(build_backbone(cfg.model), adapter_dir)
+from .models import restore_model, timm_spec
 
 
 def write_merged(model: nn.Module, out: str | Path, strategy_name: str) -> dict:
@@ -41,8 +32,6 @@ def write_merged(model: nn.Module, out: str | Path, strategy_name: str) -> dict:
     The spec comes from the model itself (`timm_spec`), so expanded blocks and the new head are
     always described correctly.
     """
-    from .models import timm_spec
-
     out = Path(out)
     if out.suffix != ".safetensors":
         raise UserError(f"--merged must name a .safetensors file, got {out}")
@@ -56,10 +45,6 @@ def write_merged(model: nn.Module, out: str | Path, strategy_name: str) -> dict:
 
 def export_run(run_dir: str | Path, out: str | Path) -> dict:
     """Export the run folder's adapter (its best checkpoint) merged into its base model; return the spec."""
-    from adapters.checkpoint import CONFIG
-
-    from .config import build_config
-
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist")
@@ -70,7 +55,7 @@ def export_run(run_dir: str | Path, out: str | Path) -> dict:
     if not (adapter_dir / CONFIG).is_file():
         raise UserError(f"{run_dir} has no adapter (adapter/adapter.json): the run did not finish; "
                         f"its checkpoints/ folder may hold one to export instead")
-    model, strategy = restore_adapter(build_config(config), adapter_dir)
+    model, strategy = restore_model(build_config(config), adapter_dir)
     return write_merged(strategy.finalize(model).eval(), out, strategy.name)
 
 

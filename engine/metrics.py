@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .precision import autocast
+
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts."""
@@ -79,12 +81,6 @@ def inference_throughput(model: nn.Module, input_size: int, batch: int = 64, ite
             model(x)
         sync(device)
     return batch * iters / (time.perf_counter() - start)
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def sync(device: torch.device) -> None:

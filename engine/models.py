@@ -1,22 +1,29 @@
-"""Building the backbone: a timm ViT by name with hub, local-file or embedded weights.
+"""Building models: the backbone (a timm ViT by name with hub, local-file or embedded weights), the
+backbone with a strategy applied, and a run's fine-tuned model restored from its adapter.
+
+Wherever a model is built or restored, the run's kernels backend (`train.kernels`, a runtime
+choice that adapter files do not record) is applied to its LoRA modules here.
 
 The feature the engine measures forgetting with is timm's pre-logits output: the CLS token after
 the final norm (`forward_head(forward_features(x), pre_logits=True)`).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .config import ModelConfig
+import adapters
+
+from .adapter_files import load_adapter
 from .errors import UserError
 
 EMBEDDED = "embedded"
 
 
-def build_backbone(cfg: ModelConfig) -> nn.Module:
+def build_backbone(cfg) -> nn.Module:
     """A headless timm ViT (num_classes 0) with the weights `cfg` names; the strategy adds the head."""
     if cfg.name == EMBEDDED:
         from .embedded import create_embedded_vit
@@ -27,7 +34,7 @@ def build_backbone(cfg: ModelConfig) -> nn.Module:
     return _timm_backbone(cfg)
 
 
-def _timm_backbone(cfg: ModelConfig) -> nn.Module:
+def _timm_backbone(cfg) -> nn.Module:
     import timm
 
     if not timm.is_model(cfg.name):
@@ -113,3 +120,29 @@ def timm_spec(model: nn.Module) -> dict:
 def features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
     """The backbone feature: CLS (or pooled) token after the final norm, before any head. (B, D)"""
     return model.forward_head(model.forward_features(images), pre_logits=True)
+
+
+def apply_strategy(strategy, backbone: nn.Module, num_classes: int, kernels: str) -> nn.Module:
+    """`strategy` applied to `backbone` (in place), its LoRA modules on the kernels backend `kernels`."""
+    return adapters.use_kernels(strategy.apply(backbone, num_classes), kernels)
+
+
+def check_strategy(cfg, num_classes: int):
+    """Build the run's model on the meta device (no memory, no weights, no RNG drawn) to check the
+    options that only the model can judge (top_k vs depth, a budget vs the LoRA blocks); returns
+    that meta model. UserError naming the problem."""
+    with torch.device("meta"):
+        backbone = build_backbone(dataclasses.replace(cfg.model, pretrained=False, weights=None))
+    try:
+        model = adapters.get_strategy(cfg.strategy, cfg.adapter).apply(backbone, num_classes)
+    except adapters.AdapterError as e:
+        raise UserError(f"{cfg.strategy}: {e}") from None
+    return model
+
+
+def restore_model(cfg, adapter_dir: str | Path) -> tuple[nn.Module, object]:
+    """The run's base backbone rebuilt as the run built it (its seed first, so a random init repeats),
+    with the adapter at `adapter_dir` loaded onto it, on the run's kernels; returns (model, strategy)."""
+    torch.manual_seed(cfg.seed)
+    model, strategy = load_adapter(build_backbone(cfg.model), adapter_dir)
+    return adapters.use_kernels(model, cfg.train.kernels), strategy

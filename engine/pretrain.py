@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .embedded import (CHECKPOINT, CLASSES, EMBEDDED_MEAN, EMBEDDED_STD, EMBEDDED_VIT, create_embedded_vit,
-                       shapes_domain)
+from .data.shapes import CLASSES, shapes_domain
+from .embedded import CHECKPOINT, EMBEDDED_MEAN, EMBEDDED_STD, EMBEDDED_VIT, create_embedded_vit
 from .io import atomic_write, atomic_write_json
 
 
@@ -169,7 +169,7 @@ def _normalise(images: torch.Tensor) -> torch.Tensor:
 def _warmup_cosine(step: int, warmup: int, total: int) -> float:
     """The engine's schedule (linear warm-up, cosine to zero) at `step`."""
     from .config import TrainConfig
-    from .train import lr_lambda
+    from .optim import lr_lambda
 
     return lr_lambda(TrainConfig(steps=total, warmup_steps=warmup, schedule="cosine"))(step)
 

@@ -4,10 +4,16 @@ The paper's protocol: new head, train on the target for `--steps`, validate ever
 keep the best checkpoint by *validation* accuracy (the paper selected on test; we don't), report
 its test top-1, and measure source-domain weighted k-NN accuracy of the untouched and the
 fine-tuned backbone. With no `--model/--target/--source` it runs offline on the embedded default.
+
+A run goes through named phases, each a function below: resolve the config (`parse_args`), start
+the processes (`start`), read the data (`read_data`), check the model and the batch geometry
+(`check_run`), and only then claim the run folder and do the expensive work: measure the untouched
+source (`measure_source`), train (`fine_tune`), restore the best checkpoint (`restore_best`),
+measure it (`measure`) and write the report (`report`). Bad input is refused in the first phases,
+before any feature is extracted and before a run folder exists.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -19,60 +25,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import FLAG_KEYS, RunConfig, build_config, save_yaml
+import adapters
+import kernels
+
+from . import data
+from .adapter_files import save_adapter
+from .config import RunConfig, parse_args, resolved_for_target, save_yaml
+from .distributed import gathered, init_distributed, micro_batch
 from .errors import UserError
-
-_KNOWN_CLASS_COUNTS = {"embedded": 10, "digits": 10, "shapes": 10, "cifar10": 10, "cifar100": 100}
-
-
-def parse_args(argv: list[str] | None = None) -> RunConfig:
-    p = argparse.ArgumentParser(
-        prog="python -m engine.run", description=__doc__.splitlines()[0],
-        epilog="Any config key can also be set as key=value, e.g. train.warmup_steps=50 adapter.gate_init=0.2. "
-               "Precedence: defaults < --config YAML < flags < key=value.")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
-    p.add_argument("--config", help="YAML file with config keys (sections model, data, train, adapter, eval)")
-    p.add_argument("--strategy", help="full | top_k | linear | lora | block_expansion | selective_lora")
-    p.add_argument("--model", help="'embedded' (default) or a timm ViT name, e.g. vit_base_patch16_224.dino")
-    p.add_argument("--weights", help="local .pth/.safetensors backbone weights")
-    p.add_argument("--num-classes", type=int, help="classes of the new head (default: the target's)")
-    p.add_argument("--target", help="embedded | digits | cifar10 | cifar100 | imagefolder:DIR")
-    p.add_argument("--source", help="pre-training domain for the k-NN: embedded | shapes | cifar10 | ... ")
-    p.add_argument("--data-root", help="folder holding cifar-10-batches-py / cifar-100-python")
-    p.add_argument("--loader", help="auto | dali | torch")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--eval-every", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--batch-size", type=int, help="global batch (micro batch x grad accumulation x ranks)")
-    p.add_argument("--grad-accum", type=int)
-    p.add_argument("--optimizer", help="sgd | adamw")
-    p.add_argument("--precision", help="fp32 | bf16 (autocast; AVX-512 bf16 on this CPU) | fp16 (CUDA)")
-    p.add_argument("--zero-stage", type=int, help="DeepSpeed ZeRO stage 0-3 (default 2)")
-    p.add_argument("--top-k", type=int, help="top_k: blocks that train")
-    p.add_argument("--lora-rank", type=int)
-    p.add_argument("--lora-alpha", type=float)
-    p.add_argument("--lora-targets", help="comma list of q,k,v,proj,fc1,fc2 (default q,v)")
-    p.add_argument("--blocks", type=int, help="block_expansion: number of new blocks P")
-    p.add_argument("--sparsity-lambda", type=float)
-    p.add_argument("--active-blocks", type=int, help="selective_lora budget: exactly K active LoRA blocks")
-    p.add_argument("--active-fraction", type=float, help="selective_lora budget: a fraction of the LoRA blocks")
-    p.add_argument("--kernels", help="auto | triton | torch | reference")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--name", help="run folder name under --out (default <strategy>-<time>)")
-    p.add_argument("--out", help="folder for run folders (default runs)")
-    p.add_argument("--dry-run", action="store_true", default=None,
-                   help="build the model, print parameters and GFLOPs, exit (no data, weights or training)")
-    p.add_argument("--json", action="store_true", default=None, help="with --dry-run: print one JSON object")
-    args = p.parse_intermixed_args(argv)
-    flags = {k: v for k, v in vars(args).items() if k in FLAG_KEYS}
-    return build_config(args.config, flags, args.overrides)
+from .evaluate import extract_features, top1_accuracy
+from .io import atomic_write_json
+from .knn import knn_accuracy
+from .metrics import gflops_per_image, inference_throughput, parameter_counts, peak_memory_mb
+from .models import apply_strategy, build_backbone, check_strategy, restore_model, timm_spec
+from .precision import PRECISIONS
+from .report import build_results, format_table, write_results
+from .train import TrainingDiverged, TrainResult, train
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .train import TrainingDiverged
-
     try:
-        cfg = parse_args(argv)
+        cfg = parse_args(argv, description=__doc__.splitlines()[0])
         if cfg.dry_run:
             return dry_run(cfg)
         run(cfg)
@@ -90,42 +63,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-def _strategy(cfg: RunConfig):
-    import adapters
-    try:
-        return adapters.get_strategy(cfg.strategy, cfg.adapter)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-
-def _apply(strategy, model, num_classes: int):
-    try:
-        return strategy.apply(model, num_classes)
-    except ValueError as e:
-        raise UserError(f"{strategy.name}: {e}") from None
-
-
-def _set_kernels(name: str) -> None:
-    import kernels
-    kernels.set_backend(name)
-
-
 def dry_run(cfg: RunConfig) -> int:
     """Parameters and inference GFLOPs of the model the strategy builds; no data, weights or training."""
     from dataclasses import replace
 
-    from .metrics import gflops_per_image, parameter_counts
-    from .models import build_backbone
-    from .transforms import Preprocess
-
-    num_classes = cfg.model.num_classes or _KNOWN_CLASS_COUNTS.get(cfg.data.target)
+    num_classes = cfg.model.num_classes or data.num_classes(cfg.data.target, "target")
     if num_classes is None:
         raise UserError(f"--dry-run does not read data: give --num-classes for target {cfg.data.target!r}")
-    _set_kernels(cfg.adapter.kernels)
-    strategy = _strategy(cfg)
-    model = _apply(strategy, build_backbone(replace(cfg.model, pretrained=False, weights=None)), num_classes)
+    check_strategy(cfg, num_classes)
+    strategy = adapters.get_strategy(cfg.strategy, cfg.adapter)
+    backbone = build_backbone(replace(cfg.model, pretrained=False, weights=None))
+    model = apply_strategy(strategy, backbone, num_classes, cfg.train.kernels)
     trainable, total = parameter_counts(model)
-    size = Preprocess.from_model(model).input_size
+    size = data.Preprocess.from_model(model).input_size
     gflops = gflops_per_image(strategy.finalize(model), size)
     out = {"trainable_params": trainable, "total_params": total, "infer_gflops_per_img": round(gflops, 4)}
     if cfg.json:
@@ -136,14 +86,219 @@ def dry_run(cfg: RunConfig) -> int:
     return 0
 
 
+# -- the phases ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: its rank in the world and its device."""
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
 @dataclass
-class _Loaders:
+class RunData:
+    """The domains and splits of a run, and the config resolved for its target."""
+    cfg: RunConfig
+    target: data.Domain
+    source: data.Domain
+    train: data.Split
+    val: data.Split
+    num_classes: int
+
+
+@dataclass
+class Loaders:
     train: object
     val: object
     test: object
     knn_bank: object
     knn_query: object
 
+
+def start(cfg: RunConfig) -> Runtime:
+    """Seed, start torch.distributed, pick the device; refuse a precision or kernels backend it lacks."""
+    _seed_everything(cfg.seed)
+    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
+        raise UserError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
+    rank, world = init_distributed()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    try:
+        kernels.resolve_backend(cfg.train.kernels, device)
+    except ValueError as e:  # the one check resolve_backend makes: a backend this device cannot run
+        raise UserError(f"--kernels {cfg.train.kernels}: {e}") from None
+    return Runtime(rank, world, device)
+
+
+def read_data(cfg: RunConfig) -> RunData:
+    """Read (or scan) the target and source domains, resolve the target's augmentation, split off
+    the validation set, and decide the head's class count."""
+    target = data.load_domain(cfg.data.target, cfg.data.data_root, cfg.seed, role="target")
+    source = data.load_domain(cfg.data.source, cfg.data.data_root, cfg.seed, role="source")
+    for note in target.notes + source.notes:
+        print(f"note: {note}")
+    cfg = resolved_for_target(cfg, target.crop_scale_min, target.hflip)
+    train_split, val_split = data.stratified_split(target.train, cfg.data.val_fraction, cfg.seed)
+    if len(val_split) == 0:
+        raise UserError("the validation split is empty: raise data.val_fraction")
+    num_classes = cfg.model.num_classes or target.num_classes
+    if num_classes < target.num_classes:
+        raise UserError(f"--num-classes {num_classes} is below the target's {target.num_classes} classes")
+    return RunData(cfg, target, source, train_split, val_split, num_classes)
+
+
+def check_run(run_data: RunData, rt: Runtime) -> None:
+    """What only the model and the world size can judge, checked on a meta-device model."""
+    cfg = run_data.cfg
+    check_strategy(cfg, run_data.num_classes)
+    micro_batch(cfg.train.batch_size, cfg.train.grad_accum, rt.world)
+    if len(run_data.train) < rt.world:
+        raise UserError(f"the target's train split ({len(run_data.train)} images) is smaller than one batch per rank")
+
+
+def make_loaders(run_data: RunData, pre: data.Preprocess, rt: Runtime) -> Loaders:
+    cfg = run_data.cfg
+    micro = micro_batch(cfg.train.batch_size, cfg.train.grad_accum, rt.world)
+    common = dict(loader=cfg.data.loader, workers=cfg.data.workers, device=rt.device,
+                  dali_resize=cfg.data.dali_resize)
+    eval_bs = cfg.eval.batch_size
+
+    def eval_loader(split):
+        return data.make_loader(split, pre, train=False, batch_size=eval_bs, **common)
+
+    loaders = Loaders(
+        train=data.make_loader(run_data.train, pre, train=True, batch_size=micro, seed=cfg.seed, rank=rt.rank,
+                               world=rt.world, **common),
+        val=eval_loader(run_data.val),
+        test=eval_loader(run_data.target.test),
+        knn_bank=eval_loader(_limit(run_data.source.train, cfg.data.knn_train_limit, cfg.seed)),
+        knn_query=eval_loader(_limit(run_data.source.test, cfg.data.knn_test_limit, cfg.seed)),
+    )
+    if len(loaders.train) == 0:
+        raise UserError(f"the training loader has no batch: {len(run_data.train)} train images for a "
+                        f"micro-batch of {micro} on {rt.world} rank(s)")
+    return loaders
+
+
+def claim_run_dir(cfg: RunConfig, rt: Runtime) -> Path:
+    """Rank 0 names (and creates) the run folder; the other ranks learn its name from it."""
+    holder = [str(_new_run_dir(cfg)) if rt.main else None]
+    if rt.world > 1:
+        torch.distributed.broadcast_object_list(holder, src=0)
+    return Path(holder[0])
+
+
+def measure_source(model, loaders: Loaders, cfg: RunConfig, num_source_classes: int, rt: Runtime) -> dict[int, float]:
+    """Weighted k-NN accuracy (%) of `model`'s backbone features on the source domain, per k."""
+    amp = PRECISIONS[cfg.train.precision]
+    bank, bank_y = extract_features(model, loaders.knn_bank, rt.device, amp, desc="k-NN bank")
+    query, query_y = extract_features(model, loaders.knn_query, rt.device, amp, desc="k-NN queries")
+    return knn_accuracy(bank, bank_y, query, query_y, cfg.eval.knn_k, cfg.eval.knn_temperature,
+                        num_classes=num_source_classes)
+
+
+def fine_tune(model, strategy, loaders: Loaders, cfg: RunConfig, base: dict, run_dir: Path, rt: Runtime) -> TrainResult:
+    """The train loop; checkpoints go to run_dir/checkpoints/{best,last} in adapter form."""
+    def save_checkpoint(module, tag: str, info: dict) -> None:
+        with gathered(module, cfg.train.zero_stage):
+            if rt.main:
+                directory = run_dir / "checkpoints" / tag
+                save_adapter(module, strategy, directory, base)
+                atomic_write_json(directory / "trainer.json", info)
+
+    return train(model, strategy, loaders.train, loaders.val, cfg.train, rt.device, run_dir, save_checkpoint,
+                 rank=rt.rank, world=rt.world)
+
+
+def restore_best(cfg: RunConfig, run_dir: Path, rt: Runtime):
+    """The best checkpoint restored onto a fresh backbone (the adapter round trip) and finalised;
+    rank 0 copies it to run_dir/adapter. Returns (model, strategy)."""
+    if rt.world > 1:
+        torch.distributed.barrier()  # rank 0 has finished writing it
+    best_dir = run_dir / "checkpoints" / "best"
+    model, strategy = restore_model(cfg, best_dir)  # the same seed: the same backbone, even from a random init
+    model = strategy.finalize(model.to(rt.device))
+    if rt.main:
+        adapter_dir = run_dir / "adapter"
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+        shutil.copytree(best_dir, adapter_dir)
+    return model, strategy
+
+
+def measure(model, strategy, loaders: Loaders, cfg: RunConfig, num_source_classes: int, pre: data.Preprocess,
+            rt: Runtime) -> tuple[float, dict[int, float], dict]:
+    """Target top-1 and source k-NN of the finalised model, and its inference cost."""
+    amp = PRECISIONS[cfg.train.precision]
+    target_top1 = top1_accuracy(model, loaders.test, rt.device, amp, desc="test")
+    knn_after = measure_source(model, loaders, cfg, num_source_classes, rt)
+    cost = {"infer_img_per_s": inference_throughput(model, pre.input_size, autocast_dtype=amp),
+            "infer_gflops_per_img": gflops_per_image(model, pre.input_size), **strategy.metrics(model)}
+    return target_top1, knn_after, cost
+
+
+def report(results: dict, knn: dict, result: TrainResult, run_dir: Path) -> None:
+    """results.json / results.csv / source_knn.json, and the table on screen (rank 0 only)."""
+    write_results(run_dir, results)
+    atomic_write_json(run_dir / "source_knn.json", {
+        "before": knn["before"], "after": knn["after"], "best_step": result.best_step,
+        "best_val_top1": result.best_val_top1,
+        "data_wait_fraction": result.data_wait_seconds / max(result.train_seconds, 1e-9)})
+    print()
+    print(format_table(results, knn))
+    print(f"\nbest checkpoint: step {result.best_step} (val top-1 {result.best_val_top1:.2f}%); run folder: {run_dir}")
+
+
+def run(cfg: RunConfig) -> dict:
+    """The whole protocol, phase by phase; returns the results dict it wrote to results.json."""
+    wall = time.perf_counter()
+    rt = start(cfg)
+    run_data = read_data(cfg)
+    cfg = run_data.cfg
+    check_run(run_data, rt)
+
+    torch.manual_seed(cfg.seed)  # the same backbone again at restore time, even from a random init
+    backbone = build_backbone(cfg.model).to(rt.device)
+    pre = data.Preprocess.from_model(backbone, crop_scale_min=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
+    loaders = make_loaders(run_data, pre, rt)
+    strategy = adapters.get_strategy(cfg.strategy, cfg.adapter)
+
+    run_dir = claim_run_dir(cfg, rt)
+    if rt.main:
+        save_yaml(cfg, run_dir / "config.yaml")
+    source_classes = run_data.source.num_classes
+    knn_before = measure_source(backbone, loaders, cfg, source_classes, rt)
+    print(f"source {cfg.eval.knn_report_k}-NN accuracy of the untouched backbone: "
+          f"{knn_before[cfg.eval.knn_report_k]:.2f}%")
+
+    base = {"model": cfg.model.name, "weights": cfg.model.weights, "num_classes": run_data.num_classes,
+            "timm": timm_spec(backbone)}
+    model = apply_strategy(strategy, backbone, run_data.num_classes, cfg.train.kernels)
+    trainable, total = parameter_counts(model)
+    steps = cfg.train.steps
+    train_gflops = gflops_per_image(model, pre.input_size, train=True,
+                                    extra_loss=lambda: strategy.extra_loss(model, steps, steps))
+    print(f"{cfg.strategy}: {trainable:,} trainable of {total:,} parameters")
+    result = fine_tune(model, strategy, loaders, cfg, base, run_dir, rt)
+
+    model, strategy = restore_best(cfg, run_dir, rt)
+    target_top1, knn_after, cost = measure(model, strategy, loaders, cfg, source_classes, pre, rt)
+    k = cfg.eval.knn_report_k
+    results = build_results({
+        "strategy": cfg.strategy, "model": cfg.model.name, "trainable_params": trainable, "total_params": total,
+        "target_top1": target_top1, "source_knn_before": knn_before[k], "source_knn_after": knn_after[k],
+        "train_img_per_s": result.images_per_second, "peak_mem_mb": peak_memory_mb(rt.device),
+        "train_gflops_per_img": train_gflops, "wall_s": time.perf_counter() - wall, **cost})
+    if rt.main:
+        report(results, {"before": knn_before, "after": knn_after}, result, run_dir)
+    return results
+
+
+# -- helpers -------------------------------------------------------------------------------------------
 
 def _seed_everything(seed: int) -> None:
     import random
@@ -152,7 +307,7 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _run_dir(cfg: RunConfig) -> Path:
+def _new_run_dir(cfg: RunConfig) -> Path:
     name = cfg.name or f"{cfg.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = Path(cfg.out) / name
     if (run_dir / "results.json").exists():
@@ -162,167 +317,11 @@ def _run_dir(cfg: RunConfig) -> Path:
     return run_dir
 
 
-def _shared_run_dir(cfg: RunConfig, main_rank: bool, world: int) -> Path:
-    """Rank 0 names (and creates) the run folder; the other ranks learn its name from it."""
-    holder = [str(_run_dir(cfg)) if main_rank else None]
-    if world > 1:
-        torch.distributed.broadcast_object_list(holder, src=0)
-    return Path(holder[0])
-
-
-def _limit(split, limit: int | None, seed: int):
-    from .data import stratified_split
+def _limit(split: data.Split, limit: int | None, seed: int) -> data.Split:
     if limit is None or len(split) <= limit:
         return split
-    _, kept = stratified_split(split, limit / len(split), seed)
+    _, kept = data.stratified_split(split, limit / len(split), seed)
     return kept
-
-
-def run(cfg: RunConfig) -> dict:
-    """The whole protocol; returns the results dict it wrote to results.json."""
-    from .data import load_domain, stratified_split
-    from .evaluate import extract_features, top1_accuracy
-    from .export import restore_adapter
-    from .knn import knn_accuracy
-    from .loaders import make_loader
-    from .metrics import gflops_per_image, inference_throughput, parameter_counts, peak_memory_mb
-    from .models import build_backbone, timm_spec
-    from .report import build_results, format_table, write_results
-    from .train import PRECISIONS, init_distributed, train
-    from .transforms import Preprocess
-
-    wall = time.perf_counter()
-    _seed_everything(cfg.seed)
-    _set_kernels(cfg.adapter.kernels)
-    strategy = _strategy(cfg)
-    if cfg.train.precision == "fp16" and not torch.cuda.is_available():
-        raise UserError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
-    rank, world = init_distributed()
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
-        else torch.device("cpu")
-    main_rank = rank == 0
-    run_dir = _shared_run_dir(cfg, main_rank, world)
-
-    # Data: target train/val/test, source train (k-NN bank) / test (k-NN queries).
-    target = load_domain(cfg.data.target, cfg.data.data_root, cfg.seed, role="target")
-    source = load_domain(cfg.data.source, cfg.data.data_root, cfg.seed, role="source")
-    for note in target.notes + source.notes:
-        print(f"note: {note}")
-    # The target's own augmentation where the config leaves it unset; the saved config records it.
-    if cfg.data.crop_scale_min is None:
-        cfg.data.crop_scale_min = target.crop_scale_min
-    if cfg.data.hflip is None:
-        cfg.data.hflip = target.hflip
-    if main_rank:
-        save_yaml(cfg, run_dir / "config.yaml")
-    train_split, val_split = stratified_split(target.train, cfg.data.val_fraction, cfg.seed)
-    if len(val_split) == 0:
-        raise UserError("the validation split is empty: raise data.val_fraction")
-    num_classes = cfg.model.num_classes or target.num_classes
-    if num_classes < target.num_classes:
-        raise UserError(f"--num-classes {num_classes} is below the target's {target.num_classes} classes")
-
-    torch.manual_seed(cfg.seed)  # the same backbone again at restore time, even from a random init
-    backbone = build_backbone(cfg.model).to(device)
-    pre = Preprocess.from_model(backbone, crop_scale_min=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
-    amp = PRECISIONS[cfg.train.precision]
-    micro = cfg.train.batch_size // (cfg.train.grad_accum * world)
-    common = dict(loader=cfg.data.loader, workers=cfg.data.workers, device=device, dali_resize=cfg.data.dali_resize)
-    eval_bs = cfg.eval.batch_size
-    loaders = _Loaders(
-        train=make_loader(train_split, pre, train=True, batch_size=max(micro, 1), seed=cfg.seed,
-                          rank=rank, world=world, **common),
-        val=make_loader(val_split, pre, train=False, batch_size=eval_bs, **common),
-        test=make_loader(target.test, pre, train=False, batch_size=eval_bs, **common),
-        knn_bank=make_loader(_limit(source.train, cfg.data.knn_train_limit, cfg.seed), pre, train=False,
-                             batch_size=eval_bs, **common),
-        knn_query=make_loader(_limit(source.test, cfg.data.knn_test_limit, cfg.seed), pre, train=False,
-                              batch_size=eval_bs, **common),
-    )
-
-    def source_knn(model) -> dict[int, float]:
-        bank, bank_y = extract_features(model, loaders.knn_bank, device, amp, desc="k-NN bank")
-        query, query_y = extract_features(model, loaders.knn_query, device, amp, desc="k-NN queries")
-        return knn_accuracy(bank, bank_y, query, query_y, cfg.eval.knn_k, cfg.eval.knn_temperature,
-                            num_classes=source.num_classes)
-
-    knn_before = source_knn(backbone)
-    print(f"source {cfg.eval.knn_report_k}-NN accuracy of the untouched backbone: "
-          f"{knn_before[cfg.eval.knn_report_k]:.2f}%")
-
-    base = {"model": cfg.model.name, "weights": cfg.model.weights, "num_classes": num_classes,
-            "timm": timm_spec(backbone)}
-    model = _apply(strategy, backbone, num_classes)
-    trainable, total = parameter_counts(model)
-    train_gflops = gflops_per_image(model, pre.input_size, train=True,
-                                    extra_loss=lambda: strategy.extra_loss(model, cfg.train.steps, cfg.train.steps))
-    print(f"{cfg.strategy}: {trainable:,} trainable of {total:,} parameters")
-
-    def save_checkpoint(module, tag: str, info: dict) -> None:
-        _save_checkpoint(module, strategy, run_dir / "checkpoints" / tag, base, info, cfg.train.zero_stage,
-                         main_rank)
-
-    try:
-        result = train(model, strategy, loaders.train, loaders.val, cfg.train, device, run_dir, save_checkpoint,
-                       rank=rank, world=world)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-
-    # Restore the best checkpoint onto a fresh backbone (this is also the adapter round trip).
-    if world > 1:
-        torch.distributed.barrier()  # rank 0 has finished writing it
-    best_dir = run_dir / "checkpoints" / "best"
-    model, strategy = restore_adapter(cfg, best_dir)  # the same seed: the same backbone, even from a random init
-    model = strategy.finalize(model.to(device))
-    if main_rank:
-        adapter_dir = run_dir / "adapter"
-        shutil.rmtree(adapter_dir, ignore_errors=True)
-        shutil.copytree(best_dir, adapter_dir)
-
-    target_top1 = top1_accuracy(model, loaders.test, device, amp, desc="test")
-    knn_after = source_knn(model)
-    values = {
-        "strategy": cfg.strategy, "model": cfg.model.name,
-        "trainable_params": trainable, "total_params": total,
-        "target_top1": target_top1,
-        "source_knn_before": knn_before[cfg.eval.knn_report_k],
-        "source_knn_after": knn_after[cfg.eval.knn_report_k],
-        "train_img_per_s": result.images_per_second,
-        "infer_img_per_s": inference_throughput(model, pre.input_size, autocast_dtype=amp),
-        "peak_mem_mb": peak_memory_mb(device),
-        "train_gflops_per_img": train_gflops,
-        "infer_gflops_per_img": gflops_per_image(model, pre.input_size),
-        "wall_s": time.perf_counter() - wall,
-        **strategy.metrics(model),
-    }
-    results = build_results(values)
-    if main_rank:
-        write_results(run_dir, results)
-        from .io import atomic_write_json
-        atomic_write_json(run_dir / "source_knn.json", {"before": knn_before, "after": knn_after,
-                                                        "best_step": result.best_step,
-                                                        "best_val_top1": result.best_val_top1,
-                                                        "data_wait_fraction": result.data_wait_seconds /
-                                                        max(result.train_seconds, 1e-9)})
-        print()
-        print(format_table(results, {"before": knn_before, "after": knn_after}))
-        print(f"\nbest checkpoint: step {result.best_step} (val top-1 {result.best_val_top1:.2f}%); "
-              f"run folder: {run_dir}")
-    return results
-
-
-def _save_checkpoint(module, strategy, directory: Path, base: dict, info: dict, zero_stage: int,
-                     main_rank: bool) -> None:
-    """Write the strategy's trainable weights (gathered under ZeRO-3) and the step info, atomically."""
-    import adapters
-
-    from .io import atomic_write_json
-    from .train import gathered
-
-    with gathered(module, zero_stage):
-        if main_rank:
-            adapters.save_adapter(module, strategy, directory, base)
-            atomic_write_json(directory / "trainer.json", info)
 
 
 if __name__ == "__main__":

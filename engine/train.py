@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,11 +19,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import TrainConfig
+from .distributed import deepspeed_config, gathered, register_container_parameters
 from .evaluate import top1_accuracy
-from .metrics import autocast
-
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .optim import lr_lambda, make_optimizer
+from .precision import PRECISIONS, autocast
 
 
 class TrainingDiverged(RuntimeError):
@@ -50,87 +48,6 @@ class TrainResult:
         return self.train_images / max(self.train_seconds, 1e-9)
 
 
-def init_distributed() -> tuple[int, int]:
-    """Start torch.distributed through DeepSpeed; a plain single process needs no launcher."""
-    import deepspeed
-
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
-        os.environ.setdefault(key, value)
-    if int(os.environ["WORLD_SIZE"]) == 1:
-        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce on first use (about a
-        # minute here); one process has nothing to reduce, so skip it.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    if not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def deepspeed_config(cfg: TrainConfig, world: int) -> dict:
-    """A concrete DeepSpeed config. `batch_size` is the global batch: micro x accumulation x ranks."""
-    micro, rest = divmod(cfg.batch_size, cfg.grad_accum * world)
-    if micro == 0 or rest:
-        raise ValueError(f"batch size {cfg.batch_size} must be a multiple of grad_accum ({cfg.grad_accum}) "
-                         f"x ranks ({world})")
-    config = {
-        "train_batch_size": cfg.batch_size,
-        "train_micro_batch_size_per_gpu": micro,
-        "gradient_accumulation_steps": cfg.grad_accum,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "zero_allow_untested_optimizer": True,   # SGD is fine under ZeRO; DeepSpeed only vets Adam-likes
-        "steps_per_print": 10**9,
-        "wall_clock_breakdown": False,
-    }
-    if cfg.grad_clip:
-        config["gradient_clipping"] = cfg.grad_clip
-    return config
-
-
-def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-
-def lr_lambda(cfg: TrainConfig):
-    """Linear warm-up to the base LR, then cosine to zero (or constant), per optimiser step."""
-    warmup, total = min(cfg.warmup_steps, cfg.steps), cfg.steps
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if cfg.schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return factor
-
-
-def gathered(model: nn.Module, zero_stage: int):
-    """Outside a forward, ZeRO-3 parameters are partitioned: gather them (read-only) for host code."""
-    import contextlib
-
-    if zero_stage != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(list(model.parameters()), modifier_rank=None)
-
-
-def _register_container_parameters(model: nn.Module) -> None:
-    """ZeRO-3 gathers a module's parameters only around that module's own forward. Parameters held
-    in a ParameterDict/ParameterList child (LoRA's A, B and gate scores) are used by the parent's
-    forward instead, so they are registered as the parent's external parameters."""
-    import deepspeed
-
-    for module in model.modules():
-        for child in module.children():
-            if isinstance(child, (nn.ParameterDict, nn.ParameterList)):
-                for p in child.parameters():
-                    deepspeed.zero.register_external_parameter(module, p)
-
-
 def _batches(loader):
     """Endless batches, a fresh pass (and shuffle) per epoch."""
     epoch = 0
@@ -141,8 +58,8 @@ def _batches(loader):
         for batch in loader:
             empty = False
             yield batch
-        if empty:
-            raise ValueError("the training loader yielded no batch: fewer samples than one batch?")
+        if empty:  # the engine checks len(loader) before training; this would loop forever
+            raise RuntimeError("the training loader yielded no batch")
         epoch += 1
 
 
@@ -153,13 +70,13 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg: TrainConfig
 
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
-        raise ValueError("the strategy left no trainable parameter")
+        raise RuntimeError("the strategy left no trainable parameter")
     optimizer = make_optimizer(params, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world))
     if cfg.zero_stage == 3:
-        _register_container_parameters(engine.module)
+        register_container_parameters(engine.module)
     amp = PRECISIONS[cfg.precision]
     batches = _batches(train_loader)
     metrics_path = run_dir / "metrics.csv"

@@ -79,3 +79,42 @@ def test_the_paper_recipe_file_loads():
 def test_augmentation_ranges_are_checked(item):
     with pytest.raises(UserError, match=item.split("=")[0]):
         build_config(overrides=[item])
+
+
+def test_choices_come_from_their_owners(monkeypatch):
+    """A strategy registered with adapters (or a kernel backend) is a valid choice and shows in --help."""
+    import adapters
+    from adapters.base import Strategy
+    from engine import config
+
+    class Throwaway(Strategy):
+        name = "throwaway"
+
+        def trainable_names(self, model):
+            return []
+
+    monkeypatch.setitem(adapters.STRATEGIES, "throwaway", Throwaway)
+    monkeypatch.setitem(config._CHOICES, "strategy", tuple(adapters.STRATEGIES))
+    assert build_config(overrides=["strategy=throwaway"]).strategy == "throwaway"
+    help_text = config.build_parser("p", "d").format_help()
+    assert "throwaway" in help_text
+    import kernels
+    assert all(name in help_text for name in kernels.BACKENDS)
+
+
+def test_every_flag_sets_a_key_and_has_help():
+    from engine import config
+
+    parser = config.build_parser("p", "d")
+    actions = {a.dest: a for a in parser._actions}
+    for dest, key in config.FLAG_KEYS.items():
+        config.key_hint(key)  # a real config key
+        assert actions[dest].help, dest
+    assert set(config.FLAG_KEYS) == {a.dest for a in parser._actions} - {"help", "overrides", "config"}
+
+
+def test_the_kernels_backend_is_a_train_setting_and_the_old_key_still_reads(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("adapter:\n  kernels: torch\n")
+    assert build_config(str(path)).train.kernels == "torch"
+    assert build_config(flags={"kernels": "reference"}).train.kernels == "reference"

@@ -6,15 +6,16 @@ from safetensors.torch import load_file
 from timm.data import resolve_model_data_config
 
 from engine import embedded
-from engine.embedded import (CHECKPOINT, CLASSES, EMBEDDED_MEAN, EMBEDDED_STD, EMBEDDED_VIT, PROVENANCE,
-                             create_embedded_vit, shapes_domain)
+from engine.data import shapes
+from engine.data.shapes import CLASSES, shapes_domain
+from engine.embedded import CHECKPOINT, EMBEDDED_MEAN, EMBEDDED_STD, EMBEDDED_VIT, PROVENANCE, create_embedded_vit
 from engine.errors import UserError
 
 
 def test_shapes_domain_is_deterministic():
     first = shapes_domain()
     train, test = first.train.images.copy(), first.test.images.copy()
-    embedded._render.cache_clear()
+    shapes._render.cache_clear()
     again = shapes_domain()
     assert again.train.images.tobytes() == train.tobytes()
     assert again.test.images.tobytes() == test.tobytes()

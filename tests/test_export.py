@@ -10,7 +10,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from adapters import get_strategy, save_adapter
+from adapters import get_strategy
+from engine.adapter_files import save_adapter
 from engine.config import AdapterConfig, ModelConfig, RunConfig, save_yaml
 from engine.export import main
 from engine.models import build_backbone, timm_spec
@@ -109,3 +110,28 @@ def test_a_run_folder_without_an_adapter_is_a_clear_error(tmp_path, capsys):
 def test_a_folder_without_config_is_not_a_run_folder(tmp_path, capsys):
     assert main([str(tmp_path), "--merged", str(tmp_path / "out.safetensors")]) == 2
     assert "is not a run folder: it has no config.yaml" in capsys.readouterr().err
+
+
+def test_restore_applies_the_runs_kernels_backend_which_the_adapter_does_not_record(tmp_path):
+    from adapters import LoRALinear
+    from engine.models import restore_model
+
+    run_dir, _ = make_run(tmp_path, "lora")
+    assert "kernels" not in json.loads((run_dir / "adapter" / "adapter.json").read_text())["adapter_config"]
+    cfg = RunConfig(strategy="lora", model=ModelConfig(weights=str(tmp_path / "base.safetensors")))
+    cfg.train.kernels = "reference"
+    model, _ = restore_model(cfg, run_dir / "adapter")
+    backends = {m.backend for m in model.modules() if isinstance(m, LoRALinear)}
+    assert backends == {"reference"}
+
+
+def test_an_adapter_written_with_the_retired_kernels_option_still_loads(tmp_path):
+    run_dir, fine_tuned = make_run(tmp_path, "lora")
+    meta_path = run_dir / "adapter" / "adapter.json"
+    meta = json.loads(meta_path.read_text())
+    meta["adapter_config"]["kernels"] = "torch"  # what versions before train.kernels wrote
+    meta_path.write_text(json.dumps(meta))
+    (run_dir / "config.yaml").write_text((run_dir / "config.yaml").read_text().replace(
+        "adapter:\n", "adapter:\n  kernels: torch\n"))
+    out = tmp_path / "merged.safetensors"
+    assert main([str(run_dir), "--merged", str(out)]) == 0

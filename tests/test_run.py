@@ -145,3 +145,15 @@ def test_both_loaders_run_the_default(tmp_path, loader):
     code, run_dir = run_cli(tmp_path, loader, "--strategy", "lora", "--loader", loader, "--steps", "2")
     assert code == 0
     assert json.loads((run_dir / "results.json").read_text())["strategy"] == "lora"
+
+
+def test_an_internal_error_during_training_keeps_its_traceback(tmp_path, monkeypatch):
+    """Only bad input becomes one line; a ValueError from deep inside training is a bug, and is raised."""
+    import engine.run
+
+    def broken(*args, **kwargs):
+        raise ValueError("a shape error deep inside")
+
+    monkeypatch.setattr(engine.run, "train", broken)
+    with pytest.raises(ValueError, match="a shape error deep inside"):
+        run_cli(tmp_path, "broken", "--strategy", "linear")

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from engine.transforms import Preprocess
+from engine.data import Preprocess
 
 # 32 px at crop_pct 0.875: every image is resized (short side 36) and centre-cropped.
 PRE = Preprocess(input_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875)

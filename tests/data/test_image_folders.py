@@ -5,7 +5,7 @@ from PIL import Image
 
 from engine.data import load_domain
 from engine.errors import UserError
-from engine.imagefolder import check_image, open_rgb, scan_split
+from engine.data.imagefolder import check_image, open_rgb, scan_split
 
 from data_fixtures import photo, write_broken_files, write_good_folder
 

@@ -8,9 +8,9 @@ import torch
 
 from engine.data import Split
 from engine.errors import UserError
-from engine.imagefolder import open_rgb, scan_split
-from engine.loaders import make_loader, resolve_loader, shard_indices
-from engine.transforms import Preprocess
+from engine.data import Preprocess, make_loader, resolve_loader
+from engine.data.imagefolder import open_rgb, scan_split
+from engine.data.sharding import shard_indices
 
 from data_fixtures import PRE, photo, write_good_folder
 
@@ -65,11 +65,12 @@ def test_resolve_loader_names():
 
 
 def test_without_dali_auto_falls_back_to_torch_and_dali_is_a_user_error(monkeypatch):
-    import engine.loaders
+    import engine.data.loaders
+    import engine.data.torch_loader
 
-    monkeypatch.setattr(engine.loaders, "_dali_works", lambda: False)
+    monkeypatch.setattr(engine.data.loaders, "_dali_works", lambda: False)
     assert resolve_loader("auto") == "torch"
-    assert isinstance(make_loader(array_split(4), PRE, train=False, batch_size=2), engine.loaders.TorchLoader)
+    assert isinstance(make_loader(array_split(4), PRE, train=False, batch_size=2), engine.data.torch_loader.TorchLoader)
     with pytest.raises(UserError, match="DALI is not installed"):
         make_loader(array_split(4), PRE, train=False, batch_size=2, loader="dali")
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adapters import get_strategy, load_adapter, save_adapter, trainable_parameter_count
+from adapters import get_strategy, trainable_parameter_count
+from engine.adapter_files import load_adapter, save_adapter
 from engine.errors import UserError
 from adapter_helpers import cfg, images, sgd_steps, tiny_vit
 

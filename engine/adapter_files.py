@@ -1,6 +1,6 @@
 """Adapters on disk: the trainable weights (safetensors) and the JSON that rebuilds the structure.
 
-    <dir>/adapter.safetensors  every parameter that requires grad, under its model state-dict name
+    <dir>/adapter.safetensors  the strategy's trainable parameters (`trainable_names`), by state-dict name
     <dir>/adapter.json         {"strategy", "adapter_config", "state", "base"}
 
 The frozen weights are not stored: `load_adapter` takes a fresh base backbone (the same one the run
@@ -18,18 +18,23 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from engine.errors import UserError
-from engine.io import atomic_write_safetensors, atomic_write_text
+from adapters import AdapterConfig, AdapterError, get_strategy
 
-from .registry import get_strategy
+from .errors import UserError
+from .io import atomic_write_safetensors, atomic_write_text
 
 WEIGHTS = "adapter.safetensors"
 CONFIG = "adapter.json"
 
 
-def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors an adapter holds: every parameter that requires grad, by state-dict name."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+# Options that older versions wrote into adapter.json and that are no longer adapter options.
+_RETIRED_OPTIONS = ("kernels",)  # a runtime choice now: train.kernels
+
+
+def adapter_tensors(model: nn.Module, strategy) -> dict[str, torch.Tensor]:
+    """The tensors an adapter holds: the strategy's declared trainable parameters, by state-dict name."""
+    params = dict(model.named_parameters())
+    return {name: params[name] for name in strategy.trainable_names(model)}
 
 
 def save_adapter(model: nn.Module, strategy, directory: str | Path, base: dict) -> None:
@@ -42,7 +47,7 @@ def save_adapter(model: nn.Module, strategy, directory: str | Path, base: dict) 
     meta = {"strategy": strategy.name, "adapter_config": dataclasses.asdict(strategy.cfg),
             "state": strategy.state(), "base": base}
     text = json.dumps(meta, indent=2) + "\n"  # fails before anything is written if the state is not JSON
-    atomic_write_safetensors(directory / WEIGHTS, adapter_tensors(model), metadata={"strategy": strategy.name})
+    atomic_write_safetensors(directory / WEIGHTS, adapter_tensors(model, strategy), metadata={"strategy": strategy.name})
     atomic_write_text(directory / CONFIG, text)
 
 
@@ -64,8 +69,8 @@ def read_adapter_config(directory: str | Path) -> dict:
     return meta
 
 
-def _adapter_config(fields: dict, path: Path):
-    from engine.config import AdapterConfig
+def _adapter_config(fields: dict, path: Path) -> AdapterConfig:
+    fields = {k: v for k, v in fields.items() if k not in _RETIRED_OPTIONS}
     known = {f.name for f in dataclasses.fields(AdapterConfig)}
     unknown = sorted(set(fields) - known)
     if unknown:
@@ -85,11 +90,15 @@ def load_adapter(model: nn.Module, directory: str | Path):
             raise UserError(f"{directory / CONFIG} does not say the head's num_classes (base.num_classes)")
         model = strategy.apply(model, int(num_classes))
         strategy.load_state(model, meta["state"])
-    except ValueError as e:
+    except AdapterError as e:
         raise UserError(f"cannot rebuild the adapter in {directory} on this model: {e}") from None
     device = next(model.parameters()).device
-    tensors = load_file(directory / WEIGHTS, device=str(device))
-    _check_fits(tensors, model, directory / WEIGHTS)
+    try:
+        tensors = load_file(directory / WEIGHTS, device=str(device))
+    except Exception as e:  # truncated, empty or not a safetensors file at all
+        raise UserError(f"adapter weights {directory / WEIGHTS} cannot be read ({_first_line(e)}): the file is "
+                        f"truncated or not a safetensors file") from None
+    _check_fits(tensors, adapter_tensors(model, strategy), directory / WEIGHTS)
     with torch.no_grad():
         params = dict(model.named_parameters())
         for name, value in tensors.items():
@@ -97,9 +106,9 @@ def load_adapter(model: nn.Module, directory: str | Path):
     return model.eval(), strategy
 
 
-def _check_fits(tensors: dict, model: nn.Module, path: Path) -> None:
+def _check_fits(tensors: dict, trainable: dict, path: Path) -> None:
     """The saved keys must be exactly the rebuilt model's trainable parameters, with the same shapes."""
-    expected = {name: p.shape for name, p in adapter_tensors(model).items()}
+    expected = {name: p.shape for name, p in trainable.items()}
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -113,3 +122,8 @@ def _check_fits(tensors: dict, model: nn.Module, path: Path) -> None:
         if tensors[name].shape != shape:
             raise UserError(f"adapter weights {path} do not fit the rebuilt model: {name} has shape "
                             f"{tuple(tensors[name].shape)}, the model expects {tuple(shape)}")
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -34,7 +34,7 @@ batch in the reader and the iterator trims the padding (`LastBatchPolicy.PARTIAL
 is scored exactly once across ranks. Training shuffles the whole set each epoch with a seed that
 every rank shares (so the shards of one epoch are disjoint) and drops the last partial batch; every
 rank yields `(N // world) // batch_size` batches. The array pipeline does the same with
-`engine.loaders.shard_indices`.
+`engine.data.sharding.shard_indices`.
 
 CPU mode is `device_id=None` (CPU operators only), which runs without a driver.
 """
@@ -46,8 +46,9 @@ import re
 import numpy as np
 import torch
 
-from .data import Split
-from .errors import UserError
+from ..errors import UserError
+from .sharding import shard_indices, shard_size
+from .splits import Split
 from .transforms import Preprocess
 
 _ASPECT = (3 / 4, 4 / 3)  # torchvision's and timm's random-resized-crop ratio range
@@ -103,8 +104,6 @@ class DaliLoader:
     def __init__(self, split: Split, preprocess: Preprocess, *, train: bool, batch_size: int, seed: int,
                  threads: int, rank: int, world: int, device: torch.device, dtype: torch.dtype,
                  resize: str = "dali") -> None:
-        from .loaders import shard_size
-
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside a world of {world}")
         images = split.images
@@ -224,8 +223,6 @@ class _ArrayBatches:
         self.loader = loader
 
     def __call__(self):
-        from .loaders import shard_indices
-
         L = self.loader
         epoch = L._current_epoch = L._next_epoch
         L._next_epoch += 1

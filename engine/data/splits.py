@@ -1,18 +1,14 @@
-"""Datasets as splits of images and labels, and the loaders that turn them into batches.
+"""Data sets as splits of images and labels.
 
 A `Domain` is what a run needs from a data set: train and test splits (and a validation split the
 engine carves out of train for checkpoint selection). A `Split` holds its images either in memory
 (uint8 HWC arrays: CIFAR, digits, the embedded domain) or as file paths (ImageFolder layouts).
-Loaders yield `(images, labels)` batches, float NCHW normalised and int64, and hide which loader
-(DALI or torch) made them.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
-
 
 
 @dataclass
@@ -81,10 +77,3 @@ def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, S
     held_mask[held] = True
     return split.subset(np.flatnonzero(~held_mask)), split.subset(np.flatnonzero(held_mask))
 
-
-def load_domain(spec: str, data_root: str | Path = "data", seed: int = 0, role: str = "target") -> Domain:
-    """Resolve a `--target` / `--source` spec (embedded | shapes | digits | cifar10 | cifar100 |
-    imagefolder:DIR); `role` says which domain `embedded` means."""
-    from . import datasets  # the formats live there; this is the one entry point
-
-    return datasets.load(spec, Path(data_root), seed, role)

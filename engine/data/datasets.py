@@ -1,6 +1,9 @@
-"""The data set formats users have, each read into a `Domain`.
+"""The data sets a run can name (`--target`, `--source`), each read into a `Domain`: the registry.
 
-- `shapes`: the embedded source domain the project generates (see `engine.embedded`).
+`DATASETS` is the one list of named data sets with their class counts (the CLI's help, the config
+check and `--dry-run` read it); `imagefolder:DIR` names any folder.
+
+- `shapes`: the embedded source domain the project generates (see `engine.data.shapes`).
 - `digits`: scikit-learn's handwritten digits (1,797 8x8 images, shipped with scikit-learn),
   upscaled to 32x32 RGB: the embedded target domain.
 - `cifar10`, `cifar100`: the python-pickle layout torchvision writes, under `--data-root`.
@@ -11,30 +14,70 @@
 from __future__ import annotations
 
 import pickle
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from .data import Domain, Split, stratified_split
-from .errors import UserError
+from ..errors import UserError
+from .imagefolder import scan_split  # file scanning and bad-file handling live there
+from .splits import Domain, Split, stratified_split
 
-EMBEDDED = {"target": "digits", "source": "shapes"}
 SPLIT_SEED = 0  # test splits that the datasets do not define are carved with a fixed seed, not the run's
+EMBEDDED = {"target": "digits", "source": "shapes"}  # what `embedded` means in each role
+IMAGEFOLDER = "imagefolder:"
 
 
-def load(spec: str, data_root: Path, seed: int, role: str = "target") -> Domain:
+@dataclass(frozen=True)
+class Dataset:
+    """A named data set: how to read it (from the data root) and how many classes it has."""
+
+    read: Callable[[Path], Domain]
+    num_classes: int
+
+
+def _shapes(root: Path) -> Domain:
+    from .shapes import shapes_domain
+    return shapes_domain()
+
+
+DATASETS: dict[str, Dataset] = {
+    "shapes": Dataset(_shapes, 10),
+    "digits": Dataset(lambda root: digits_domain(), 10),
+    "cifar10": Dataset(lambda root: cifar_domain("cifar10", root), 10),
+    "cifar100": Dataset(lambda root: cifar_domain("cifar100", root), 100),
+}
+SPEC_HELP = f"embedded | {' | '.join(DATASETS)} | {IMAGEFOLDER}DIR"
+
+
+def _resolve(spec: str, role: str) -> str:
+    """`embedded` -> the role's data set; UserError for a name that is neither registered nor a folder."""
     if spec == "embedded":
         spec = EMBEDDED[role]
-    if spec == "shapes":
-        from .embedded import shapes_domain
-        return shapes_domain()
-    if spec == "digits":
-        return digits_domain()
-    if spec in ("cifar10", "cifar100"):
-        return cifar_domain(spec, data_root)
-    if spec.startswith("imagefolder:"):
-        return imagefolder_domain(Path(spec.split(":", 1)[1]).expanduser())
-    raise UserError(f"unknown data set {spec!r}; use embedded, shapes, digits, cifar10, cifar100 or imagefolder:DIR")
+    if spec not in DATASETS and not spec.startswith(IMAGEFOLDER):
+        raise UserError(f"unknown data set {spec!r}; use {SPEC_HELP.replace(' | ', ', ')}")
+    return spec
+
+
+def check_spec(spec: str, role: str = "target") -> None:
+    """Refuse an unknown data set name without reading anything."""
+    _resolve(spec, role)
+
+
+def num_classes(spec: str, role: str = "target") -> int | None:
+    """The class count of a named data set, without reading it; None for an image folder."""
+    spec = _resolve(spec, role)
+    return DATASETS[spec].num_classes if spec in DATASETS else None
+
+
+def load_domain(spec: str, data_root: str | Path = "data", seed: int = 0, role: str = "target") -> Domain:
+    """Read a `--target` / `--source` spec; `role` says which data set `embedded` means. (`seed` is
+    unused: a data set's splits never depend on the run's seed.)"""
+    spec = _resolve(spec, role)
+    if spec in DATASETS:
+        return DATASETS[spec].read(Path(data_root))
+    return imagefolder_domain(Path(spec[len(IMAGEFOLDER):]).expanduser())
 
 
 def digits_domain(size: int = 32) -> Domain:
@@ -90,8 +133,6 @@ def cifar_domain(name: str, data_root: Path) -> Domain:
 
 
 def imagefolder_domain(root: Path) -> Domain:
-    from .imagefolder import scan_split  # file scanning and bad-file handling live there
-
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist")
     train_dir = root / "train"
