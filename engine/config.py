@@ -71,6 +71,8 @@ class TrainConfig:
     precision: str = "fp32"           # fp32 | bf16 (autocast) | fp16 (autocast, CUDA only)
     grad_clip: float | None = None
     label_smoothing: float = 0.0
+    log_every: int = 10               # a metrics.csv row (training loss, lr, throughput) every N steps, and at evals
+    max_skipped_steps: int = 0        # steps DeepSpeed may skip for non-finite gradients before the run stops
     kernels: str = "auto"             # the fused LoRA op's backend: auto | triton | torch | reference
 
 
@@ -172,6 +174,8 @@ _RANGES = {
     "train.warmup_steps": _NON_NEGATIVE,
     "train.grad_clip": _POSITIVE,
     "train.label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "train.log_every": _POSITIVE,
+    "train.max_skipped_steps": _NON_NEGATIVE,
     "eval.knn_report_k": _POSITIVE,
     "eval.knn_temperature": _POSITIVE,
     "eval.batch_size": _POSITIVE,

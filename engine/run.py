@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:
         kept = (f"the last good checkpoint (step {e.last_good_step}) is kept in checkpoints/last"
                 if e.last_good_step else "no checkpoint had been written yet")
-        print(f"error: loss became {e.loss} at step {e.step}; training stopped, {kept}", file=sys.stderr)
+        print(f"error: {e.what} at step {e.step}; training stopped, {kept}", file=sys.stderr)
         return 3
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

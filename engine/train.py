@@ -2,14 +2,19 @@
 
 `deepspeed.initialize` gets a concrete config generated from ours (never "auto") and an optimiser
 over the trainable parameters only. Mixed precision is autocast with fp32 master weights (bf16 on
-the CPU's AVX-512 units, or on GPUs). Every `eval_every` steps the validation top-1 decides whether
-`checkpoints/best` is replaced; `checkpoints/last` follows training. A non-finite loss stops the
-run without overwriting the last good checkpoint.
+CPUs with AVX-512 bf16, or on GPUs). Every `eval_every` steps the validation top-1 decides whether
+`checkpoints/best` is replaced; `checkpoints/last` follows training.
+
+A train step reads nothing back from the device: the loss is summed on the device and its
+finiteness recorded there, and both are read at the log points (every `log_every` steps and at
+every eval), where each point appends a row to metrics.csv. A non-finite loss stops the run at
+the next log point, naming the step it first appeared at, without overwriting the last good
+checkpoint; so do non-finite gradients, which DeepSpeed's ZeRO optimiser reports by skipping the
+step (`engine.skipped_steps`, a host counter, checked every step).
 """
 from __future__ import annotations
 
 import csv
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,26 +26,31 @@ from tqdm.auto import tqdm
 
 from .distributed import deepspeed_config, gathered, register_container_parameters
 from .evaluate import top1_accuracy
+from .metrics import sync
 from .optim import lr_lambda, make_optimizer
 from .precision import PRECISIONS, autocast
 
+# metrics.csv, one row per log point; eval-only columns are empty on the other rows.
+METRICS_COLUMNS = ("step", "train_loss", "lr", "skipped_steps", "train_img_per_s", "elapsed_s", "val_top1")
+
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; carries the step and the last good checkpoint's step."""
+    """The loss or the gradients became non-finite; carries the step and the last good checkpoint's step."""
 
-    def __init__(self, step: int, loss: float, last_good_step: int | None) -> None:
-        self.step, self.loss, self.last_good_step = step, loss, last_good_step
-        super().__init__(f"loss became {loss} at step {step}")
+    def __init__(self, step: int, what: str, last_good_step: int | None) -> None:
+        self.step, self.what, self.last_good_step = step, what, last_good_step
+        super().__init__(f"{what} at step {step}")
 
 
 @dataclass
 class TrainResult:
-    best_step: int
-    best_val_top1: float
-    steps: int
-    train_images: int
-    train_seconds: float          # time in train steps (excluding evaluation)
-    data_wait_seconds: float      # time spent waiting for the next batch
+    best_step: int = 0
+    best_val_top1: float = -1.0
+    steps: int = 0
+    train_images: int = 0
+    train_seconds: float = 0.0        # time in train steps (excluding evaluation)
+    data_wait_seconds: float = 0.0    # time spent waiting for the next batch
+    skipped_steps: int = 0            # steps DeepSpeed skipped for non-finite gradients
     history: list[dict] = field(default_factory=list)
 
     @property
@@ -48,24 +58,59 @@ class TrainResult:
         return self.train_images / max(self.train_seconds, 1e-9)
 
 
-def _batches(loader):
-    """Endless batches, a fresh pass (and shuffle) per epoch."""
-    epoch = 0
-    while True:
-        if hasattr(loader, "set_epoch"):
-            loader.set_epoch(epoch)
-        empty = True
-        for batch in loader:
-            empty = False
-            yield batch
-        if empty:  # the engine checks len(loader) before training; this would loop forever
-            raise RuntimeError("the training loader yielded no batch")
-        epoch += 1
+class BatchStream:
+    """Endless batches from a re-iterable loader, a fresh pass (and shuffle) per epoch; `epoch` and
+    `index` say where the stream is (the next batch is batch `index` of pass `epoch`)."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.epoch, self.index = loader, 0, 0
+        self._it = None
+
+    def __next__(self):
+        while True:
+            if self._it is None:
+                if hasattr(self.loader, "set_epoch"):
+                    self.loader.set_epoch(self.epoch)
+                self._it = iter(self.loader)
+            try:
+                batch = next(self._it)
+            except StopIteration:
+                if self.index == 0:  # the engine checks len(loader) before training; this would loop forever
+                    raise RuntimeError("the training loader yielded no batch") from None
+                self._it, self.epoch, self.index = None, self.epoch + 1, 0
+                continue
+            self.index += 1
+            return batch
 
 
-def train(model: nn.Module, strategy, train_loader, val_loader, cfg: TrainConfig, device: torch.device,
+class _DeviceLoss:
+    """The training loss summed on the device since the last log point, and the first step whose
+    loss was not finite (-1: none), so that a step needs no host read."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.sum = torch.zeros((), dtype=torch.float64, device=device)
+        self.count = 0
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+
+    def add(self, loss: torch.Tensor, step: int) -> None:
+        loss = loss.detach()
+        self.sum += loss.double()
+        self.count += 1
+        bad = ~torch.isfinite(loss)
+        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
+
+    def read(self) -> tuple[float, int | None]:
+        """(mean loss since the last read, the first step whose loss was not finite or None); resets the sum."""
+        mean, first_bad = (self.sum / max(self.count, 1)).item(), int(self.first_bad)
+        self.sum.zero_()
+        self.count = 0
+        return mean, (first_bad if first_bad >= 0 else None)
+
+
+def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: torch.device,
           run_dir: Path, save_checkpoint, rank: int = 0, world: int = 1, progress: bool = True) -> TrainResult:
-    """Fine-tune `model` in place; `save_checkpoint(model, tag, info)` writes checkpoints/<tag>."""
+    """Fine-tune `model` in place for the TrainConfig `cfg`; `save_checkpoint(model, tag, info)`
+    writes checkpoints/<tag>."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -78,13 +123,22 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg: TrainConfig
     if cfg.zero_stage == 3:
         register_container_parameters(engine.module)
     amp = PRECISIONS[cfg.precision]
-    batches = _batches(train_loader)
+    batches = BatchStream(train_loader)
     metrics_path = run_dir / "metrics.csv"
-    best = TrainResult(best_step=0, best_val_top1=-1.0, steps=0, train_images=0, train_seconds=0.0,
-                       data_wait_seconds=0.0)
+    result = TrainResult()
+    losses = _DeviceLoss(device)
     last_good: int | None = None
-    running_loss, running_n = 0.0, 0
     bar = tqdm(total=cfg.steps, desc="train", disable=not progress or rank != 0)
+
+    def stop(step: int, what: str) -> TrainingDiverged:
+        bar.close()
+        return TrainingDiverged(step, what, last_good)
+
+    def row(step: int, mean_loss: float) -> dict:
+        return {"step": step, "train_loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                "skipped_steps": result.skipped_steps, "train_img_per_s": result.images_per_second,
+                "elapsed_s": result.train_seconds, "val_top1": None}
+
     for step in range(1, cfg.steps + 1):
         engine.train()
         start = time.perf_counter()
@@ -92,53 +146,65 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg: TrainConfig
             wait = time.perf_counter()
             images, labels = next(batches)
             images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            best.data_wait_seconds += time.perf_counter() - wait
+            result.data_wait_seconds += time.perf_counter() - wait
             with autocast(device, amp):
                 logits = engine(images)
                 loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
                 extra = strategy.extra_loss(engine.module, step, cfg.steps)
                 if extra is not None:
                     loss = loss + extra
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                bar.close()
-                raise TrainingDiverged(step, value, last_good)
+            losses.add(loss, step)
             engine.backward(loss)
             engine.step()
-            running_loss += value
-            running_n += 1
-            best.train_images += len(labels) * world
+            result.train_images += len(labels) * world
         strategy.on_step(engine.module, step, cfg.steps, gather=lambda: gathered(engine.module, cfg.zero_stage))
-        best.train_seconds += time.perf_counter() - start
-        best.steps = step
+        result.steps = step
         bar.update(1)
-        bar.set_postfix(loss=f"{value:.3f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            val_top1 = top1_accuracy(engine.module, val_loader, device, amp, desc="val", progress=progress)
-            row = {"step": step, "train_loss": running_loss / max(running_n, 1), "val_top1": val_top1,
-                   "lr": scheduler.get_last_lr()[0], "train_img_per_s": best.images_per_second,
-                   "elapsed_s": best.train_seconds}
-            running_loss, running_n = 0.0, 0
-            best.history.append(row)
+        if engine.skipped_steps > result.skipped_steps:
+            result.skipped_steps = engine.skipped_steps
+            if result.skipped_steps > cfg.max_skipped_steps:
+                mean_loss, first_bad = losses.read()  # a non-finite loss is the better explanation
+                if first_bad is not None:
+                    raise stop(first_bad, f"loss became {mean_loss}")
+                if rank == 0:  # the skipped step is on record
+                    _append_csv(metrics_path, row(step, mean_loss))
+                raise stop(step, "gradients were not finite (DeepSpeed skipped the optimiser step)")
+        evaluating = step % cfg.eval_every == 0 or step == cfg.steps
+        if not (evaluating or step % cfg.log_every == 0):
+            result.train_seconds += time.perf_counter() - start
+            continue
+
+        sync(device)  # the step's work is done before its time is counted (asynchronous on a GPU)
+        result.train_seconds += time.perf_counter() - start
+        mean_loss, first_bad = losses.read()
+        if first_bad is not None:
+            raise stop(first_bad, f"loss became {mean_loss}")
+        bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
+        metrics = row(step, mean_loss)
+        if evaluating:
+            metrics["val_top1"] = val_top1 = top1_accuracy(engine.module, val_loader, device, amp, desc="val",
+                                                           progress=progress)
+            result.history.append(metrics)
             info = {"step": step, "val_top1": val_top1}
-            never_saved = step == cfg.steps and best.best_step == 0
-            if never_saved or (strategy.selectable(step, cfg.steps) and val_top1 > best.best_val_top1):
-                best.best_val_top1, best.best_step = val_top1, step
+            never_saved = step == cfg.steps and result.best_step == 0
+            if never_saved or (strategy.selectable(step, cfg.steps) and val_top1 > result.best_val_top1):
+                result.best_val_top1, result.best_step = val_top1, step
                 save_checkpoint(engine.module, "best", info)
             save_checkpoint(engine.module, "last", info)
             last_good = step
-            if rank == 0:
-                _append_csv(metrics_path, row)
-                bar.write(f"step {step}: loss {row['train_loss']:.4f}  val top-1 {val_top1:.2f}%"
-                          + ("  (best)" if best.best_step == step else ""))
+        if rank == 0:
+            _append_csv(metrics_path, metrics)
+            if evaluating:
+                bar.write(f"step {step}: loss {mean_loss:.4f}  val top-1 {val_top1:.2f}%"
+                          + ("  (best)" if result.best_step == step else ""))
     bar.close()
-    return best
+    return result
 
 
 def _append_csv(path: Path, row: dict) -> None:
     new = not path.exists()
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
+        writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
         if new:
             writer.writeheader()
-        writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

@@ -1,0 +1,76 @@
+"""The train loop: log points in metrics.csv, non-finite gradients stop the run, no host reads in a step."""
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from adapters.base import Strategy
+from engine.run import main
+
+ROOT = Path(__file__).resolve().parents[1]
+QUICK = ["--batch-size", "16", "data.knn_train_limit=300", "data.knn_test_limit=100", "data.workers=0"]
+
+
+def run_cli(tmp_path, name, *args):
+    return main([*QUICK, "--out", str(tmp_path), "--name", name, *args]), tmp_path / name
+
+
+def rows(run_dir):
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_metrics_csv_has_a_row_every_log_every_steps_and_at_each_eval(tmp_path):
+    code, run_dir = run_cli(tmp_path, "log", "--strategy", "linear", "--steps", "6", "--eval-every", "3",
+                            "train.log_every=2")
+    assert code == 0
+    got = [(int(r["step"]), r["val_top1"] != "") for r in rows(run_dir)]
+    assert got == [(2, False), (3, True), (4, False), (6, True)]
+    assert all(float(r["train_loss"]) > 0 and r["skipped_steps"] == "0" for r in rows(run_dir))
+
+
+def test_non_finite_gradients_stop_the_run_name_the_step_and_are_counted(tmp_path, capsys):
+    """DeepSpeed skips a step whose gradients overflow; a run that only skips must not end as a success."""
+    code, run_dir = run_cli(tmp_path, "overflow", "--strategy", "lora", "--lr", "1e9", "--steps", "20",
+                            "--eval-every", "1")
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "gradients were not finite (DeepSpeed skipped the optimiser step) at step" in err
+    step = int(err.split("skipped the optimiser step) at step ")[1].split(";")[0])
+    last = rows(run_dir)[-1]
+    assert (int(last["step"]), last["skipped_steps"]) == (step, "1")
+    assert json.loads((run_dir / "checkpoints/last/trainer.json").read_text())["step"] == step - 1
+    assert not (run_dir / "results.json").exists()
+
+
+def test_a_train_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
+    """Host reads (a sync on a GPU) from the project's code happen only at log and eval steps."""
+    ours = tuple(str(ROOT / pkg) for pkg in ("engine", "adapters", "kernels"))
+    current = {"step": None}
+    reads = []
+
+    def extra_loss(self, model, step, total_steps):
+        current["step"] = step
+        return None
+
+    def spy(name):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if current["step"] is not None and caller.startswith(ours):
+                reads.append((current["step"], name, caller))
+            return original(self, *args, **kwargs)
+        return read
+
+    monkeypatch.setattr(Strategy, "extra_loss", extra_loss)
+    for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    code, _ = run_cli(tmp_path, "sync", "--strategy", "lora", "--steps", "6", "--eval-every", "6",
+                      "train.log_every=3")
+    assert code == 0
+    assert {step for step, _, _ in reads} <= {3, 6}, [r for r in reads if r[0] not in (3, 6)][:5]
+    assert any(step == 3 for step, _, _ in reads)  # the spy sees the log point's read
