@@ -17,9 +17,11 @@ import sys
 import time
 from pathlib import Path
 
+from adapters import STRATEGIES
+
 from .device import device_name
 
-ALL = ("full", "top_k", "linear", "lora", "block_expansion", "selective_lora")
+ALL = tuple(STRATEGIES)
 COLUMNS = ("strategy", "trainable_params", "target_top1", "source_knn_before", "source_knn_after",
            "forgetting", "mean", "train_img_per_s", "infer_img_per_s", "peak_mem_mb",
            "train_gflops_per_img", "infer_gflops_per_img", "wall_s")
@@ -27,7 +29,7 @@ COLUMNS = ("strategy", "trainable_params", "target_top1", "source_knn_before", "
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.strategies", description=__doc__.splitlines()[0])
-    p.add_argument("--strategies", default=",".join(ALL), help="comma list (default: all six)")
+    p.add_argument("--strategies", default=",".join(ALL), help="comma list (default: every registered strategy)")
     p.add_argument("--out", default="runs/bench-strategies", help="folder for the runs")
     p.add_argument("--results", default="bench/results", help="folder for the CSV")
     p.add_argument("run_args", nargs=argparse.REMAINDER, help="after --: options passed to engine.run")
