@@ -223,7 +223,7 @@ def main(argv=None):
     parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="cpu: time.process_time, steadier than wall time on a shared, oversubscribed "
                              "machine (use with --threads 1; CPU only)")
-    add_output_options(parser)
+    add_output_options(parser, quick=True)
     args = parse_args(parser, argv)
     if args.threads:
         torch.set_num_threads(args.threads)

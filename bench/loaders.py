@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="train steps per loader for the data-wait harness (default 40, quick 12)")
     p.add_argument("--data", help="an existing ImageFolder to read instead of generated JPEGs")
     p.add_argument("--sections", default="files,arrays,wait", help="comma list of files, arrays, wait")
-    add_output_options(p)
+    add_output_options(p, quick=True)
     args = parse_args(p, argv)
     n_images = args.images or (1000 if args.quick else 2000)
     rounds = args.rounds or (3 if args.quick else 5)

@@ -28,11 +28,12 @@ from .device import device_name
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
-def add_output_options(parser: argparse.ArgumentParser) -> None:
-    """--save, --out and --markdown, the same on every bench."""
-    parser.add_argument("--save", action="store_true",
-                        help=f"write the results to {RESULTS_DIR.parent.name}/{RESULTS_DIR.name}/<name>-<device>.csv "
-                             "and .json even after --quick (a full run writes them anyway)")
+def add_output_options(parser: argparse.ArgumentParser, quick: bool = False) -> None:
+    """--out and --markdown, the same on every bench; --save on those with a --quick."""
+    if quick:
+        parser.add_argument("--save", action="store_true",
+                            help=f"write the results to {RESULTS_DIR.parent.name}/{RESULTS_DIR.name}/<name>-<device>"
+                                 ".csv and .json even after --quick (a full run writes them anyway)")
     parser.add_argument("--out", type=Path, metavar="PATH",
                         help="write the results to PATH.csv and PATH.json instead (a .csv or .json suffix is dropped)")
     parser.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
@@ -49,7 +50,7 @@ def results_stem(args: argparse.Namespace, name: str, tag: str = "") -> Path | N
     """Where this run's results go, without the suffix; None when they are only printed (--quick alone)."""
     if args.out is not None:
         return args.out.with_suffix("") if args.out.suffix in (".csv", ".json") else args.out
-    if getattr(args, "quick", False) and not args.save:
+    if getattr(args, "quick", False) and not getattr(args, "save", False):
         return None
     return RESULTS_DIR / f"{name}-{device_name()}{tag}"
 

@@ -13,7 +13,7 @@ def _args(argv, quick_option=True):
     parser = argparse.ArgumentParser(prog="python -m bench.x")
     if quick_option:
         parser.add_argument("--quick", action="store_true")
-    report.add_output_options(parser)
+    report.add_output_options(parser, quick=quick_option)
     return report.parse_args(parser, argv)
 
 
