@@ -125,6 +125,7 @@ def interleaved_ratios(device, batch, rank, dtypes, shapes, rounds, clock, provi
     for dtype_name in dtypes:
         for shape in shapes:
             p = build_problem(shape, batch, rank, dtype_name, device)
+            print(f"ratios {shape} {dtype_name}: {rounds} rounds of {', '.join(providers)} ...", flush=True)
             fns = {prov: bench_fn(p, prov, "full") for prov in providers}
             times = {prov: [] for prov in fns}
             for fn in fns.values():
