@@ -1,232 +1,53 @@
-"""Microbenchmarks of the fused LoRA linear (kernels.lora_linear) at ViT shapes.
+"""Microbenchmarks of the fused LoRA linear (kernels.lora_linear) at ViT-B shapes.
 
     python -m bench.kernels            # all ViT-B layers, R = 8, fp32 + bf16 (a few minutes on 2 cores)
-    python -m bench.kernels --quick    # qkv + proj, full mode only, fewer rounds (about a minute)
+    python -m bench.kernels --quick    # qkv + proj, full mode only, fewer rounds (about a minute; prints only)
     python -m bench.kernels --threads 1 --clock cpu   # process CPU time: steady on a busy machine
     python -m bench.kernels --help
 
-Providers: `reference` (the plain autograd composition), `peft` (a LoRA nn.Module written the way HF
-peft's LoRA Linear computes: base(x) + B(A(x)) * s, the q/v update zero-padded to the qkv width as
-litgpt does), `torch` (the fast path), `triton` and `triton-xa-buffer` (x A^T precomputed into an
-M x R buffer instead of inside the GEMM loop; CUDA only), and two baselines for the gated-block
-skip: `linear` (plain F.linear) and `torch-g0` (the op with every gate 0). Modes: forward,
-backward (of a retained graph), full (forward + backward).
+Providers (bench/lora_problems.py): `reference`, `peft-style` (a module computing as HF peft does,
+with q/v zero-padded to the qkv width), `hf-peft` (HF peft's own LoRA Linear; on qkv it wraps the
+whole layer, different work), `torch`, `triton`, `triton-xa-buffer` (CUDA only), and the gated-skip
+baselines `linear` and `torch-g0`. Modes: forward, backward (of a retained graph), full (both).
 
 Timing runs on pytest-benchmark (this file is also its test module: `test_kernel` below), with
 triton.testing.do_bench as the timer on CUDA. Each row has the time (min over rounds, the least
-disturbed on a shared machine; the median is kept too), achieved GFLOP/s and GB/s counted from the
-useful work (the same counts for every provider: recomputation is not credited), and the fraction of
-the roofline of this machine, whose GEMM peak and copy bandwidth are measured in the same run.
-Then a ratio section: the headline CPU ratios measured with the providers taking turns round after
-round (so a busy machine slows them all alike), the median of the per-round ratios. On CUDA, it
-also prints measured vs the roofline prediction (see bench/README.md). Results go to
-bench/results/kernels-<device>.csv.
+disturbed on a shared machine; the median is kept too), achieved GFLOP/s (FlopCounterMode's count
+of the work) and GB/s (the bytes a fused implementation must move), and the fraction of the
+roofline of this machine, whose GEMM peak and copy bandwidth are measured in the same run. Then a
+ratio section: the torch path against HF peft and the peft-style module, and gate 0 against a plain
+linear, with the providers taking turns round after round (a busy machine slows them all alike).
+On CUDA it also prints measured vs the roofline prediction (bench/README.md). A full run writes
+bench/results/kernels-<device>.{csv,json}; --quick only prints, unless --save or --out.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
 import json
 import os
 import statistics
 import sys
 import tempfile
-import time
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
-
-import kernels
-
-from engine.metrics import sync
 
 from .device import device_name
+from .lora_problems import (DTYPES, MODES, PROVIDERS, SHAPES, available_providers, bench_fn, build_problem,
+                            min_bytes, useful_flops, work_note, xa_buffer)
+from .report import add_output_options, format_table, parse_args, save_or_skip
+from .roofline import measure_peaks, roofline_prediction, roofline_seconds
+from .timing import CLOCKS, best_time
 
-# ViT-B/16 layers: (K, N, segments as (start, width)). qkv carries LoRA on q and v only.
-SHAPES = {
-    "qkv": (768, 2304, ((0, 768), (1536, 768))),
-    "proj": (768, 768, ((0, 768),)),
-    "fc1": (768, 3072, ((0, 3072),)),
-    "fc2": (3072, 768, ((0, 768),)),
-}
-PROVIDERS = ("reference", "peft", "torch", "triton", "triton-xa-buffer", "linear", "torch-g0")
-MODES = ("forward", "backward", "full")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONFIG_ENV = "BENCH_KERNELS_CONFIG"
 COLUMNS = ("section", "device", "shape", "M", "K", "N", "R", "dtype", "provider", "mode", "time_ms",
-           "median_ms", "gflops", "gbps", "roofline_frac", "peak_gflops", "peak_gbps", "note")
-# The per-launch floor of the GPU roofline prediction. (The README's H100 prediction used this
-# project's H100 figures: an 8192^3 bf16 matmul at ~798 TFLOP/s, a device-to-device copy at ~3.0 TB/s;
-# a run on a GPU predicts from the peaks it measures itself.)
-LAUNCH_US = 3.0
-
-
-class PeftStyleLoRA(nn.Module):
-    """A frozen Linear with LoRA segments, computed as HF peft's LoRA Linear does (out of place)."""
-
-    def __init__(self, weight, bias, lora_a, lora_b, starts, scale):
-        super().__init__()
-        self.base = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                              device=weight.device, dtype=weight.dtype)
-        self.base.weight = nn.Parameter(weight, requires_grad=False)
-        if bias is not None:
-            self.base.bias = nn.Parameter(bias, requires_grad=False)
-        self.lora_A = nn.ModuleList(nn.Linear(a.shape[1], a.shape[0], bias=False, device=a.device, dtype=a.dtype)
-                                    for a in lora_a)
-        self.lora_B = nn.ModuleList(nn.Linear(b.shape[1], b.shape[0], bias=False, device=b.device, dtype=b.dtype)
-                                    for b in lora_b)
-        for lin, a in zip(self.lora_A, lora_a):
-            lin.weight = nn.Parameter(a)
-        for lin, b in zip(self.lora_B, lora_b):
-            lin.weight = nn.Parameter(b)
-        self.starts, self.scaling, self.dropout = list(starts), scale, nn.Identity()
-
-    def forward(self, x):
-        result = self.base(x)
-        n_out = result.shape[-1]
-        for lora_a, lora_b, start in zip(self.lora_A, self.lora_B, self.starts):
-            delta = lora_b(lora_a(self.dropout(x))) * self.scaling
-            if delta.shape[-1] != n_out:  # q / v inside the fused qkv: zero-pad to the full width
-                delta = F.pad(delta, (start, n_out - start - delta.shape[-1]))
-            result = result + delta
-        return result
-
-
-@dataclass
-class Problem:
-    shape: str
-    m: int
-    k: int
-    n: int
-    r: int
-    dtype: torch.dtype
-    x: torch.Tensor
-    weight: torch.Tensor
-    bias: torch.Tensor
-    lora_a: list
-    lora_b: list
-    starts: list
-    dy: torch.Tensor
-    scale: float = 2.0
-
-
-@lru_cache(maxsize=8)
-def build(shape, batch, rank, dtype_name, device):
-    k, n, segs = SHAPES[shape]
-    dtype = DTYPES[dtype_name]
-    m = batch * 197
-    g = torch.Generator(device="cpu").manual_seed(0)
-
-    def rand(*s, std=1.0):
-        return (torch.randn(*s, generator=g) * std).to(device=device, dtype=dtype)
-
-    return Problem(shape, m, k, n, rank, dtype, rand(m, k).requires_grad_(), rand(n, k, std=k ** -0.5),
-                   rand(n), [rand(rank, k, std=k ** -0.5).requires_grad_() for _ in segs],
-                   [rand(w, rank, std=0.1).requires_grad_() for _, w in segs], [s for s, _ in segs],
-                   rand(m, n))
-
-
-@contextlib.contextmanager
-def _xa_buffer(provider):
-    """Run `triton-xa-buffer` with the x A^T precompute instead of the in-loop product."""
-    if provider != "triton-xa-buffer":
-        yield
-        return
-    from kernels import _triton_lora
-    old = dict(_triton_lora.FUSE_XA)
-    _triton_lora.FUSE_XA.update({key: False for key in old})
-    try:
-        yield
-    finally:
-        _triton_lora.FUSE_XA.update(old)
-
-
-def forward_fn(p: Problem, provider):
-    """A closure computing y for one provider."""
-    if provider == "peft":
-        module = PeftStyleLoRA(p.weight, p.bias, p.lora_a, p.lora_b, p.starts, p.scale)
-        return lambda: module(p.x)
-    if provider == "linear":
-        return lambda: F.linear(p.x, p.weight, p.bias)
-    backend = {"torch-g0": "torch", "triton-xa-buffer": "triton"}.get(provider, provider)
-    gates = [0.0] * len(p.starts) if provider == "torch-g0" else None
-    return lambda: kernels.lora_linear(p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.starts, p.scale,
-                                       gates=gates, backend=backend)
-
-
-def bench_fn(p: Problem, provider, mode):
-    """The callable to time: forward, backward of a retained graph, or both."""
-    fwd = forward_fn(p, provider)
-    if mode == "forward":
-        return fwd
-    if mode == "full":
-        return lambda: fwd().backward(p.dy)
-    y = fwd()
-    return lambda: y.backward(p.dy, retain_graph=True)
-
-
-def _segments(p: Problem):
-    return [b.shape[0] for b in p.lora_b]
-
-
-def useful_flops(p: Problem, provider, mode):
-    """FLOPs of the work itself, the same for every provider computing the same thing."""
-    m, k, n, r = p.m, p.k, p.n, p.r
-    lora = provider not in ("linear", "torch-g0")
-    fwd = 2 * m * k * n + (sum(2 * m * k * r + 2 * m * r * w for w in _segments(p)) if lora else 0)
-    bwd = 2 * m * n * k + (sum(4 * m * w * r + 4 * m * r * k for w in _segments(p)) if lora else 0)
-    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
-
-
-def min_bytes(p: Problem, provider, mode):
-    """Bytes a perfectly fused implementation must move (each operand read once, results written once)."""
-    e = p.x.element_size()
-    m, k, n, r = p.m, p.k, p.n, p.r
-    lora = provider not in ("linear", "torch-g0")
-    ab = sum(r * k + w * r for w in _segments(p)) if lora else 0
-    fwd = e * (m * k + n * k + n + m * n + ab)
-    bwd = e * (m * n + n * k + 2 * m * k + 2 * ab)
-    return {"forward": fwd, "backward": bwd, "full": fwd + bwd}[mode]
-
-
-_CLOCK = time.perf_counter
-
-
-def _best_time(fn, device, reps):
-    fn()
-    sync(torch.device(device))
-    best = float("inf")
-    for _ in range(reps):
-        t0 = _CLOCK()
-        fn()
-        sync(torch.device(device))
-        best = min(best, _CLOCK() - t0)
-    return best
-
-
-def measure_peaks(device, dtype_name, quick):
-    """This machine's own GEMM peak (GFLOP/s) for the dtype and its copy bandwidth (GB/s)."""
-    dtype = DTYPES[dtype_name]
-    gflops = 0.0
-    # a big square product and the largest ViT-B GEMM at batch 8 (the BLAS may do better on either)
-    for m, k, n in ([(8192,) * 3] if device == "cuda" else [(2048,) * 3, (1576, 768, 3072)]):
-        a = torch.randn(m, k, device=device).to(dtype)
-        b = torch.randn(k, n, device=device).to(dtype)
-        t = _best_time(lambda: a @ b, device, 3 if quick else 6)
-        gflops = max(gflops, 2 * m * k * n / t / 1e9)
-    src = torch.empty(64 * 2 ** 20 if device == "cpu" else 512 * 2 ** 20, dtype=torch.uint8, device=device)
-    dst = torch.empty_like(src)
-    t = _best_time(lambda: dst.copy_(src), device, 3 if quick else 6)
-    return gflops, 2 * src.numel() / t / 1e9
+           "median_ms", "gflops", "gbps", "roofline_frac", "peak_gflops", "peak_gbps", "ratio", "ratio_median",
+           "work", "note")
+RATIO_PROVIDERS = ("hf-peft", "peft-style", "torch", "linear", "torch-g0")
 
 
 # --------------------------------------------------------------------------------------------------
-# pytest-benchmark: `main` runs pytest on this module; the cases come from CONFIG_ENV.
+# pytest-benchmark: `run_cases` runs pytest on this module; the cases come from CONFIG_ENV.
 
 def _config():
     return json.loads(os.environ.get(CONFIG_ENV, "{}"))
@@ -241,8 +62,8 @@ def pytest_generate_tests(metafunc):
 def test_kernel(benchmark, case):
     cfg = _config()
     device = cfg["device"]
-    p = build(case["shape"], cfg["batch"], cfg["rank"], case["dtype"], device)
-    with _xa_buffer(case["provider"]):
+    p = build_problem(case["shape"], cfg["batch"], cfg["rank"], case["dtype"], device)
+    with xa_buffer(case["provider"]):
         fn = bench_fn(p, case["provider"], case["mode"])
         benchmark.extra_info.update(case)
         if device == "cuda":
@@ -255,96 +76,142 @@ def test_kernel(benchmark, case):
             t.grad = None
 
 
-# --------------------------------------------------------------------------------------------------
+def run_cases(cfg: dict) -> tuple[int, list[dict]]:
+    """Time cfg["cases"] with pytest-benchmark in this process; (pytest's exit code, its benchmarks)."""
+    import pytest
 
-def interleaved_ratios(device, batch, rank, dtypes, shapes, rounds):
-    """torch fast path vs peft-style module and gate-0 vs plain linear, fwd + bwd, taking turns."""
+    os.environ[CONFIG_ENV] = json.dumps(cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        json_path = Path(tmp) / "bench.json"
+        code = pytest.main([__file__, "-q", "-p", "no:cacheprovider", "--benchmark-enable",  # pytest.ini disables it
+                            f"--benchmark-json={json_path}", "--benchmark-columns=min,median,rounds",
+                            "--benchmark-sort=name", "--benchmark-disable-gc"]
+                           + ([f"--benchmark-timer=time.{CLOCKS['cpu'].__name__}"] if cfg["clock"] == "cpu" else []))
+        benchmarks = json.loads(json_path.read_text())["benchmarks"] if code == 0 else []
+    return int(code), benchmarks
+
+
+def kernel_rows(benchmarks: list[dict], cfg: dict, peaks: dict, device_label: str) -> list[dict]:
     rows = []
+    for b in benchmarks:
+        case = b["extra_info"]
+        p = build_problem(case["shape"], cfg["batch"], cfg["rank"], case["dtype"], cfg["device"])
+        t_min = case.get("do_bench_ms", b["stats"]["min"] * 1e3) / 1e3
+        flops = useful_flops(p, case["provider"], case["mode"])
+        nbytes = min_bytes(p, case["provider"], case["mode"])
+        peak_gflops, peak_gbps = peaks[case["dtype"]]
+        rows.append(dict(section="kernel", device=device_label, shape=case["shape"], M=p.m, K=p.k, N=p.n, R=p.r,
+                         dtype=case["dtype"], provider=case["provider"], mode=case["mode"],
+                         time_ms=round(t_min * 1e3, 4), median_ms=round(b["stats"]["median"] * 1e3, 4),
+                         gflops=round(flops / t_min / 1e9, 1), gbps=round(nbytes / t_min / 1e9, 1),
+                         roofline_frac=round(roofline_seconds(flops, nbytes, peak_gflops, peak_gbps) / t_min, 3),
+                         peak_gflops=round(peak_gflops, 1), peak_gbps=round(peak_gbps, 1),
+                         work=work_note(p, case["provider"]), note=_run_note(cfg, "do_bench_ms" in case)))
+    return rows
+
+
+def _run_note(cfg: dict, do_bench: bool = False) -> str:
+    timer = "do_bench" if do_bench else f"{cfg['clock']} clock, min of rounds"
+    return f"{timer}; {torch.get_num_threads()} threads; load average {cfg['load']:.1f}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Ratios, the providers taking turns
+
+def interleaved_ratios(device, batch, rank, dtypes, shapes, rounds, clock, providers=RATIO_PROVIDERS):
+    """fwd + bwd of each provider, round after round in a rotating order (no fixed neighbour): per
+    (shape, dtype), each provider's best round and the per-round times."""
+    results = []
     for dtype_name in dtypes:
         for shape in shapes:
-            p = build(shape, batch, rank, dtype_name, device)
-            fns = {prov: bench_fn(p, prov, "full") for prov in ("peft", "torch", "linear", "torch-g0")}
+            p = build_problem(shape, batch, rank, dtype_name, device)
+            print(f"ratios {shape} {dtype_name}: {rounds} rounds of {', '.join(providers)} ...", flush=True)
+            fns = {prov: bench_fn(p, prov, "full") for prov in providers}
             times = {prov: [] for prov in fns}
             for fn in fns.values():
                 fn()  # warm-up
             order = list(fns)
             for i in range(rounds):
-                for prov in order[i % len(order):] + order[:i % len(order)]:  # rotate: no fixed neighbour
-                    times[prov].append(_best_time(fns[prov], device, 1))
-            best = {prov: min(ts) for prov, ts in times.items()}
-            rows.append(dict(shape=shape, dtype=dtype_name, M=p.m, K=p.k, N=p.n, R=rank,
-                             torch_ms=best["torch"] * 1e3, peft_ms=best["peft"] * 1e3,
-                             linear_ms=best["linear"] * 1e3, g0_ms=best["torch-g0"] * 1e3,
-                             speedup=best["peft"] / best["torch"],
-                             speedup_median=statistics.median(a / b for a, b in zip(times["peft"], times["torch"])),
-                             gate0_over_linear=best["torch-g0"] / best["linear"],
-                             gate0_median=statistics.median(a / b for a, b in zip(times["torch-g0"], times["linear"]))))
-    return rows
+                for prov in order[i % len(order):] + order[:i % len(order)]:
+                    times[prov].append(best_time(fns[prov], device, 1, clock))
+            results.append(dict(problem=p, dtype=dtype_name, times=times))
+    return results
 
 
-def roofline_prediction(m, k, n, r, widths, elt, peak_gflops, peak_gbps, launch_us):
-    """Predicted fwd + bwd time (s) of the fused op and of eager base + LoRA (the peft-style module):
-    each kernel costs max(FLOPs / peak, bytes / bandwidth, launch floor). Returns (fused, eager)."""
-    def t(flops, nbytes):
-        return max(flops / (peak_gflops * 1e9), nbytes * elt / (peak_gbps * 1e9), launch_us * 1e-6)
-
-    rt = r * len(widths)
-    fused = [
-        t(2 * m * k * n + sum(2 * m * k * r + 2 * m * r * w for w in widths),  # forward: one kernel
-          m * k + n * k + n + m * n + sum(r * k + w * r for w in widths)),
-        t(2 * m * n * k + sum(2 * m * w * r + 2 * m * r * k for w in widths),  # dX = dY W + s (dY B) A
-          m * n + n * k + m * k + 2 * m * rt + sum(r * k + w * r for w in widths)),
-        t(2 * m * rt * k, m * rt + m * k + rt * k),  # dA = s dS^T x
-        t(2 * m * k * rt, m * k + m * rt + rt * k),  # S = x A^T again
-    ] + [t(2 * m * w * r, m * w + m * r + w * r) for w in widths]  # dB_i = s dY_i^T S_i
-    fused += [t(0, n * rt)] * (2 if len(widths) > 1 else 0)  # stacking A and B (fwd and bwd)
-    eager = [t(2 * m * k * n, m * k + n * k + m * n), t(2 * m * n * k, m * n + n * k + m * k)]  # base fwd, dX
-    for w in widths:
-        eager += [t(2 * m * k * r, m * k + m * r), t(2 * m * r * w, m * r + m * w),  # A(x), B(.)
-                  t(m * w, 2 * m * w)]  # * s
-        if w != n:
-            eager += [t(0, m * w + m * n)]  # zero-pad to the qkv width
-        eager += [t(m * n, 3 * m * n)]  # result + delta
-        eager += [t(m * w, 2 * m * w), t(2 * m * w * r, m * w + m * r + w * r),  # grad * s, dB
-                  t(2 * m * w * r, m * w + m * r), t(2 * m * r * k, m * r + m * k + r * k),  # dh, dA
-                  t(2 * m * r * k, m * r + m * k), t(m * k, 3 * m * k)]  # dx_lora, dx += dx_lora
-    return sum(fused), sum(eager)
+RATIOS = (("torch", "hf-peft"), ("torch", "peft-style"), ("torch-g0", "linear"))  # (measured, against)
 
 
-def _rows_from_json(path, device, peaks, cfg):
-    with open(path) as f:
-        data = json.load(f)
+def ratios(times: dict) -> dict:
+    """(ours, other) -> (ratio of the best rounds, median of the per-round ratios): the speedup of
+    the torch path over each peft, and the cost of gate 0 over a plain linear (1.0: free)."""
+    out = {}
+    for ours, other in RATIOS:
+        if ours in times and other in times:
+            slow, fast = (other, ours) if ours == "torch" else (ours, other)
+            out[ours, other] = (min(times[slow]) / min(times[fast]),
+                                statistics.median(a / b for a, b in zip(times[slow], times[fast])))
+    return out
+
+
+def ratio_rows(results, device_label, cfg):
     rows = []
-    for b in data["benchmarks"]:
-        case = b["extra_info"]
-        p = build(case["shape"], cfg["batch"], cfg["rank"], case["dtype"], cfg["device"])
-        t_min = b["extra_info"].get("do_bench_ms", b["stats"]["min"] * 1e3) / 1e3
-        flops = useful_flops(p, case["provider"], case["mode"])
-        nbytes = min_bytes(p, case["provider"], case["mode"])
-        peak_gflops, peak_gbps = peaks[case["dtype"]]
-        roof = max(flops / (peak_gflops * 1e9), nbytes / (peak_gbps * 1e9))
-        rows.append(dict(section="kernel", device=device, shape=case["shape"], M=p.m, K=p.k, N=p.n, R=p.r,
-                         dtype=case["dtype"], provider=case["provider"], mode=case["mode"],
-                         time_ms=round(t_min * 1e3, 4), median_ms=round(b["stats"]["median"] * 1e3, 4),
-                         gflops=round(flops / t_min / 1e9, 1), gbps=round(nbytes / t_min / 1e9, 1),
-                         roofline_frac=round(roof / t_min, 3), peak_gflops=round(peak_gflops, 1),
-                         peak_gbps=round(peak_gbps, 1),
-                         note=("do_bench" if "do_bench_ms" in b["extra_info"] else cfg["clock"] + " clock, min of rounds")
-                         + f"; {torch.get_num_threads()} threads; load average {cfg['load']:.1f}"))
+    for res in results:
+        p, times = res["problem"], res["times"]
+        for (ours, other), (ratio, median) in ratios(times).items():
+            rows.append(dict(section="ratio", device=device_label, shape=p.shape, M=p.m, K=p.k, N=p.n, R=p.r,
+                             dtype=res["dtype"], provider=f"{ours}/{other}", mode="full",
+                             time_ms=round(min(times[ours]) * 1e3, 4),
+                             median_ms=round(statistics.median(times[ours]) * 1e3, 4),
+                             ratio=round(ratio, 3), ratio_median=round(median, 3), work=work_note(p, other),
+                             note=f"{other} {min(times[other]) * 1e3:.2f} ms; {len(times[ours])} rounds; "
+                                  + _run_note(cfg)))
     return rows
 
 
-def _print_table(rows, columns):
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
-    print("  ".join(c.ljust(widths[c]) for c in columns))
-    for r in rows:
-        print("  ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+def ratio_table(results, markdown=False):
+    """One line per (shape, dtype): the torch path against each peft, and gate 0 against F.linear."""
+    lines = []
+    for res in results:
+        p, times = res["problem"], res["times"]
+        line = {"shape": p.shape, "dtype": res["dtype"], "torch path ms": min(times["torch"]) * 1e3}
+        for (ours, other), (ratio, median) in ratios(times).items():
+            if ours == "torch":
+                line[f"{other} ms"] = min(times[other]) * 1e3
+                line[f"speedup vs {other}"] = f"{ratio:.3f}x ({median:.3f}x)"
+            else:
+                line["gate 0 / linear"] = f"{ratio:.3f} ({median:.3f})"
+        line["note"] = "; ".join(f"{prov}: {work_note(p, prov)}" for prov in times if work_note(p, prov))
+        lines.append(line)
+    columns = [c for c in ("shape", "dtype", "torch path ms", "hf-peft ms", "speedup vs hf-peft", "peft-style ms",
+                           "speedup vs peft-style", "gate 0 / linear", "note") if any(c in line for line in lines)]
+    return format_table(lines, columns, formats={c: ".2f" for c in columns if c.endswith(" ms")}, markdown=markdown)
 
+
+def roofline_check(rows, cfg, peaks, dtypes, shapes, markdown=False):
+    """On CUDA: measured fwd + bwd of triton and peft-style against the roofline prediction."""
+    lines = []
+    for d in dtypes:
+        for s in shapes:
+            p = build_problem(s, cfg["batch"], cfg["rank"], d, cfg["device"])
+            pred_f, pred_e = roofline_prediction(p.m, p.k, p.n, p.r, [w for _, w in p.segments],
+                                                 p.x.element_size(), *peaks[d])
+            got = {r["provider"]: r["time_ms"] for r in rows
+                   if r["section"] == "kernel" and r["shape"] == s and r["dtype"] == d and r["mode"] == "full"}
+            if "triton" in got and "peft-style" in got:
+                lines.append(dict(shape=s, dtype=d, fused_ms=got["triton"], fused_predicted_ms=pred_f * 1e3,
+                                  eager_ms=got["peft-style"], eager_predicted_ms=pred_e * 1e3,
+                                  speedup=got["peft-style"] / got["triton"], speedup_predicted=pred_e / pred_f))
+    return format_table(lines, lines[0], formats={"speedup": ".2f", "speedup_predicted": ".2f"},
+                        markdown=markdown) if lines else "(no triton and peft-style rows in full mode)"
+
+
+# --------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.kernels", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="qkv + proj, full mode, fewer rounds (~1 min on a CPU)")
+    parser.add_argument("--quick", action="store_true",
+                        help="qkv + proj, full mode, fewer rounds (~1 min on a CPU); prints only unless --save/--out")
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), help="ViT-B layers (default: all; quick: qkv proj)")
     parser.add_argument("--providers", nargs="+", choices=PROVIDERS, help="default: all that run on this device")
     parser.add_argument("--modes", nargs="+", choices=MODES, help="default: all (quick: full)")
@@ -354,91 +221,60 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, help="timed rounds per case (default 10, quick 4)")
     parser.add_argument("--ratio-rounds", type=int, help="interleaved rounds for the ratio section (default 15, quick 7)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
-    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+    parser.add_argument("--clock", choices=list(CLOCKS), default="wall",
                         help="cpu: time.process_time, steadier than wall time on a shared, oversubscribed "
                              "machine (use with --threads 1; CPU only)")
-    parser.add_argument("--out", type=Path, help="CSV path (default bench/results/kernels-<device>.csv)")
-    args = parser.parse_args(argv)
+    add_output_options(parser, quick=True)
+    args = parse_args(parser, argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    global _CLOCK
-    use_cpu_clock = args.clock == "cpu" and not torch.cuda.is_available()
-    _CLOCK = time.process_time if use_cpu_clock else time.perf_counter
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    clock_name = "cpu" if args.clock == "cpu" and device == "cpu" else "wall"
+    here = available_providers(device)
+    providers = [p for p in args.providers or PROVIDERS if p in here]
+    for missing in sorted(set(args.providers or ()) - set(here)):
+        print(f"note: provider {missing} does not run here ({'no CUDA' if missing.startswith('triton') else 'peft is not installed'})")
     shapes = args.shapes or (["qkv", "proj"] if args.quick else list(SHAPES))
-    providers = [p for p in args.providers or PROVIDERS if device == "cuda" or not p.startswith("triton")]
     modes = args.modes or (["full"] if args.quick else list(MODES))
-    cfg = dict(device=device, clock="cpu" if use_cpu_clock else "wall", load=os.getloadavg()[0],
+    cfg = dict(device=device, clock=clock_name, load=os.getloadavg()[0],
                batch=args.batch or (64 if device == "cuda" else 8), rank=args.rank,
                rounds=args.rounds or (4 if args.quick else 10),
                cases=[dict(shape=s, dtype=d, provider=p, mode=m)
                       for d in args.dtypes for s in shapes for p in providers for m in modes])
     name = device_name()
-    out = args.out or Path(__file__).parent / "results" / f"kernels-{name}{'-cpu-clock' if use_cpu_clock else ''}.csv"
     print(f"device {name}: {len(cfg['cases'])} cases, M = {cfg['batch']} x 197, R = {cfg['rank']}, "
-          f"{torch.get_num_threads()} threads, {'CPU' if use_cpu_clock else 'wall'} clock, "
+          f"{torch.get_num_threads()} threads, {'CPU' if clock_name == 'cpu' else 'wall'} clock, "
           f"load average {cfg['load']:.1f}")
 
-    peaks = {d: measure_peaks(device, d, args.quick) for d in args.dtypes}
+    clock = CLOCKS[clock_name]
+    peaks = {d: measure_peaks(device, DTYPES[d], 3 if args.quick else 6, clock) for d in args.dtypes}
     for d, (gf, gb) in peaks.items():
         print(f"measured peaks {d}: GEMM {gf:.1f} GFLOP/s, copy {gb:.1f} GB/s")
 
-    import pytest
-    os.environ[CONFIG_ENV] = json.dumps(cfg)
-    with tempfile.TemporaryDirectory() as tmp:
-        json_path = Path(tmp) / "bench.json"
-        code = pytest.main([__file__, "-q", "-p", "no:cacheprovider", "--benchmark-enable",  # pytest.ini disables it
-                            f"--benchmark-json={json_path}",
-                            "--benchmark-columns=min,median,rounds", "--benchmark-sort=name",
-                            "--benchmark-disable-gc"]
-                           + (["--benchmark-timer=time.process_time"] if use_cpu_clock else []))
-        if code != 0:
-            print(f"pytest-benchmark run failed (exit code {code})", file=sys.stderr)
-            return int(code)
-        rows = _rows_from_json(json_path, name, peaks, cfg)
-
+    code, benchmarks = run_cases(cfg)
+    if code != 0:
+        print(f"pytest-benchmark run failed (exit code {code})", file=sys.stderr)
+        return code
+    rows = kernel_rows(benchmarks, cfg, peaks, name)
     print()
-    _print_table(rows, ("shape", "dtype", "provider", "mode", "time_ms", "gflops", "gbps", "roofline_frac"))
+    print(format_table(rows, ("shape", "dtype", "provider", "mode", "time_ms", "gflops", "gbps", "roofline_frac",
+                              "work"), formats={"time_ms": ".3f", "roofline_frac": ".3f"}, markdown=args.markdown))
 
-    ratio_shapes = [s for s in ("qkv", "proj") if s in shapes]
-    ratios = interleaved_ratios(device, cfg["batch"], cfg["rank"], args.dtypes, ratio_shapes,
-                                args.ratio_rounds or (7 if args.quick else 15))
-    print("\nfwd + bwd, providers taking turns; ratio of the best rounds (median of per-round ratios):")
-    for r in ratios:
-        print(f"  {r['shape']:5s} {r['dtype']}: torch path {r['torch_ms']:.2f} ms vs peft-style {r['peft_ms']:.2f} ms"
-              f" -> {r['speedup']:.3f}x ({r['speedup_median']:.3f}x);  gate 0 {r['g0_ms']:.2f} ms vs plain linear "
-              f"{r['linear_ms']:.2f} ms -> {r['gate0_over_linear']:.3f} ({r['gate0_median']:.3f})")
-        rows.append(dict(section="ratio", device=name, shape=r["shape"], M=r["M"], K=r["K"], N=r["N"], R=r["R"],
-                         dtype=r["dtype"], provider="torch/peft", mode="full", time_ms=round(r["torch_ms"], 4),
-                         note=f"speedup {r['speedup']:.3f}x over peft-style ({r['peft_ms']:.2f} ms); "
-                              f"median of rounds {r['speedup_median']:.3f}x; load average {cfg['load']:.1f}"))
-        rows.append(dict(section="ratio", device=name, shape=r["shape"], M=r["M"], K=r["K"], N=r["N"], R=r["R"],
-                         dtype=r["dtype"], provider="torch-g0/linear", mode="full", time_ms=round(r["g0_ms"], 4),
-                         note=f"gate-0 / plain linear {r['gate0_over_linear']:.3f} ({r['linear_ms']:.2f} ms); "
-                              f"median of rounds {r['gate0_median']:.3f}; load average {cfg['load']:.1f}"))
+    ratio_rounds = args.ratio_rounds or (7 if args.quick else 15)
+    results = interleaved_ratios(device, cfg["batch"], cfg["rank"], args.dtypes, shapes, ratio_rounds, clock,
+                                 [p for p in RATIO_PROVIDERS if p in here])
+    rows += ratio_rows(results, name, cfg)
+    print(f"\nfwd + bwd, providers taking turns, {ratio_rounds} rounds; ratio of the best rounds (median of "
+          "per-round ratios); gate 0 / linear is its cost (1.000: free):")
+    print(ratio_table(results, args.markdown))
 
     if device == "cuda":
         print("\nmeasured vs roofline prediction (fwd + bwd, this GPU's measured peaks):")
-        for d in args.dtypes:
-            for s in shapes:
-                p = build(s, cfg["batch"], cfg["rank"], d, device)
-                pred_f, pred_e = roofline_prediction(p.m, p.k, p.n, p.r, _segments(p), p.x.element_size(),
-                                                     *peaks[d], LAUNCH_US)
-                got = {r["provider"]: r["time_ms"] for r in rows
-                       if r["section"] == "kernel" and r["shape"] == s and r["dtype"] == d and r["mode"] == "full"}
-                if "triton" in got and "peft" in got:
-                    print(f"  {s:5s} {d}: fused {got['triton']:.3f} ms (pred {pred_f * 1e3:.3f}), eager "
-                          f"{got['peft']:.3f} ms (pred {pred_e * 1e3:.3f}); speedup {got['peft'] / got['triton']:.2f}x "
-                          f"(pred {pred_e / pred_f:.2f}x)")
+        print(roofline_check(rows, cfg, peaks, args.dtypes, shapes, args.markdown))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({c: r.get(c, "") for c in COLUMNS})
-    print(f"\nwrote {out}")
+    save_or_skip(args, "kernels", rows, COLUMNS, tag="-cpu-clock" if clock_name == "cpu" else "",
+                 meta={"load_average": cfg["load"], "threads": torch.get_num_threads()})
     return 0
 
 

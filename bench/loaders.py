@@ -1,9 +1,10 @@
 """Loader throughput, side by side in one process, and the data wait of the default run's train loop.
 
     python -m bench.loaders            # 2,000 JPEGs, 5 interleaved rounds, 40 train steps (a few minutes)
-    python -m bench.loaders --quick    # 1,000 JPEGs, 3 rounds, 12 train steps (about a minute)
+    python -m bench.loaders --quick    # 1,000 JPEGs, 3 rounds, 12 train steps (about a minute; prints only)
 
-Three sections, one table and `bench/results/loaders-<device>.csv`:
+Three sections, two tables and `bench/results/loaders-<device>.{csv,json}` (a full run writes them;
+--quick only with --save or --out):
 
 - files: a generated ImageFolder of JPEGs around 500 x 375 (cached under the temp folder), read at
   224 px (crop_pct 0.875, bicubic) by DALI on the CPU (the engine's way: DALI decodes, torch
@@ -22,7 +23,6 @@ table gives the median of the rounds.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import statistics
 import tempfile
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .device import device_name
+from .report import add_output_options, format_table, parse_args, save_or_skip
 
 IMAGENET = dict(input_size=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875)
 COLUMNS = ("section", "loader", "mode", "threads", "batch_size", "images", "img_per_s", "vs_best_torch",
@@ -49,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="train steps per loader for the data-wait harness (default 40, quick 12)")
     p.add_argument("--data", help="an existing ImageFolder to read instead of generated JPEGs")
     p.add_argument("--sections", default="files,arrays,wait", help="comma list of files, arrays, wait")
-    p.add_argument("--results", default="bench/results", help="folder for the CSV")
-    args = p.parse_args(argv)
+    add_output_options(p, quick=True)
+    args = parse_args(p, argv)
     n_images = args.images or (1000 if args.quick else 2000)
     rounds = args.rounds or (3 if args.quick else 5)
     steps = args.steps or (12 if args.quick else 40)
@@ -65,14 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     if "wait" in sections:
         rows += bench_train_wait(args.threads, args.batch_size, steps)
 
-    print_table(rows)
-    path = Path(args.results) / f"loaders-{device_name()}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: row.get(k, "") for k in COLUMNS} for row in rows)
-    print(f"wrote {path}")
+    print_tables(rows, args.markdown)
+    save_or_skip(args, "loaders", rows, COLUMNS)
     return 0
 
 
@@ -80,14 +74,14 @@ def main(argv: list[str] | None = None) -> int:
 # Data
 
 
-def generate_jpegs(n: int, classes: int = 10, seed: int = 0) -> Path:
+def generate_jpegs(n: int, classes: int = 10, seed: int = 0, root: Path | None = None) -> Path:
     """n photo-like JPEGs (smooth colour fields + grain) of 400-600 x 300-450 px, in class folders.
 
-    Kept under the temp folder and reused when the same n was generated before.
+    Kept under the temp folder (or `root`) and reused when the same n was generated there before.
     """
     from PIL import Image
 
-    root = Path(tempfile.gettempdir()) / f"engine-bench-loaders-{n}"
+    root = root or Path(tempfile.gettempdir()) / f"engine-bench-loaders-{n}"
     done = root / ".complete"
     if done.exists():
         return root
@@ -235,8 +229,8 @@ def _rate_rows(section: str, mode: str, results: dict[str, list[tuple[float, flo
     rates = {name: statistics.median(r for r, _ in runs) for name, runs in results.items()}
     best_torch = max(v for k, v in rates.items() if k.startswith("torch"))
     return [dict(section=section, loader=name, mode=mode, threads=threads, batch_size=batch_size, images=images,
-                 img_per_s=round(rate), vs_best_torch=f"{rate / best_torch:.2f}",
-                 cpu_ms_per_img=f"{statistics.median(c for _, c in results[name]):.2f}",
+                 img_per_s=round(rate), vs_best_torch=round(rate / best_torch, 2),
+                 cpu_ms_per_img=round(statistics.median(c for _, c in results[name]), 2),
                  note="img/s by round: " + " ".join(f"{r:.0f}" for r, _ in results[name]))
             for name, rate in rates.items()]
 
@@ -287,8 +281,8 @@ def bench_train_wait(threads: int, batch_size: int, steps: int) -> list[dict]:
     n = len(range(0, steps, block)) * block
     return [dict(section="train-wait", loader=name + (" (= auto)" if name == auto else ""), mode="train",
                  threads=threads, batch_size=batch_size, images=len(split),
-                 wait_fraction=f"{wait[name] / total[name]:.4f}",
-                 step_ms=f"{1000 * total[name] / n:.1f}", note=note) for name in names]
+                 wait_fraction=round(wait[name] / total[name], 4),
+                 step_ms=round(1000 * total[name] / n, 1), note=note) for name in names]
 
 
 def _default_model():
@@ -304,20 +298,23 @@ def _endless(loader):
         yield from loader
 
 
-def print_table(rows: list[dict]) -> None:
+def print_tables(rows: list[dict], markdown: bool = False) -> None:
+    """Throughput (files, arrays) and the train loop's data wait, one table each."""
     throughput = [r for r in rows if r["section"] != "train-wait"]
     if throughput:
-        print(f"\n{'section':8s} {'mode':5s} {'loader':20s} {'thr':>3s} {'img/s':>7s} {'vs best torch':>13s} "
-              f"{'cpu ms/img':>10s}  note")
-        for r in throughput:
-            print(f"{r['section']:8s} {r['mode']:5s} {r['loader']:20s} {r['threads']:3d} {r['img_per_s']:7d} "
-                  f"{r['vs_best_torch']:>13s} {r['cpu_ms_per_img']:>10s}  {r.get('note', '')}")
+        print()
+        print(format_table(throughput, ("section", "mode", "loader", "threads", "img_per_s", "vs_best_torch",
+                                        "cpu_ms_per_img", "note"),
+                           labels={"threads": "thr", "img_per_s": "img/s", "vs_best_torch": "vs best torch",
+                                   "cpu_ms_per_img": "cpu ms/img"},
+                           formats={"vs_best_torch": ".2f", "cpu_ms_per_img": ".2f"}, markdown=markdown))
     waits = [r for r in rows if r["section"] == "train-wait"]
     if waits:
-        print(f"\n{'train loop (default run)':24s} {'step ms':>8s} {'data wait':>10s}  model")
-        for r in waits:
-            print(f"{r['loader']:24s} {r['step_ms']:>8s} {float(r['wait_fraction']):10.2%}  {r['note']}")
-
+        print()
+        print(format_table(waits, ("loader", "step_ms", "wait_fraction", "note"),
+                           labels={"loader": "train loop (default run)", "step_ms": "step ms",
+                                   "wait_fraction": "data wait", "note": "model"},
+                           formats={"step_ms": ".1f", "wait_fraction": ".2%"}, markdown=markdown))
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -4,13 +4,12 @@
     python -m bench.strategies --strategies lora,full -- --steps 100 train.lr=0.01
 
 Each strategy runs `engine.run` in its own process (a fresh DeepSpeed and a clean peak-memory
-reading), with the same seed and options; the table and `bench/results/strategies-<device>.csv`
+reading), with the same seed and options; the table and `bench/results/strategies-<device>.{csv,json}`
 hold one row per strategy (the run's results.json).
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -20,56 +19,41 @@ from pathlib import Path
 from adapters import STRATEGIES
 
 from .device import device_name
+from .report import add_output_options, format_table, parse_args, save_or_skip
 
-ALL = tuple(STRATEGIES)
-COLUMNS = ("strategy", "trainable_params", "target_top1", "source_knn_before", "source_knn_after",
-           "forgetting", "mean", "train_img_per_s", "infer_img_per_s", "peak_mem_mb",
-           "train_gflops_per_img", "infer_gflops_per_img", "wall_s")
+TABLE_COLUMNS = ("strategy", "trainable_params", "target_top1", "source_knn_before", "source_knn_after",
+                 "forgetting", "mean", "train_img_per_s", "infer_img_per_s", "peak_mem_mb",
+                 "train_gflops_per_img", "infer_gflops_per_img", "wall_s")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.strategies", description=__doc__.splitlines()[0])
-    p.add_argument("--strategies", default=",".join(ALL), help="comma list (default: every registered strategy)")
-    p.add_argument("--out", default="runs/bench-strategies", help="folder for the runs")
-    p.add_argument("--results", default="bench/results", help="folder for the CSV")
+    p.add_argument("--strategies", default=",".join(STRATEGIES), help="comma list (default: every registered strategy)")
+    p.add_argument("--runs", default="runs/bench-strategies", help="folder for the runs")
+    add_output_options(p)
     p.add_argument("run_args", nargs=argparse.REMAINDER, help="after --: options passed to engine.run")
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
+    strategies = args.strategies.split(",")
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        p.error(f"unknown strategy {unknown[0]!r}; choose from {', '.join(STRATEGIES)}")
     extra = [a for a in args.run_args if a != "--"]
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows = []
-    for strategy in args.strategies.split(","):
+    for strategy in strategies:
         name = f"{strategy}-{stamp}"
-        cmd = [sys.executable, "-m", "engine.run", "--strategy", strategy, "--out", args.out, "--name", name, *extra]
+        cmd = [sys.executable, "-m", "engine.run", "--strategy", strategy, "--out", args.runs, "--name", name, *extra]
         print(f"== {' '.join(cmd[1:])}", flush=True)
         if subprocess.run(cmd).returncode != 0:
             print(f"{strategy}: run failed", file=sys.stderr)
             continue
-        rows.append(json.loads((Path(args.out) / name / "results.json").read_text()))
+        rows.append({"device": device_name(), **json.loads((Path(args.runs) / name / "results.json").read_text())})
     if not rows:
         return 1
-    device = device_name()
-    path = Path(args.results) / f"strategies-{device}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["device", *keys])
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({"device": device, **row})
-    print(format_rows(rows))
-    print(f"\nwritten: {path}")
+    print()
+    print(format_table(rows, TABLE_COLUMNS, formats={c: ".2f" for c in TABLE_COLUMNS[2:]}, markdown=args.markdown))
+    save_or_skip(args, "strategies", rows)
     return 0
-
-
-def _cell(v) -> str:
-    return f"{v:,}" if isinstance(v, int) else f"{v:.2f}" if isinstance(v, float) else str(v)
-
-
-def format_rows(rows: list[dict], columns=COLUMNS, cell=_cell) -> str:
-    """A right-aligned text table of `rows` under `columns`, each value through `cell`."""
-    table = [tuple(columns)] + [tuple(cell(r.get(c, "")) for c in columns) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(columns))]
-    return "\n".join("  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in table)
 
 
 if __name__ == "__main__":

@@ -8,16 +8,17 @@ Each configuration runs in its own process. Two figures per configuration:
   excluded), counted exactly with `torch.autograd.graph.saved_tensors_hooks`; and which blocks keep any.
 - peak RSS: the process's peak resident set during forward + backward, above its size just before
   (Linux: the peak is reset through /proc/self/clear_refs first); includes gradients and temporaries.
-Output: a table with ratios to `full`, and bench/results/strategy-memory-<device>.csv.
+Output: a table with ratios to `full`, and bench/results/strategy-memory-<device>.{csv,json}.
 """
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from .report import add_output_options, format_table, parse_args, save_or_skip
 
 CONFIGS = {  # label -> (strategy, AdapterConfig options)
     "full": ("full", {}),
@@ -88,9 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--only", default=",".join(CONFIGS), help=f"comma list of {', '.join(CONFIGS)}")
-    p.add_argument("--results", default="bench/results")
+    add_output_options(p)
     p.add_argument("--one", help=argparse.SUPPRESS)  # child process: measure one configuration, print JSON
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
     if args.one:
         print(json.dumps(measure(args.one, args.model, args.batch, args.num_classes)))
         return 0
@@ -114,19 +115,11 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         for key in ("saved_activations_mb", "peak_rss_delta_mb"):
             r[key.replace("_mb", "_vs_full")] = round(r[key] / full[key], 3) if full and full[key] else None
-    from .device import device_name
-    from .strategies import format_rows
-
-    path = Path(args.results) / f"strategy-memory-{device_name()}.csv"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
     cols = ["config", "trainable_params", "saved_activations_mb", "saved_activations_vs_full",
             "peak_rss_delta_mb", "peak_rss_delta_vs_full", "blocks_keeping_activations"]
-    print(format_rows(rows, cols, cell=lambda v: f"{v:,}" if isinstance(v, int) else str(v)))
-    print(f"\nwritten: {path}")
+    print()
+    print(format_table(rows, cols, markdown=args.markdown))
+    save_or_skip(args, "strategy-memory", rows)
     return 0
 
 

@@ -1,0 +1,67 @@
+"""Each bench's whole code path on a tiny problem, one round, results to tmp_path: the files hold
+the rows the tables promise. No timing is asserted (timings belong in bench/, not in tests)."""
+import csv
+import json
+
+import pytest
+
+from bench import kernels, loaders, strategy_memory
+from bench.device import device_name
+from bench.lora_problems import build_problem, useful_flops
+
+
+def _read(stem):
+    """The CSV rows (strings) and the JSON document, checked to hold the same rows."""
+    with open(stem.with_name(stem.name + ".csv")) as f:
+        rows = list(csv.DictReader(f))
+    doc = json.loads(stem.with_name(stem.name + ".json").read_text())
+    assert [{k: "" if v is None else str(v) for k, v in r.items()} for r in doc["rows"]] == rows
+    return rows, doc
+
+
+def test_kernels_quick_run_on_the_cpu_providers(results_dir, capsys):
+    assert kernels.main(["--quick", "--save", "--shapes", "proj", "--dtypes", "fp32", "--batch", "1", "--rank", "2",
+                         "--rounds", "1", "--ratio-rounds", "1", "--threads", "1", "--clock", "cpu"]) == 0
+    out = capsys.readouterr().out
+    stem = results_dir / f"kernels-{device_name()}-cpu-clock"
+    assert "speedup vs hf-peft" in out and "speedup vs peft-style" in out
+    rows, doc = _read(stem)
+    assert doc["meta"]["command"].startswith("python -m bench.kernels --quick")
+    kernel = [r for r in rows if r["section"] == "kernel"]
+    assert [r["provider"] for r in kernel] == ["reference", "peft-style", "hf-peft", "torch", "linear", "torch-g0"]
+    p = build_problem("proj", 1, 2, "fp32", "cpu")
+    for r in kernel:
+        flops = useful_flops(p, r["provider"], "full")
+        assert float(r["gflops"]) == pytest.approx(flops / float(r["time_ms"]) / 1e6, rel=1e-3, abs=0.06)
+        assert r["work"] == "" and r["note"].startswith("cpu clock")
+    ratio = {r["provider"]: r for r in rows if r["section"] == "ratio"}
+    assert sorted(ratio) == ["torch-g0/linear", "torch/hf-peft", "torch/peft-style"]
+    assert all(float(r["ratio"]) > 0 for r in ratio.values())
+
+
+def test_loaders_on_a_few_generated_jpegs(tmp_path, results_dir):
+    folder = loaders.generate_jpegs(32, classes=2, root=tmp_path / "jpegs")
+    stem = tmp_path / "loaders"
+    assert loaders.main(["--quick", "--data", str(folder), "--sections", "files,wait", "--rounds", "1",
+                         "--steps", "2", "--batch-size", "8", "--threads", "1", "--out", str(stem)]) == 0
+    rows, _ = _read(stem)
+    files = [(r["mode"], r["loader"]) for r in rows if r["section"] == "files"]
+    assert files == [(mode, name) for mode in ("train", "eval")
+                     for name in ("dali-cpu", "dali-cpu-dali-resize", "torch-pil", "torch-tvio")]
+    assert all(int(r["images"]) == 32 and float(r["img_per_s"]) > 0 for r in rows if r["section"] == "files")
+    waits = [r for r in rows if r["section"] == "train-wait"]
+    assert len(waits) == 2 and all(0 <= float(r["wait_fraction"]) < 1 for r in waits)
+    assert not results_dir.exists()
+
+
+def test_strategy_memory_on_a_tiny_vit(tmp_path, results_dir):
+    stem = tmp_path / "memory"  # one configuration: each runs in a process of its own (timm's import)
+    assert strategy_memory.main(["--model", "vit_tiny_patch16_224", "--batch", "1", "--num-classes", "3",
+                                 "--only", "lora_r8", "--out", str(stem)]) == 0
+    (row,), _ = _read(stem)
+    assert row["config"] == "lora_r8" and row["model"] == "vit_tiny_patch16_224"
+    # ViT-Ti: 12 blocks of width 192; LoRA r = 8 on q and v of every qkv, plus the 3-class head
+    assert int(row["trainable_params"]) == 12 * 2 * 8 * (192 + 192) + 3 * 192 + 3
+    assert float(row["saved_activations_mb"]) > 0 and row["saved_activations_vs_full"] == ""  # no full row
+    assert row["blocks_keeping_activations"] == "0-11 of 12"
+    assert not results_dir.exists()
