@@ -13,11 +13,10 @@ def _call(case, backend):
 
 
 def test_custom_op_passes_opcheck(triton_poisoned):
-    import kernels._custom_op  # noqa: F401  (registers the ops)
     case = make_case(7, 40, 4, residual=True)
     args = (case["x"], case["weight"], case["bias"], case["lora_a"], case["lora_b"], case["starts"],
-            case["scale"], 2, [], [], case["residual"])
-    torch.library.opcheck(torch.ops.kernels.lora_linear.default, args,
+            case["scale"], [], [], case["residual"])
+    torch.library.opcheck(torch.ops.kernels.lora_linear_triton.default, args,
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
@@ -32,7 +31,7 @@ def test_compiled_call_matches_eager(triton_poisoned, backend_name):
     assert case["lora_a"][0].grad is not None and case["x"].grad is not None
 
 
-def test_tensor_gates_compile_through_the_branch_free_path(triton_poisoned):
+def test_tensor_gates_compile_through_the_fused_op(triton_poisoned):
     case = make_case(7, 40, 4, gates=(T1, ON))
     want = _call(case, "reference")
     y = torch.compile(lambda: _call(case, "triton"), backend="aot_eager", fullgraph=True)()
