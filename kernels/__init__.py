@@ -1,10 +1,9 @@
 """Fast paths for the engine: the fused LoRA linear and the backend switch (`--kernels`).
 
 Importing this package is cheap and works without a GPU: it registers the torch.library ops and
-their FLOP formulas; the Triton kernels are imported and compiled only when the 'triton' backend is
-first used.
+their FLOP formulas (every backend module is imported with the backend table); the Triton kernels
+are imported and compiled only when the 'triton' backend is first used.
 """
-from . import _custom_op  # noqa: F401  (registers the ops and FLOP formulas before any FlopCounterMode exists)
 from .lora_linear import BACKENDS, get_backend, lora_linear, resolve_backend, set_backend
 
 __all__ = ["BACKENDS", "get_backend", "lora_linear", "resolve_backend", "set_backend"]

@@ -12,7 +12,8 @@ single store, so the M x N output is written once. Column tiles that no LoRA seg
 range of a q/v-only qkv) skip every low-rank load and FLOP.
 
 The small reductions over M (dA = s dS^T x, dB = s dY_i^T S_i, the gate's d g) and the M x R
-products are left to torch.mm: they are a few percent of the FLOPs and cuBLAS runs them well.
+products are left to torch.mm (kernels/_fused.py): they are a few percent of the FLOPs and cuBLAS
+runs them well.
 Segments: several (A_i, B_i) are stacked into A_cat (R_tot x K) and a zero-padded B_cat (N x R_tot),
 so q and v (and any gate pattern) are one launch.
 
@@ -24,8 +25,6 @@ import functools
 import torch
 import triton
 import triton.language as tl
-
-from ._torch_path import gate_grad
 
 
 def _empty(shape, dtype, device):
@@ -274,54 +273,20 @@ def _small_config(x, rank):
     return cfg
 
 
-def lora_backward(dy, x, weight, a_list, b_list, starts, scale, n_active, need_x, need_a, need_b, need_g):
-    """Gradients of lora_forward. The first n_active segments have g = 1; the rest are probes (g = 0,
-    only the gate's straight-through gradient). Returns dx, [dA_i], [dB_i], [d g_i] (None where not
-    needed). dX is one launch (dY W + s (dY B) A with dY B accumulated in its loop); the rest is
-    M x R work on torch.mm."""
-    m, k = x.shape
-    n_out = weight.shape[0]
-    n_seg = len(a_list)
-    ranks = [a.shape[0] for a in a_list]
-    offs = [sum(ranks[:i]) for i in range(n_seg)]
-    dy_seg = [dy[:, s:s + b.shape[0]] for s, b in zip(starts, b_list)]  # (M, n_i) views
-    da, db, dg = [None] * n_seg, [None] * n_seg, [None] * n_seg
-    dx, ds_act = None, None
-    act_a, act_b, act_starts = a_list[:n_active], b_list[:n_active], starts[:n_active]
-    if n_active:
-        a_cat, b_cat = stack_segments(act_a, act_b, act_starts, n_out)
-        rank = a_cat.shape[0]
-    if need_x:
-        dx = _empty((m, k), dy.dtype, dy.device)
-        if n_active and rank <= MAX_FUSED_RANK:
-            ds_act = _empty((m, rank), torch.float32, dy.device)  # (M, R_tot) fp32, straight from the accumulator
-            _launch(dy, weight, dx, u=b_cat, l=ds_act, v=a_cat, rank=rank, scale=scale,
-                    pranges=((0, k),), qranges=_col_ranges(act_b, act_starts), fuse=True, store_l=True)
-        elif n_active:
-            ds_act = dy @ b_cat
-            _launch(dy, weight, dx, l=ds_act, v=a_cat, rank=rank, scale=scale, pranges=((0, k),))
-        else:
-            _launch(dy, weight, dx)
-    elif n_active and (any(need_a[:n_active]) or any(need_g[:n_active])):
-        ds_act = dy @ b_cat
-    if n_active and any(need_a[:n_active]):
-        da_cat = (ds_act.to(x.dtype).t() @ x).mul_(scale)  # (R_tot, K)
-        for i in range(n_active):
-            if need_a[i]:
-                da[i] = da_cat[offs[i]:offs[i] + ranks[i]]
-    want_s = [(i < n_active and need_b[i]) or need_g[i] for i in range(n_seg)]
-    if any(want_s):
-        s_all = x @ (a_list[0] if n_seg == 1 else torch.cat(a_list)).t()  # (M, sum R_i) recomputed
-        for i in range(n_seg):
-            if not want_s[i]:
-                continue
-            s_i = s_all[:, offs[i]:offs[i] + ranks[i]]
-            if i < n_active and need_b[i]:
-                db[i] = (dy_seg[i].t() @ s_i).mul_(scale)  # (n_i, R_i)
-            if need_g[i]:
-                ds_i = ds_act[:, offs[i]:offs[i] + ranks[i]] if i < n_active else None
-                dg[i] = gate_grad(dy_seg[i], x, a_list[i], b_list[i], scale, ds_i, s_i).float()
-    for i in range(n_active, n_seg):  # probes: A and B get exact zeros
-        da[i] = torch.zeros_like(a_list[i]) if need_a[i] else None
-        db[i] = torch.zeros_like(b_list[i]) if need_b[i] else None
-    return dx, da, db, dg
+def lora_input_grad(dy, weight, a_list, b_list, starts, scale):
+    """The dX pass: dX = dY W + s (dY B_cat) A_cat in one launch, with dY B accumulated in its Q loop
+    and handed back as dS (M, R_tot) in fp32, straight from the accumulator. Above MAX_FUSED_RANK,
+    dS is computed first, per segment in fp32 (the gate's gradient sums it), and read by the launch."""
+    m, n_out = dy.shape
+    k = weight.shape[1]
+    a_cat, b_cat = stack_segments(a_list, b_list, starts, n_out)
+    rank = a_cat.shape[0]
+    dx = _empty((m, k), dy.dtype, dy.device)
+    if rank <= MAX_FUSED_RANK:
+        ds = _empty((m, rank), torch.float32, dy.device)
+        _launch(dy, weight, dx, u=b_cat, l=ds, v=a_cat, rank=rank, scale=scale, pranges=((0, k),),
+                qranges=_col_ranges(b_list, starts), fuse=True, store_l=True)
+    else:
+        ds = torch.cat([dy[:, s:s + b.shape[0]].float() @ b.float() for s, b in zip(starts, b_list)], dim=1)
+        _launch(dy, weight, dx, l=ds.to(dy.dtype), v=a_cat, rank=rank, scale=scale, pranges=((0, k),))
+    return dx, ds

@@ -6,33 +6,44 @@ Example, timm's fused qkv (embed dim D = 768) with LoRA on q and v, rank 8:
     y = lora_linear(x, qkv.weight, qkv.bias, [a_q, a_v], [b_q, b_v], [0, 2 * 768], scale=2.0)
     # x (B, 197, 768) -> y (B, 197, 2304); a_* (8, 768), b_* (768, 8); k columns [768, 1536) untouched
 
-Backends (`--kernels`): 'reference' (plain autograd, the ground truth), 'torch' (the CPU fast path:
-in-place accumulation into the base GEMM output), 'triton' (fused GPU kernels), 'auto' (Triton for
-CUDA tensors, torch otherwise). The backend is resolved per call from the input's device.
+Backends (`--kernels`, BACKEND_TABLE below): 'reference' (plain autograd, the ground truth), 'torch'
+(the CPU fast path: in-place accumulation into the base GEMM output), 'triton' (fused GPU kernels),
+'auto' (Triton for CUDA tensors, torch otherwise). The backend is resolved per call from the
+input's device.
 
-Gates make selective LoRA cheap: a gate that is 0 (a Python 0. or a 0-dim tensor holding 0 that does
-not require grad) removes its segment from the call, so A_i and B_i are never read and no low-rank
-FLOPs are spent forward or backward. A 0-gate that requires grad costs only its straight-through
-gradient, d g_i = s * sum((dY_i B_i) * (x A_i^T)), in backward. Reading a tensor gate's value costs a
-host sync on CUDA; pass Python floats where the value is static.
+Gates make selective LoRA cheap. A static gate (None, 1., or 0.) costs no read; a 0 removes its
+segment from the call, so A_i and B_i are never read and no low-rank FLOPs are spent forward or
+backward: the gated-block skip. So does a 0-dim tensor gate holding 0 that does not require grad,
+but reading it costs a host sync on CUDA (pass Python floats where the value is static). A tensor
+gate that requires grad (the straight-through gate while gates are searched) is never read on the
+host: the segment is computed and its update multiplied by g on the device, and backward adds the
+gate's gradient d g_i = s * sum((dY_i B_i) * (x A_i^T)) in fp32. A probe (such a gate at 0) thus
+costs an active segment's FLOPs forward and backward, for a train step without host syncs.
 
 Weight and bias are frozen: they never receive a gradient, even if they require one (they are
 detached, not asserted, so that a model whose base is not yet frozen still runs).
 
 Under autocast, the torch and triton backends cast every operand (residual too) to the autocast
-dtype themselves, as autocast does for F.linear. Under torch.compile, calls with tensor gates take a
-branch-free form (the gate multiplies the update; no skip), since reading a gate would break the
-graph. DeepSpeed ZeRO-3 gathers W only inside its owning module's forward: call lora_linear there,
-with the weight passed in as an argument (as the adapters do).
+dtype themselves, as autocast does for F.linear. Under torch.compile both are one registered custom
+op in the graph (no graph break, with static or tensor gates); no gate is read there, so a frozen
+tensor gate at 0 is computed and multiplied, not skipped. DeepSpeed ZeRO-3 gathers W only inside
+its owning module's forward: call lora_linear there, with the weight passed in as an argument (as
+the adapters do).
 """
 import contextlib
-import os
-from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
-BACKENDS = ("auto", "triton", "torch", "reference")
+from . import _reference, _torch_path, _triton_path
+from ._backend import Segment
+
+# name -> backend (a module's BACKEND, see _backend.py); adding a backend is its module and a line here.
+BACKEND_TABLE = {
+    "triton": _triton_path.BACKEND,
+    "torch": _torch_path.BACKEND,
+    "reference": _reference.BACKEND,
+}
+BACKENDS = ("auto", *BACKEND_TABLE)
 _backend = "auto"
 
 
@@ -54,41 +65,21 @@ def _check_name(name):
     return name
 
 
-def _triton_interpret():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def resolve_backend(name=None, device=None):
     """The concrete backend for a call: 'auto' is Triton for CUDA tensors, the torch path otherwise.
 
-    `device` is the input's device (None: judge by whether CUDA exists at all). Asking for 'triton'
-    on a CPU tensor is only allowed when TRITON_INTERPRET=1 (the tests run the kernels that way).
+    `device` is the input's device (None: judge by whether CUDA exists at all). A backend that cannot
+    run there is a clear error (asking for 'triton' on a CPU tensor is only allowed when
+    TRITON_INTERPRET=1: the tests run the kernels that way).
     """
     name = _check_name(get_backend() if name is None else name)
     on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
     if name == "auto":
-        return "triton" if on_cuda and _triton_available() else "torch"
-    if name == "triton" and not on_cuda and not _triton_interpret():
-        raise ValueError("kernels backend 'triton' needs CUDA tensors (or TRITON_INTERPRET=1 to run the "
-                         "kernels on the CPU for testing); use 'auto' or 'torch' on this device")
+        return "triton" if on_cuda and BACKEND_TABLE["triton"].unavailable(on_cuda) is None else "torch"
+    reason = BACKEND_TABLE[name].unavailable(on_cuda)
+    if reason is not None:
+        raise ValueError(f"kernels backend {name!r} {reason}")
     return name
-
-
-def _triton_available():
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-@dataclass
-class Segment:
-    """One LoRA update: writes columns [start, start + n) with (x A^T) B^T, gated by gate_tensor (None: on)."""
-    a: torch.Tensor  # (R, K)
-    b: torch.Tensor  # (n, R)
-    start: int
-    gate_tensor: Optional[torch.Tensor] = None  # 0-dim, value exactly 0. or 1.; None means a static 1
 
 
 def _segments(weight, lora_a, lora_b, starts, gates):
@@ -120,7 +111,7 @@ def _segments(weight, lora_a, lora_b, starts, gates):
         if g not in (0.0, 1.0):
             raise ValueError(f"lora_linear: gate {i} is {g}; gates are hard indicators, 0. or 1.")
         if g == 1.0:
-            segs.append(Segment(a, b, start, None))
+            segs.append(Segment(a, b, start))
     return segs
 
 
@@ -144,12 +135,13 @@ def lora_linear(x, weight, bias, lora_a, lora_b, starts, scale, gates=None, resi
             raise ValueError(f"lora_linear: residual must have y's shape {(*lead, n_out)}, got {tuple(residual.shape)}")
         res2 = residual.reshape(-1, n_out)
     name = resolve_backend(backend, x.device)
-    if name != "reference":
+    impl = BACKEND_TABLE[name]
+    if impl.casts_operands:
         x2, weight, bias, segs, res2 = _match_dtypes(x2, weight, bias, segs, res2)
-    autocast_off = name != "reference" and torch.is_autocast_enabled(x.device.type)
     # Under autocast the operands are cast already (_match_dtypes): keep it so inside.
+    autocast_off = impl.casts_operands and torch.is_autocast_enabled(x.device.type)
     with torch.autocast(x.device.type, enabled=False) if autocast_off else contextlib.nullcontext():
-        return _dispatch(name, x2, weight, bias, segs, scale, res2).reshape(*lead, n_out)
+        return impl(x2, weight, bias, segs, scale, res2).reshape(*lead, n_out)
 
 
 def _match_dtypes(x, weight, bias, segs, residual):
@@ -159,7 +151,7 @@ def _match_dtypes(x, weight, bias, segs, residual):
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         cast = lambda t: None if t is None else t.to(dt)  # noqa: E731
-        segs = [Segment(cast(s.a), cast(s.b), s.start, s.gate_tensor) for s in segs]
+        segs = [Segment(cast(s.a), cast(s.b), s.start, s.gate) for s in segs]
         return cast(x), cast(weight), cast(bias), segs, cast(residual)
     named = [("weight", weight), ("bias", bias), ("residual", residual)]
     named += [(f"lora_a/lora_b of segment {i}", t) for i, s in enumerate(segs) for t in (s.a, s.b)]
@@ -168,16 +160,3 @@ def _match_dtypes(x, weight, bias, segs, residual):
             raise ValueError(f"lora_linear: {what} is {t.dtype} but x is {x.dtype}; cast them to one dtype "
                              f"or run under torch.autocast")
     return x, weight, bias, segs, residual
-
-
-def _dispatch(name, x2, weight, bias, segs, scale, res2):
-    if name == "reference":
-        from ._reference import lora_linear_reference
-        y = lora_linear_reference(x2, weight, bias, segs, float(scale), res2)
-    elif name == "torch":
-        from ._torch_path import lora_linear_torch
-        y = lora_linear_torch(x2, weight, bias, segs, float(scale), res2)
-    else:
-        from ._custom_op import lora_linear_triton
-        y = lora_linear_triton(x2, weight, bias, segs, float(scale), res2)
-    return y

@@ -66,3 +66,11 @@ def backend(request):
     if request.param == "triton":
         request.getfixturevalue("triton_poisoned")
     return request.param
+
+
+@pytest.fixture(params=["reference", "torch", "triton"])
+def any_backend(request):
+    """Every backend, the reference too; 'triton' as in `backend`."""
+    if request.param == "triton":
+        request.getfixturevalue("triton_poisoned")
+    return request.param

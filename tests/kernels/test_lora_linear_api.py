@@ -38,6 +38,15 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
         resolve_backend("triton", torch.device("cpu"))
 
 
+def test_without_triton_auto_is_torch_and_triton_is_a_clear_error(monkeypatch):
+    from kernels import _triton_path
+
+    monkeypatch.setattr(_triton_path, "_TRITON_INSTALLED", False)
+    assert resolve_backend("auto", torch.device("cuda")) == "torch"
+    with pytest.raises(ValueError, match="kernels backend 'triton' needs the triton package"):
+        resolve_backend("triton", torch.device("cuda"))
+
+
 def _args(case):
     return (case["x"], case["weight"], case["bias"], case["lora_a"], case["lora_b"], case["starts"], case["scale"])
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from lora_cases import ON, T0, T1, assert_matches_reference, make_case
+from lora_cases import ON, T0, T1, assert_matches_reference, make_case, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -15,3 +15,15 @@ def test_compiled_kernels_match_reference(dtype, m, k, r, layout, gates):
     case = make_case(m, k, r, layout=layout, gates=gates, residual=True, dtype=dtype, d=256, n_full=300,
                      device="cuda")
     assert_matches_reference(case, "triton")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_requiring_grad_gates_cause_no_host_sync(backend):
+    case = make_case(197, 768, 8, layout="qv", gates=(T1, T0), residual=True, dtype=torch.bfloat16, d=256,
+                     device="cuda")
+    assert_matches_reference(case, backend)  # also the warm-up: kernels compiled, segment ranges cached
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run(case, backend)  # forward and backward
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

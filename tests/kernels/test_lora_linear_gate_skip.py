@@ -13,16 +13,6 @@ import kernels
 from kernels._torch_path import merge_pays
 from lora_cases import OFF, ON, T0_FROZEN, make_case
 
-ALL_BACKENDS = ["reference", "torch", "triton"]
-
-
-@pytest.fixture(params=ALL_BACKENDS)
-def any_backend(request):
-    if request.param == "triton":
-        request.getfixturevalue("triton_poisoned")
-    return request.param
-
-
 def _nan_lora(case, segments):
     for i in segments:
         case["lora_a"][i] = torch.full_like(case["lora_a"][i], float("nan")).requires_grad_()
