@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 
 import torch
 from torch import nn
@@ -20,9 +21,10 @@ def init_distributed() -> tuple[int, int]:
     """Start torch.distributed through DeepSpeed; returns (rank, world size)."""
     import deepspeed
 
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:  # no launcher: a port no other run on this machine holds
+        os.environ["MASTER_PORT"] = str(_free_port())
     if int(os.environ["WORLD_SIZE"]) == 1:
         # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce on first use (about a
         # minute here); one process has nothing to reduce, so skip it.
@@ -31,6 +33,12 @@ def init_distributed() -> tuple[int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def micro_batch(batch_size: int, grad_accum: int, world: int) -> int:

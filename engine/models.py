@@ -10,6 +10,7 @@ the final norm (`forward_head(forward_features(x), pre_logits=True)`).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,13 +58,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
             return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read weights file {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        except Exception as e:  # truncated, or not safetensors at all
+            raise UserError(f"cannot read weights file {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    try:
+        with warnings.catch_warnings():  # the unpickler's protocol notes are not the user's business
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # garbage, or a pickle of more than tensors: torch's message advises unsafe loading
+        raise UserError(f"{path} is not a weights file: torch.load reads no state dict of tensors from it; "
+                        f"give a torch.save(model.state_dict()) file or a .safetensors file") from None
     for key in ("model", "state_dict", "teacher", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]

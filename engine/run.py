@@ -28,7 +28,7 @@ import torch
 import adapters
 import kernels
 
-from . import data
+from . import data, run_folder
 from .adapter_files import save_adapter
 from .config import RunConfig, parse_args, resolved_for_target, save_yaml
 from .distributed import gathered, init_distributed, micro_batch
@@ -159,6 +159,7 @@ def check_run(run_data: RunData, rt: Runtime) -> None:
     micro_batch(cfg.train.batch_size, cfg.train.grad_accum, rt.world)
     if len(run_data.train) < rt.world:
         raise UserError(f"the target's train split ({len(run_data.train)} images) is smaller than one batch per rank")
+    run_folder.check(cfg.out, cfg.name, _reuse(cfg))
 
 
 def make_loaders(run_data: RunData, pre: data.Preprocess, rt: Runtime) -> Loaders:
@@ -186,10 +187,17 @@ def make_loaders(run_data: RunData, pre: data.Preprocess, rt: Runtime) -> Loader
 
 
 def claim_run_dir(cfg: RunConfig, rt: Runtime) -> Path:
-    """Rank 0 names (and creates) the run folder; the other ranks learn its name from it."""
-    holder = [str(_new_run_dir(cfg)) if rt.main else None]
+    """Rank 0 claims the run folder (`engine.run_folder`); the other ranks learn its name, or its error."""
+    holder: list = [None]
+    if rt.main:
+        try:
+            holder = [str(run_folder.claim(cfg.out, cfg.name, cfg.strategy, _reuse(cfg)))]
+        except UserError as e:
+            holder = [e]
     if rt.world > 1:
         torch.distributed.broadcast_object_list(holder, src=0)
+    if isinstance(holder[0], UserError):
+        raise holder[0]
     return Path(holder[0])
 
 
@@ -307,14 +315,9 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _new_run_dir(cfg: RunConfig) -> Path:
-    name = cfg.name or f"{cfg.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.out) / name
-    if (run_dir / "results.json").exists():
-        raise UserError(f"run folder {run_dir} already holds results; pick another --name or remove it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.csv").unlink(missing_ok=True)
-    return run_dir
+def _reuse(cfg: RunConfig) -> str | None:
+    """How the user allows an existing run folder to be written into (`engine.run_folder.REUSE`)."""
+    return "overwrite" if cfg.overwrite else None
 
 
 def _limit(split: data.Split, limit: int | None, seed: int) -> data.Split:
