@@ -8,13 +8,13 @@ rule, and `REUSE` the ways it allows (`overwrite`: the old folder is removed fir
 """
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import time
 from pathlib import Path
 
 from .errors import UserError
+from .io import folder_problem
 
 REUSE = ("overwrite",)  # the ways to write into an existing run folder (--overwrite)
 
@@ -36,13 +36,9 @@ def check(out: str | Path, name: str | None, reuse: str | None = None) -> None:
     """Refuse, before any work and without creating anything, a run folder that cannot be claimed:
     `out` a file or not writable, or an explicit `name` that exists and may not be reused."""
     out = Path(out)
-    existing = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
-    if not existing.is_dir():
-        where = "is a file" if existing == out else f"is inside {existing}, a file"
-        raise UserError(f"--out {out} {where}, not a folder")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        why = "a read-only file system" if _read_only(existing) else "no write permission"
-        raise UserError(f"--out {out}: cannot create a run folder in {existing} ({why})")
+    problem = folder_problem(out)
+    if problem:
+        raise UserError(f"--out {out}: {problem}")
     if name is not None and (out / name).exists():
         may_reuse(out / name, reuse)
 
@@ -93,10 +89,3 @@ def _replace(run_dir: Path) -> None:
         run_dir.mkdir()
     except FileExistsError:
         raise UserError(f"run folder {run_dir} was claimed by another run while this one replaced it") from None
-
-
-def _read_only(path: Path) -> bool:
-    try:
-        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
-    except OSError as e:
-        return e.errno == errno.EROFS

@@ -68,7 +68,7 @@ def test_triton_kernels_without_cuda_are_refused_before_any_feature(tmp_path, ca
 def test_out_pointing_at_a_file_is_refused(tmp_path, capsys, no_work):
     (tmp_path / "runs").write_text("a file\n")
     assert refused(capsys, tmp_path, "--out", str(tmp_path / "runs")) == \
-        f"error: --out {tmp_path / 'runs'} is a file, not a folder"
+        f"error: --out {tmp_path / 'runs'}: {tmp_path / 'runs'} is a file, not a folder"
 
 
 def test_a_garbage_pth_is_not_a_weights_file_and_no_pickle_advice(tmp_path, capsys, no_work):

@@ -126,4 +126,4 @@ def test_out_on_a_read_only_file_system_is_one_line(tmp_path):
                           cwd=ROOT, env=user_env(), capture_output=True, text=True)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
-        f"error: --out {ro / 'runs'}: cannot create a run folder in {ro} (a read-only file system)"]
+        f"error: --out {ro / 'runs'}: cannot create files in {ro} (a read-only file system)"]
