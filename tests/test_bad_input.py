@@ -60,7 +60,8 @@ def test_what_only_the_model_can_judge_is_refused_before_any_feature(tmp_path, c
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="Triton runs here")
-def test_triton_kernels_without_cuda_are_refused_before_any_feature(tmp_path, capsys, no_work):
+def test_triton_kernels_without_cuda_are_refused_before_any_feature(tmp_path, capsys, no_work, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # the kernel tests' session sets it
     assert "--kernels triton: kernels backend 'triton' needs CUDA" in refused(capsys, tmp_path / "runs",
                                                                                 "--kernels", "triton")
 

@@ -75,24 +75,38 @@ def test_two_runs_started_together_never_share_a_folder(tmp_path):
     assert all(f.name.startswith(tuple(taken)) and f.name not in taken for f in folders)
 
 
-def test_an_interrupted_runs_folder_is_never_written_into(tmp_path, capsys):
-    """A run killed with SIGKILL after its first checkpoint; the same --name again is refused and
-    the folder (metrics.csv, checkpoints/best) is left exactly as the killed run left it."""
-    out = tmp_path / "runs"
-    run_dir = out / "kill9"
-    proc = start_run(out, tmp_path / "kill9.log", "--name", "kill9", "--steps", "500", "--eval-every", "1")
+@pytest.fixture(scope="module")
+def interrupted_run(tmp_path_factory):
+    """A run killed with SIGKILL after its first checkpoint, as a crash or an OOM killer leaves it."""
+    root = tmp_path_factory.mktemp("kill9")
+    run_dir = root / "runs" / "kill9"
+    proc = start_run(root / "runs", root / "kill9.log", "--name", "kill9", "--steps", "500", "--eval-every", "1")
     try:
         assert wait_until(lambda: (run_dir / "checkpoints/best/adapter.json").is_file()
-                          and (run_dir / "metrics.csv").is_file(), [proc]), (tmp_path / "kill9.log").read_text()
+                          and (run_dir / "metrics.csv").is_file(), [proc]), (root / "kill9.log").read_text()
     finally:
         kill([proc])
+    return run_dir, (root / "kill9.log").read_text()
+
+
+def test_an_interrupted_runs_folder_is_never_written_into(interrupted_run, capsys):
+    """The same --name again is refused, and the folder (metrics.csv, checkpoints/best) stays
+    exactly as the killed run left it."""
+    run_dir, _ = interrupted_run
     before = snapshot(run_dir)
-    code = main([*SMALL, "--steps", "2", "--out", str(out), "--name", "kill9", "--seed", "3"])
+    code = main([*SMALL, "--steps", "2", "--out", str(run_dir.parent), "--name", "kill9", "--seed", "3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err == [f"error: run folder {run_dir} already exists; pick another --name, or pass --overwrite "
                    f"to replace it"]
     assert snapshot(run_dir) == before
+
+
+def test_a_real_runs_output_holds_no_deepspeed_chatter(interrupted_run):
+    """DeepSpeed's accelerator line (on import) and optimiser banner (at initialize) need --verbose."""
+    _, log = interrupted_run
+    assert "step 1:" in log  # the log reaches past DeepSpeed's start-up
+    assert "Setting accelerator" not in log and "untested optimizer" not in log and "[WARNING]" not in log
 
 
 def test_a_taken_default_name_gets_the_next_free_suffix(tmp_path, monkeypatch):
