@@ -2,7 +2,9 @@
 
 `RESULT_KEYS` is a stable contract (DESIGN.md, "Run artefacts"): tools and tests read these files.
 Accuracies are percentages; `forgetting` = source_knn_before - source_knn_after and
-`mean` = (target_top1 + source_knn_after) / 2, as in the paper.
+`mean` = (target_top1 + source_knn_after) / 2, as in the paper. The measures are rounded to 4
+decimals; the run's facts (`RUN_FACTS`: lr, ...) are kept as given, and the package versions
+(`VERSION_KEYS`, `<package>_version`) are added here.
 """
 from __future__ import annotations
 

@@ -28,7 +28,7 @@ import torch
 import adapters
 import kernels
 
-from . import data, run_folder
+from . import data, progress, run_folder
 from .adapter_files import save_adapter
 from .config import RunConfig, parse_args, resolved_for_target, save_yaml
 from .distributed import gathered, init_distributed, micro_batch
@@ -39,7 +39,6 @@ from .knn import knn_accuracy
 from .metrics import gflops_per_image, inference_throughput, parameter_counts, peak_memory_mb
 from .models import apply_strategy, build_backbone, check_strategy, restore_model, timm_spec
 from .precision import PRECISIONS
-from .progress import close_bars, say
 from .report import build_results, format_table, write_results
 from .train import TrainingDiverged, TrainResult, train
 
@@ -66,7 +65,7 @@ def _fail(line: str, status: int) -> int:
     first), and return the exit status. Under torchrun every rank that stops says why (rank N > 0
     as `rank N: ...`): torchrun ends the other ranks as soon as one exits, so no rank can wait to
     let rank 0 speak for all."""
-    close_bars()
+    progress.close_bars()
     rank = int(os.environ.get("RANK", "0"))
     print(line if rank == 0 else f"rank {rank}: {line}", file=sys.stderr, flush=True)
     return status
@@ -111,7 +110,7 @@ class Runtime:
     def say(self, line: str) -> None:
         """Print on rank 0 only: under torchrun the other ranks would repeat it."""
         if self.main:
-            say(line)
+            progress.say(line)
 
 
 @dataclass

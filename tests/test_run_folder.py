@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine import run_folder
 from engine.errors import UserError
 from engine.run import main
 
@@ -110,6 +109,8 @@ def test_a_real_runs_output_holds_no_deepspeed_chatter(interrupted_run):
 
 
 def test_a_taken_default_name_gets_the_next_free_suffix(tmp_path, monkeypatch):
+    from engine import run_folder
+
     monkeypatch.setattr(run_folder, "default_name", lambda strategy: f"{strategy}-T")
     (tmp_path / "lora-T").mkdir()
     (tmp_path / "lora-T-2").mkdir()
@@ -118,6 +119,8 @@ def test_a_taken_default_name_gets_the_next_free_suffix(tmp_path, monkeypatch):
 
 
 def test_an_explicit_name_that_exists_is_refused_unless_overwrite(tmp_path):
+    from engine import run_folder
+
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "metrics.csv").write_text("step\n1\n")
     with pytest.raises(UserError, match="already exists"):

@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import engine.evaluate
 from engine.errors import UserError
 from engine.run import main
 
@@ -102,36 +101,23 @@ class Terminal(io.StringIO):
         return True
 
 
-def screen(text: str) -> list[str]:
-    """The lines a terminal shows for `text`: a carriage return goes back to the line's start."""
-    lines = []
-    for raw in text.split("\n"):
-        line = ""
-        for part in raw.split("\r"):
-            line = part + line[len(part):]
-        lines.append(line.rstrip())
-    return [line for line in lines if line]
-
-
 def test_an_error_under_a_progress_bar_starts_on_a_fresh_line_and_stays_last(tmp_path, monkeypatch):
-    """The k-NN bank's second batch fails (as an unreadable image past the limit would)."""
-    calls = []
-    real = engine.evaluate.features
+    """Training stops at step 2 (as on an unreadable image past the limit) while its bar is drawn."""
+    from adapters.base import Strategy
 
-    def features(model, images):
-        calls.append(1)
-        if len(calls) == 2:
+    def extra_loss(self, model, step, total_steps):
+        if step == 2:
             raise UserError("an unreadable image, more than data.max_bad_images")
-        return real(model, images)
+        return None
 
-    monkeypatch.setattr(engine.evaluate, "features", features)
+    monkeypatch.setattr(Strategy, "extra_loss", extra_loss)
     terminal = Terminal()
     with contextlib.redirect_stderr(terminal):
-        code = main([*TINY, "--out", str(tmp_path), "eval.batch_size=64"])
+        code = main([*TINY, "--steps", "3", "--out", str(tmp_path)])
     assert code == 2
-    shown = screen(terminal.getvalue())
-    assert any("k-NN bank" in line for line in terminal.getvalue().split("\r"))  # a bar was drawn
-    assert shown[-1] == "error: an unreadable image, more than data.max_bad_images"
+    text = terminal.getvalue()
+    assert "\rtrain:  33%" in text  # the bar was drawn
+    assert text.endswith("\nerror: an unreadable image, more than data.max_bad_images\n")
 
 
 def user_env() -> dict:
