@@ -53,6 +53,7 @@ class DataConfig:
     hflip: float | None = None           # horizontal-flip probability in training
     knn_train_limit: int | None = None  # cap on the k-NN bank (source train); None = all
     knn_test_limit: int | None = None   # cap on the k-NN queries (source test); None = all
+    max_bad_images: int = 100         # unreadable images skipped (and named) before the run stops with the list
 
 
 @dataclass
@@ -90,6 +91,8 @@ class RunConfig:
     name: str | None = None           # run folder name; None = <strategy>-<timestamp>
     out: str = "runs"
     seed: int = 0
+    overwrite: bool = False           # an existing run folder of the same --name is replaced
+    verbose: bool = False             # DeepSpeed's own log lines too
     dry_run: bool = False
     json: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -134,6 +137,8 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--seed", "seed", "seed of the initialisation, the data order and the augmentation"),
     ("--name", "name", "run folder name under --out (default: <strategy>-<time>)"),
     ("--out", "out", "folder for run folders"),
+    ("--overwrite", "overwrite", "replace an existing run folder of the same --name (else it is refused)"),
+    ("--verbose", "verbose", "also show DeepSpeed's log lines"),
     ("--dry-run", "dry_run", "build the model, print parameters and GFLOPs, exit (no data, weights or training)"),
     ("--json", "json", "with --dry-run: print one JSON object"),
 )
@@ -164,6 +169,7 @@ _RANGES = {
     "data.hflip": ("in [0, 1]", lambda v: 0 <= v <= 1),
     "data.knn_train_limit": _POSITIVE,
     "data.knn_test_limit": _POSITIVE,
+    "data.max_bad_images": _NON_NEGATIVE,
     "train.steps": _POSITIVE,
     "train.eval_every": _POSITIVE,
     "train.lr": _POSITIVE,

@@ -6,7 +6,10 @@ process needs no launcher; `torchrun` or the `deepspeed` launcher set RANK / WOR
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
 import os
+import socket
 
 import torch
 from torch import nn
@@ -16,21 +19,50 @@ from .errors import UserError
 ZERO_STAGES = (0, 1, 2, 3)
 
 
-def init_distributed() -> tuple[int, int]:
-    """Start torch.distributed through DeepSpeed; returns (rank, world size)."""
+def init_distributed(verbose: bool = False) -> tuple[int, int]:
+    """Start torch.distributed through DeepSpeed; returns (rank, world size). DeepSpeed's own log
+    lines (its accelerator, its optimiser notes, the build of its CPU all-reduce) are shown only
+    when `verbose`, and on rank 0."""
+    show = verbose and int(os.environ.get("RANK", "0")) == 0
+    _show_deepspeed_log(show)
     import deepspeed
 
-    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
-                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(29500 + os.getpid() % 1000))):
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
         os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:  # no launcher: a port no other run on this machine holds
+        os.environ["MASTER_PORT"] = str(_free_port())
     if int(os.environ["WORLD_SIZE"]) == 1:
         # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce on first use (about a
         # minute here); one process has nothing to reduce, so skip it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        # it prints (not logs) a line when it has built its shared-memory all-reduce
+        with contextlib.nullcontext() if show else contextlib.redirect_stdout(io.StringIO()):
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+class _ErrorsOnly(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.ERROR
+
+
+def _show_deepspeed_log(show: bool) -> None:
+    """DeepSpeed logs to its "DeepSpeed" logger from its import on; a filter set on that logger before
+    the import keeps all but its errors out of the user's output (or lets them all through again)."""
+    for name in ("DeepSpeed", "torch.utils.cpp_extension"):  # the latter: notes while DeepSpeed builds its ops
+        logger = logging.getLogger(name)
+        for f in [f for f in logger.filters if isinstance(f, _ErrorsOnly)]:
+            logger.removeFilter(f)
+        if not show:
+            logger.addFilter(_ErrorsOnly())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def micro_batch(batch_size: int, grad_accum: int, world: int) -> int:

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .models import features
 from .precision import autocast
+from .progress import progress_bar
 
 
 @torch.no_grad()
@@ -15,7 +15,7 @@ def extract_features(model: nn.Module, loader, device: torch.device, autocast_dt
     """Backbone features (fp32, CPU) and labels for every sample the loader yields."""
     model.eval()
     feats, labels = [], []
-    for images, target in tqdm(loader, desc=desc, leave=False, disable=not progress):
+    for images, target in progress_bar(loader, desc=desc, show=progress):
         with autocast(device, autocast_dtype):
             f = features(model, images.to(device, non_blocking=True))
         feats.append(f.float().cpu())
@@ -29,7 +29,7 @@ def top1_accuracy(model: nn.Module, loader, device: torch.device, autocast_dtype
     """Top-1 accuracy in percent of the model's logits over one pass of the loader."""
     model.eval()
     correct = total = 0
-    for images, target in tqdm(loader, desc=desc, leave=False, disable=not progress):
+    for images, target in progress_bar(loader, desc=desc, show=progress):
         with autocast(device, autocast_dtype):
             logits = model(images.to(device, non_blocking=True))
         correct += int((logits.argmax(dim=1).cpu() == target.cpu()).sum())

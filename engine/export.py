@@ -1,14 +1,20 @@
 """`python -m engine.export RUN_DIR --merged OUT.safetensors`: a fine-tuned model that timm alone can load.
 
-Rebuilds the run's base backbone (from its config.yaml), loads the run's adapter onto it, finalises it
-(LoRA merged into the frozen weights, inactive selective-LoRA blocks dropped, expanded blocks kept as
-ordinary blocks) and writes a plain timm state dict. Next to it, OUT.json holds the timm model name and
-the kwargs that rebuild the architecture (depth includes any expanded blocks; num_classes the head);
-the same two entries are in the safetensors metadata. Loading it needs nothing from this project:
+Rebuilds the run's base backbone (from its config.yaml), loads the run's adapter onto it (the
+finished run's `adapter/`, or with `--checkpoint best|last` a checkpoint of a run that did not
+finish), finalises it (LoRA merged into the frozen weights, inactive selective-LoRA blocks dropped,
+expanded blocks kept as ordinary blocks) and writes a plain timm state dict. Next to it, OUT.json
+holds what timm needs (`engine.models.timm_spec`): the model name with its pretrained tag, the
+kwargs that rebuild the architecture (depth includes any expanded blocks; num_classes the head) and
+`pretrained_cfg`, the preprocessing the engine used; the same entries are in the safetensors
+metadata. Loading it needs nothing from this project (the README's "Load an exported model with
+timm" shows it, on an image):
 
     spec = json.load(open("OUT.json"))
-    model = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
+    model = timm.create_model(spec["name"], pretrained=False, pretrained_cfg_overlay=spec["pretrained_cfg"],
+                              **spec["kwargs"])
     model.load_state_dict(safetensors.torch.load_file("OUT.safetensors"))
+    transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model))
 """
 from __future__ import annotations
 
@@ -22,41 +28,70 @@ from torch import nn
 from .adapter_files import CONFIG
 from .config import build_config
 from .errors import UserError
-from .io import atomic_write_json, atomic_write_safetensors
+from .io import atomic_write_json, atomic_write_safetensors, folder_problem
 from .models import restore_model, timm_spec
+
+CHECKPOINTS = ("best", "last")  # run_dir/checkpoints/<tag>, as engine.run's train loop writes them
 
 
 def write_merged(model: nn.Module, out: str | Path, strategy_name: str) -> dict:
-    """Write `model`'s state dict to `out` and its timm spec to `out` with a .json suffix; return the spec.
+    """Write `model`'s state dict to `out` and its timm spec to `out` with a .json suffix; return the sidecar.
 
     The spec comes from the model itself (`timm_spec`), so expanded blocks and the new head are
     always described correctly.
     """
     out = Path(out)
-    if out.suffix != ".safetensors":
-        raise UserError(f"--merged must name a .safetensors file, got {out}")
+    check_destination(out)
     spec = timm_spec(model)
-    sidecar = {"name": spec["name"], "kwargs": spec["kwargs"], "strategy": strategy_name}
-    metadata = {"timm_model": spec["name"], "timm_kwargs": json.dumps(spec["kwargs"]), "strategy": strategy_name}
-    atomic_write_safetensors(out, model.state_dict(), metadata=metadata)
-    atomic_write_json(out.with_suffix(".json"), sidecar)
+    sidecar = {**spec, "strategy": strategy_name}
+    metadata = {"timm_model": spec["name"], "timm_kwargs": json.dumps(spec["kwargs"]),
+                "timm_pretrained_cfg": json.dumps(spec["pretrained_cfg"]), "strategy": strategy_name}
+    try:
+        atomic_write_safetensors(out, model.state_dict(), metadata=metadata)
+        atomic_write_json(out.with_suffix(".json"), sidecar)
+    except OSError as e:  # the disk filled up, or the folder changed since the check
+        raise UserError(f"--merged {out}: cannot write it ({e.strerror or e})") from None
     return sidecar
 
 
-def export_run(run_dir: str | Path, out: str | Path) -> dict:
-    """Export the run folder's adapter (its best checkpoint) merged into its base model; return the spec."""
-    run_dir = Path(run_dir)
+def check_destination(out: Path) -> None:
+    """Refuse a --merged path that cannot be written, before the model is built."""
+    if out.suffix != ".safetensors":
+        raise UserError(f"--merged must name a .safetensors file, got {out}")
+    problem = folder_problem(out.parent) or (f"{out} is a folder" if out.is_dir() else None)
+    if problem:
+        raise UserError(f"--merged {out}: {problem}")
+
+
+def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | None = None) -> dict:
+    """Export the run folder's adapter (the finished run's `adapter/`, or `checkpoints/<checkpoint>`)
+    merged into its base model; return the sidecar."""
+    run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist")
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise UserError(f"{run_dir} is not a run folder: it has no config.yaml (written by python -m engine.run)")
-    adapter_dir = run_dir / "adapter"
+    check_destination(out)
+    adapter_dir = run_dir / "adapter" if checkpoint is None else run_dir / "checkpoints" / checkpoint
     if not (adapter_dir / CONFIG).is_file():
-        raise UserError(f"{run_dir} has no adapter (adapter/adapter.json): the run did not finish; "
-                        f"its checkpoints/ folder may hold one to export instead")
+        raise UserError(_no_adapter(run_dir, checkpoint))
     model, strategy = restore_model(build_config(config), adapter_dir)
     return write_merged(strategy.finalize(model).eval(), out, strategy.name)
+
+
+def _no_adapter(run_dir: Path, checkpoint: str | None) -> str:
+    """Which of the run's checkpoints exist (with their step), for the error that finds no adapter."""
+    found = []
+    for tag in CHECKPOINTS:
+        info = run_dir / "checkpoints" / tag / "trainer.json"
+        if (run_dir / "checkpoints" / tag / CONFIG).is_file() and info.is_file():
+            found.append(f"--checkpoint {tag} (step {json.loads(info.read_text())['step']})")
+    missing = (f"{run_dir} has no adapter (adapter/{CONFIG}): the run did not finish" if checkpoint is None
+               else f"{run_dir} has no checkpoints/{checkpoint}")
+    if not found:
+        return f"{missing}, and it wrote no checkpoint (it stopped before its first evaluation)"
+    return f"{missing}; export one of its checkpoints instead: {' or '.join(found)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,14 +99,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (runs/<name>) holding config.yaml and adapter/")
     p.add_argument("--merged", metavar="OUT.safetensors", required=True,
                    help="where to write the merged timm state dict (OUT.json is written beside it)")
+    p.add_argument("--checkpoint", choices=CHECKPOINTS, default=None,
+                   help="export checkpoints/best or checkpoints/last (a run that did not finish) instead of "
+                        "the finished run's adapter/ (default)")
     args = p.parse_args(argv)
     try:
-        spec = export_run(args.run_dir, args.merged)
+        spec = export_run(args.run_dir, args.merged, args.checkpoint)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.merged} ({spec['strategy']} merged): timm.create_model({spec['name']!r}, "
-          f"pretrained=False, **{Path(args.merged).with_suffix('.json')}['kwargs'])")
+    print(f"wrote {args.merged} ({spec['strategy']} merged): timm.create_model({spec['name']!r}, pretrained=False, "
+          f"pretrained_cfg_overlay=spec['pretrained_cfg'], **spec['kwargs']) with spec = "
+          f"{Path(args.merged).with_suffix('.json')}")
     return 0
 
 

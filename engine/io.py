@@ -1,6 +1,8 @@
-"""Atomic file writes: a crash mid-write never leaves a half-written result or checkpoint."""
+"""Atomic file writes: a crash mid-write never leaves a half-written result or checkpoint; and the
+check, before any work, that a folder can be written at all."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import tempfile
@@ -42,6 +44,25 @@ def atomic_write_safetensors(path: str | Path, tensors: dict, metadata: dict[str
 
     cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
     return atomic_write(path, lambda tmp: save_file(cpu, tmp, metadata=metadata))
+
+
+def folder_problem(folder: str | Path) -> str | None:
+    """Why files cannot be created in `folder` (made with any missing parents), or None when they can."""
+    folder = Path(folder)
+    existing = next(p for p in (folder, *folder.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        why = "a read-only file system" if _read_only(existing) else "no write permission"
+        return f"cannot create files in {existing} ({why})"
+    return None
+
+
+def _read_only(path: Path) -> bool:
+    try:
+        return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
+    except OSError as e:
+        return e.errno == errno.EROFS
 
 
 def _umask() -> int:

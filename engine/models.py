@@ -10,6 +10,7 @@ the final norm (`forward_head(forward_features(x), pre_logits=True)`).
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from pathlib import Path
 
 import torch
@@ -57,13 +58,19 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        try:
             return load_file(str(path))
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserError(f"cannot read weights file {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        except Exception as e:  # truncated, or not safetensors at all
+            raise UserError(f"cannot read weights file {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    try:
+        with warnings.catch_warnings():  # the unpickler's protocol notes are not the user's business
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # garbage, or a pickle of more than tensors: torch's message advises unsafe loading
+        raise UserError(f"{path} is not a weights file: torch.load reads no state dict of tensors from it; "
+                        f"give a torch.save(model.state_dict()) file or a .safetensors file") from None
     for key in ("model", "state_dict", "teacher", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -107,14 +114,26 @@ def _strip_prefix(key: str) -> str:
 
 
 def timm_spec(model: nn.Module) -> dict:
-    """What `timm.create_model(name, pretrained=False, **kwargs)` needs to rebuild this architecture."""
+    """What timm alone needs to rebuild this model and preprocess its input as the engine did:
+    `timm.create_model(name, pretrained=False, pretrained_cfg_overlay=pretrained_cfg, **kwargs)`,
+    after which `timm.data.resolve_model_data_config` gives back `pretrained_cfg`.
+
+    `name` keeps the pretrained tag (`vit_small_patch16_224.dino`: its mean and std are ImageNet's,
+    the bare architecture's are 0.5); `pretrained_cfg` is the model's data config (input size,
+    interpolation, mean, std, crop_pct, crop_mode), which also covers the embedded ViT's 32 px.
+    """
+    from timm.data import resolve_model_data_config
+
     from .embedded import EMBEDDED_VIT
 
-    if getattr(model, "pretrained_cfg", {}).get("architecture") == EMBEDDED:
-        return {"name": "vit_tiny_patch16_224", "kwargs": dict(EMBEDDED_VIT, depth=len(model.blocks),
-                                                               num_classes=model.num_classes)}
-    arch = model.pretrained_cfg.get("architecture") or model.default_cfg.get("architecture")
-    return {"name": arch, "kwargs": {"depth": len(model.blocks), "num_classes": model.num_classes}}
+    data_config = {k: list(v) if isinstance(v, tuple) else v for k, v in resolve_model_data_config(model).items()}
+    cfg = model.pretrained_cfg
+    if cfg.get("architecture") == EMBEDDED:
+        name, kwargs = "vit_tiny_patch16_224", dict(EMBEDDED_VIT)
+    else:
+        name, kwargs = cfg["architecture"] + (f".{cfg['tag']}" if cfg.get("tag") else ""), {}
+    kwargs.update(depth=len(model.blocks), num_classes=model.num_classes)
+    return {"name": name, "kwargs": kwargs, "pretrained_cfg": data_config}
 
 
 def features(model: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -2,19 +2,30 @@
 
 `RESULT_KEYS` is a stable contract (DESIGN.md, "Run artefacts"): tools and tests read these files.
 Accuracies are percentages; `forgetting` = source_knn_before - source_knn_after and
-`mean` = (target_top1 + source_knn_after) / 2, as in the paper.
+`mean` = (target_top1 + source_knn_after) / 2, as in the paper. The measures are rounded to 4
+decimals; the run's facts (`RUN_FACTS`: lr, ...) are kept as given, and the package versions
+(`VERSION_KEYS`, `<package>_version`) are added here.
 """
 from __future__ import annotations
 
 import csv
 import io
+import platform
+import sys
 from pathlib import Path
 
 from .io import atomic_write_json, atomic_write_text
 
-RESULT_KEYS = ("strategy", "model", "trainable_params", "total_params", "target_top1", "source_knn_before",
-               "source_knn_after", "forgetting", "mean", "train_img_per_s", "infer_img_per_s", "peak_mem_mb",
-               "train_gflops_per_img", "infer_gflops_per_img", "wall_s")
+MEASURES = ("trainable_params", "total_params", "target_top1", "source_knn_before", "source_knn_after",
+            "forgetting", "mean", "train_img_per_s", "infer_img_per_s", "peak_mem_mb", "train_gflops_per_img",
+            "infer_gflops_per_img", "wall_s")
+# What makes two runs comparable without their config.yaml: the run's facts and the versions of the
+# packages it used (None for one it did not import, e.g. DALI under --loader torch).
+RUN_FACTS = ("target", "source", "seed", "steps", "lr", "batch_size", "precision", "loader")
+_VERSIONED = {"python": None, "torch": "torch", "torchvision": "torchvision", "timm": "timm",
+              "deepspeed": "deepspeed", "dali": "nvidia.dali", "numpy": "numpy", "pillow": "PIL"}
+VERSION_KEYS = tuple(f"{name}_version" for name in _VERSIONED)
+RESULT_KEYS = ("strategy", "model", *MEASURES, *RUN_FACTS, *VERSION_KEYS)
 OPTIONAL_KEYS = ("active_blocks", "total_blocks")
 
 _LABELS = {
@@ -27,9 +38,16 @@ _LABELS = {
 }
 
 
+def package_versions() -> dict[str, str | None]:
+    """`VERSION_KEYS` -> the version of each package as this process imported it."""
+    return {f"{name}_version": platform.python_version() if module is None
+            else getattr(sys.modules.get(module), "__version__", None) for name, module in _VERSIONED.items()}
+
+
 def build_results(values: dict) -> dict:
-    """Order and round the results; derive `forgetting` and `mean`; refuse missing or unknown keys."""
-    values = dict(values)
+    """Order and round the results; derive `forgetting` and `mean`; add the package versions;
+    refuse missing or unknown keys."""
+    values = {**package_versions(), **values}
     values["forgetting"] = values["source_knn_before"] - values["source_knn_after"]
     values["mean"] = (values["target_top1"] + values["source_knn_after"]) / 2
     missing = [k for k in RESULT_KEYS if k not in values]
@@ -37,7 +55,7 @@ def build_results(values: dict) -> dict:
     if missing or unknown:
         raise KeyError(f"results: missing {missing}, unknown {unknown}")
     keys = list(RESULT_KEYS) + [k for k in OPTIONAL_KEYS if k in values]
-    return {k: (round(values[k], 4) if isinstance(values[k], float) else values[k]) for k in keys}
+    return {k: (round(values[k], 4) if isinstance(values[k], float) and k in MEASURES else values[k]) for k in keys}
 
 
 def write_results(run_dir: Path, results: dict) -> None:
@@ -51,12 +69,13 @@ def write_results(run_dir: Path, results: dict) -> None:
 
 def format_table(results: dict, knn: dict | None = None) -> str:
     """A two-column table of the results, plus the k-NN accuracy at every k when given."""
-    rows = [(_LABELS.get(k, k), _fmt(v)) for k, v in results.items() if k not in ("strategy", "model")]
+    rows = [(_LABELS.get(k, k), _fmt(v)) for k, v in results.items() if k in MEASURES or k in OPTIONAL_KEYS]
     if knn:
         for k in sorted(knn["before"]):
             rows.append((f"source {k}-NN before / after %", f"{knn['before'][k]:.2f} / {knn['after'][k]:.2f}"))
     width = max(len(label) for label, _ in rows)
-    title = f"{results['strategy']} on {results['model']}"
+    title = (f"{results['strategy']} on {results['model']}: target {results['target']}, source {results['source']}, "
+             f"loader {results['loader']}")
     lines = [title, "-" * max(len(title), width + 14)]
     lines += [f"{label:<{width}}  {value:>12}" for label, value in rows]
     return "\n".join(lines)

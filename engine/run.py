@@ -28,7 +28,7 @@ import torch
 import adapters
 import kernels
 
-from . import data
+from . import data, progress, run_folder
 from .adapter_files import save_adapter
 from .config import RunConfig, parse_args, resolved_for_target, save_yaml
 from .distributed import gathered, init_distributed, micro_batch
@@ -51,16 +51,24 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
         return 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"error: {e}", 2)
     except TrainingDiverged as e:
         kept = (f"the last good checkpoint (step {e.last_good_step}) is kept in checkpoints/last"
                 if e.last_good_step else "no checkpoint had been written yet")
-        print(f"error: {e.what} at step {e.step}; training stopped, {kept}", file=sys.stderr)
-        return 3
+        return _fail(f"error: {e.what} at step {e.step}; training stopped, {kept}", 3)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+        return _fail("interrupted", 130)
+
+
+def _fail(line: str, status: int) -> int:
+    """Print the line that says why the run stopped, on a line of its own (progress bars closed
+    first), and return the exit status. Under torchrun every rank that stops says why (rank N > 0
+    as `rank N: ...`): torchrun ends the other ranks as soon as one exits, so no rank can wait to
+    let rank 0 speak for all."""
+    progress.close_bars()
+    rank = int(os.environ.get("RANK", "0"))
+    print(line if rank == 0 else f"rank {rank}: {line}", file=sys.stderr, flush=True)
+    return status
 
 
 def dry_run(cfg: RunConfig) -> int:
@@ -99,6 +107,11 @@ class Runtime:
     def main(self) -> bool:
         return self.rank == 0
 
+    def say(self, line: str) -> None:
+        """Print on rank 0 only: under torchrun the other ranks would repeat it."""
+        if self.main:
+            progress.say(line)
+
 
 @dataclass
 class RunData:
@@ -109,6 +122,7 @@ class RunData:
     train: data.Split
     val: data.Split
     num_classes: int
+    bad_images: data.BadImages  # unreadable images met so far (the scan's, then the loaders')
 
 
 @dataclass
@@ -125,7 +139,7 @@ def start(cfg: RunConfig) -> Runtime:
     _seed_everything(cfg.seed)
     if cfg.train.precision == "fp16" and not torch.cuda.is_available():
         raise UserError("--precision fp16 needs a CUDA device; use bf16 on the CPU")
-    rank, world = init_distributed()
+    rank, world = init_distributed(cfg.verbose)
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() \
         else torch.device("cpu")
     try:
@@ -135,13 +149,14 @@ def start(cfg: RunConfig) -> Runtime:
     return Runtime(rank, world, device)
 
 
-def read_data(cfg: RunConfig) -> RunData:
+def read_data(cfg: RunConfig, rt: Runtime) -> RunData:
     """Read (or scan) the target and source domains, resolve the target's augmentation, split off
     the validation set, and decide the head's class count."""
-    target = data.load_domain(cfg.data.target, cfg.data.data_root, cfg.seed, role="target")
-    source = data.load_domain(cfg.data.source, cfg.data.data_root, cfg.seed, role="source")
+    bad_images = data.BadImages(cfg.data.max_bad_images, say=rt.say)
+    target = data.load_domain(cfg.data.target, cfg.data.data_root, cfg.seed, role="target", bad_images=bad_images)
+    source = data.load_domain(cfg.data.source, cfg.data.data_root, cfg.seed, role="source", bad_images=bad_images)
     for note in target.notes + source.notes:
-        print(f"note: {note}")
+        rt.say(f"note: {note}")
     cfg = resolved_for_target(cfg, target.crop_scale_min, target.hflip)
     train_split, val_split = data.stratified_split(target.train, cfg.data.val_fraction, cfg.seed)
     if len(val_split) == 0:
@@ -149,7 +164,7 @@ def read_data(cfg: RunConfig) -> RunData:
     num_classes = cfg.model.num_classes or target.num_classes
     if num_classes < target.num_classes:
         raise UserError(f"--num-classes {num_classes} is below the target's {target.num_classes} classes")
-    return RunData(cfg, target, source, train_split, val_split, num_classes)
+    return RunData(cfg, target, source, train_split, val_split, num_classes, bad_images)
 
 
 def check_run(run_data: RunData, rt: Runtime) -> None:
@@ -159,13 +174,15 @@ def check_run(run_data: RunData, rt: Runtime) -> None:
     micro_batch(cfg.train.batch_size, cfg.train.grad_accum, rt.world)
     if len(run_data.train) < rt.world:
         raise UserError(f"the target's train split ({len(run_data.train)} images) is smaller than one batch per rank")
+    if rt.main:  # the run folder is rank 0's to claim, and may be taken by the time another rank looks
+        run_folder.check(cfg.out, cfg.name, _reuse(cfg))
 
 
 def make_loaders(run_data: RunData, pre: data.Preprocess, rt: Runtime) -> Loaders:
     cfg = run_data.cfg
     micro = micro_batch(cfg.train.batch_size, cfg.train.grad_accum, rt.world)
     common = dict(loader=cfg.data.loader, workers=cfg.data.workers, device=rt.device,
-                  dali_resize=cfg.data.dali_resize)
+                  dali_resize=cfg.data.dali_resize, bad_images=run_data.bad_images)
     eval_bs = cfg.eval.batch_size
 
     def eval_loader(split):
@@ -186,18 +203,26 @@ def make_loaders(run_data: RunData, pre: data.Preprocess, rt: Runtime) -> Loader
 
 
 def claim_run_dir(cfg: RunConfig, rt: Runtime) -> Path:
-    """Rank 0 names (and creates) the run folder; the other ranks learn its name from it."""
-    holder = [str(_new_run_dir(cfg)) if rt.main else None]
+    """Rank 0 claims the run folder (`engine.run_folder`); the other ranks learn its name, or its error."""
+    holder: list = [None]
+    if rt.main:
+        try:
+            holder = [str(run_folder.claim(cfg.out, cfg.name, cfg.strategy, _reuse(cfg)))]
+        except UserError as e:
+            holder = [e]
     if rt.world > 1:
         torch.distributed.broadcast_object_list(holder, src=0)
+    if isinstance(holder[0], UserError):
+        raise holder[0]
     return Path(holder[0])
 
 
 def measure_source(model, loaders: Loaders, cfg: RunConfig, num_source_classes: int, rt: Runtime) -> dict[int, float]:
     """Weighted k-NN accuracy (%) of `model`'s backbone features on the source domain, per k."""
     amp = PRECISIONS[cfg.train.precision]
-    bank, bank_y = extract_features(model, loaders.knn_bank, rt.device, amp, desc="k-NN bank")
-    query, query_y = extract_features(model, loaders.knn_query, rt.device, amp, desc="k-NN queries")
+    bank, bank_y = extract_features(model, loaders.knn_bank, rt.device, amp, desc="k-NN bank", progress=rt.main)
+    query, query_y = extract_features(model, loaders.knn_query, rt.device, amp, desc="k-NN queries",
+                                      progress=rt.main)
     return knn_accuracy(bank, bank_y, query, query_y, cfg.eval.knn_k, cfg.eval.knn_temperature,
                         num_classes=num_source_classes)
 
@@ -234,7 +259,7 @@ def measure(model, strategy, loaders: Loaders, cfg: RunConfig, num_source_classe
             rt: Runtime) -> tuple[float, dict[int, float], dict]:
     """Target top-1 and source k-NN of the finalised model, and its inference cost."""
     amp = PRECISIONS[cfg.train.precision]
-    target_top1 = top1_accuracy(model, loaders.test, rt.device, amp, desc="test")
+    target_top1 = top1_accuracy(model, loaders.test, rt.device, amp, desc="test", progress=rt.main)
     knn_after = measure_source(model, loaders, cfg, num_source_classes, rt)
     cost = {"infer_img_per_s": inference_throughput(model, pre.input_size, autocast_dtype=amp),
             "infer_gflops_per_img": gflops_per_image(model, pre.input_size), **strategy.metrics(model)}
@@ -257,7 +282,7 @@ def run(cfg: RunConfig) -> dict:
     """The whole protocol, phase by phase; returns the results dict it wrote to results.json."""
     wall = time.perf_counter()
     rt = start(cfg)
-    run_data = read_data(cfg)
+    run_data = read_data(cfg, rt)
     cfg = run_data.cfg
     check_run(run_data, rt)
 
@@ -265,6 +290,9 @@ def run(cfg: RunConfig) -> dict:
     backbone = build_backbone(cfg.model).to(rt.device)
     pre = data.Preprocess.from_model(backbone, crop_scale_min=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
     loaders = make_loaders(run_data, pre, rt)
+    loader = data.resolve_loader(cfg.data.loader)
+    rt.say(f"target {run_data.target.name}: {len(run_data.train)} train, {len(run_data.val)} val, "
+           f"{len(run_data.target.test)} test images; source {run_data.source.name}; loader {loader}")
     strategy = adapters.get_strategy(cfg.strategy, cfg.adapter)
 
     run_dir = claim_run_dir(cfg, rt)
@@ -272,8 +300,8 @@ def run(cfg: RunConfig) -> dict:
         save_yaml(cfg, run_dir / "config.yaml")
     source_classes = run_data.source.num_classes
     knn_before = measure_source(backbone, loaders, cfg, source_classes, rt)
-    print(f"source {cfg.eval.knn_report_k}-NN accuracy of the untouched backbone: "
-          f"{knn_before[cfg.eval.knn_report_k]:.2f}%")
+    rt.say(f"source {cfg.eval.knn_report_k}-NN accuracy of the untouched backbone: "
+           f"{knn_before[cfg.eval.knn_report_k]:.2f}%")
 
     base = {"model": cfg.model.name, "weights": cfg.model.weights, "num_classes": run_data.num_classes,
             "timm": timm_spec(backbone)}
@@ -282,7 +310,7 @@ def run(cfg: RunConfig) -> dict:
     steps = cfg.train.steps
     train_gflops = gflops_per_image(model, pre.input_size, train=True,
                                     extra_loss=lambda: strategy.extra_loss(model, steps, steps))
-    print(f"{cfg.strategy}: {trainable:,} trainable of {total:,} parameters")
+    rt.say(f"{cfg.strategy}: {trainable:,} trainable of {total:,} parameters")
     result = fine_tune(model, strategy, loaders, cfg, base, run_dir, rt)
 
     model, strategy = restore_best(cfg, run_dir, rt)
@@ -292,7 +320,10 @@ def run(cfg: RunConfig) -> dict:
         "strategy": cfg.strategy, "model": cfg.model.name, "trainable_params": trainable, "total_params": total,
         "target_top1": target_top1, "source_knn_before": knn_before[k], "source_knn_after": knn_after[k],
         "train_img_per_s": result.images_per_second, "peak_mem_mb": peak_memory_mb(rt.device),
-        "train_gflops_per_img": train_gflops, "wall_s": time.perf_counter() - wall, **cost})
+        "train_gflops_per_img": train_gflops, "wall_s": time.perf_counter() - wall, **cost,
+        "target": run_data.target.name, "source": run_data.source.name, "seed": cfg.seed, "steps": steps,
+        "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "precision": cfg.train.precision,
+        "loader": loader})
     if rt.main:
         report(results, {"before": knn_before, "after": knn_after}, result, run_dir)
     return results
@@ -307,14 +338,9 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _new_run_dir(cfg: RunConfig) -> Path:
-    name = cfg.name or f"{cfg.strategy}-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_dir = Path(cfg.out) / name
-    if (run_dir / "results.json").exists():
-        raise UserError(f"run folder {run_dir} already holds results; pick another --name or remove it")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "metrics.csv").unlink(missing_ok=True)
-    return run_dir
+def _reuse(cfg: RunConfig) -> str | None:
+    """How the user allows an existing run folder to be written into (`engine.run_folder.REUSE`)."""
+    return "overwrite" if cfg.overwrite else None
 
 
 def _limit(split: data.Split, limit: int | None, seed: int) -> data.Split:

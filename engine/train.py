@@ -22,13 +22,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .distributed import deepspeed_config, gathered, register_container_parameters
 from .evaluate import top1_accuracy
 from .metrics import sync
 from .optim import lr_lambda, make_optimizer
 from .precision import PRECISIONS, autocast
+from .progress import progress_bar
 
 # metrics.csv, one row per log point; eval-only columns are empty on the other rows.
 METRICS_COLUMNS = ("step", "train_loss", "lr", "skipped_steps", "train_img_per_s", "elapsed_s", "val_top1")
@@ -128,7 +128,7 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
     result = TrainResult()
     losses = _DeviceLoss(device)
     last_good: int | None = None
-    bar = tqdm(total=cfg.steps, desc="train", disable=not progress or rank != 0)
+    bar = progress_bar(total=cfg.steps, desc="train", leave=True, show=progress and rank == 0)
 
     def stop(step: int, what: str) -> TrainingDiverged:
         bar.close()
@@ -183,7 +183,7 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
         metrics = row(step, mean_loss)
         if evaluating:
             metrics["val_top1"] = val_top1 = top1_accuracy(engine.module, val_loader, device, amp, desc="val",
-                                                           progress=progress)
+                                                           progress=progress and rank == 0)
             result.history.append(metrics)
             info = {"step": step, "val_top1": val_top1}
             never_saved = step == cfg.steps and result.best_step == 0

@@ -118,3 +118,21 @@ def test_the_kernels_backend_is_a_train_setting_and_the_old_key_still_reads(tmp_
     path.write_text("adapter:\n  kernels: torch\n")
     assert build_config(str(path)).train.kernels == "torch"
     assert build_config(flags={"kernels": "reference"}).train.kernels == "reference"
+
+
+def test_every_numeric_key_has_a_range_or_choices():
+    """A number a user can set is checked: a range in _RANGES, choices, or the adapter section's own check."""
+    from engine import config
+
+    numeric = [key for key in config._flatten(RunConfig().to_dict())
+               if not key.startswith("adapter.") and config.key_hint(key) in (int, float, int | None, float | None)]
+    assert numeric and [key for key in numeric if key not in config._RANGES and key not in config._CHOICES] == []
+
+
+def test_help_shows_each_options_default():
+    from engine import config
+
+    help_text = " ".join(config.build_parser("p", "d").format_help().split())
+    for flag, key, _ in config.FLAGS:
+        if config.default(key) not in (None, False):
+            assert f"default: {config.default(key)}; key {key}" in help_text, flag

@@ -135,3 +135,105 @@ def test_an_adapter_written_with_the_retired_kernels_option_still_loads(tmp_path
         "adapter:\n", "adapter:\n  kernels: torch\n"))
     out = tmp_path / "merged.safetensors"
     assert main([str(run_dir), "--merged", str(out)]) == 0
+
+
+def test_the_sidecar_keeps_the_pretrained_tag_and_timm_gives_back_the_engines_preprocessing():
+    """vit_small_patch16_224.dino normalises with ImageNet's mean and std; the bare architecture
+    name would give timm's 0.5: the name keeps its tag and pretrained_cfg says it all."""
+    from timm.data import resolve_model_data_config
+
+    from engine.data import Preprocess
+
+    backbone = build_backbone(ModelConfig(name="vit_small_patch16_224.dino", pretrained=False))
+    spec = json.loads(json.dumps(timm_spec(backbone)))  # as the sidecar holds it
+    assert spec["name"] == "vit_small_patch16_224.dino"
+    rebuilt = timm.create_model(spec["name"], pretrained=False, pretrained_cfg_overlay=spec["pretrained_cfg"],
+                                **spec["kwargs"])
+    assert Preprocess.from_model(rebuilt) == Preprocess.from_model(backbone)
+    assert resolve_model_data_config(rebuilt)["mean"] == pytest.approx((0.485, 0.456, 0.406))
+
+
+def test_the_exported_embedded_model_preprocesses_32_px_images_as_the_engine_did(tmp_path):
+    from PIL import Image
+    from timm.data import create_transform, resolve_model_data_config
+
+    from engine.data import Preprocess
+
+    run_dir, fine_tuned = make_run(tmp_path, "lora")
+    out = tmp_path / "merged.safetensors"
+    assert main([str(run_dir), "--merged", str(out)]) == 0
+    spec = json.loads(out.with_suffix(".json").read_text())
+    model = timm.create_model(spec["name"], pretrained=False, pretrained_cfg_overlay=spec["pretrained_cfg"],
+                              **spec["kwargs"])
+    model.load_state_dict(load_file(str(out)))
+    engine_pre = Preprocess.from_model(fine_tuned)
+    assert Preprocess.from_model(model) == engine_pre and engine_pre.input_size == 32
+    image = Image.fromarray(torch.randint(0, 256, (32, 32, 3), dtype=torch.uint8).numpy())
+    x = create_transform(**resolve_model_data_config(model))(image)[None]      # (1, 3, 32, 32)
+    assert torch.allclose(model.eval()(x), fine_tuned(engine_pre.torch_transform(train=False)(image)[None]),
+                          atol=1e-5, rtol=0)
+
+
+def unfinished(run_dir: Path) -> Path:
+    """The run folder as a run that stopped early leaves it: checkpoints/best and /last, no adapter/."""
+    import shutil
+
+    for tag, step in (("best", 2), ("last", 3)):
+        shutil.copytree(run_dir / "adapter", run_dir / "checkpoints" / tag)
+        (run_dir / "checkpoints" / tag / "trainer.json").write_text(json.dumps({"step": step, "val_top1": 50.0}))
+    shutil.rmtree(run_dir / "adapter")
+    return run_dir
+
+
+def test_a_run_that_did_not_finish_points_to_its_checkpoints_and_exports_them(tmp_path, capsys):
+    run_dir, fine_tuned = make_run(tmp_path, "lora")
+    unfinished(run_dir)
+    out = tmp_path / "merged.safetensors"
+    assert main([str(run_dir), "--merged", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: {run_dir} has no adapter (adapter/adapter.json): the run did not finish; export one of its "
+        f"checkpoints instead: --checkpoint best (step 2) or --checkpoint last (step 3)"]
+    for tag in ("best", "last"):
+        assert main([str(run_dir), "--merged", str(out), "--checkpoint", tag]) == 0
+        spec = json.loads(out.with_suffix(".json").read_text())
+        model = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
+        model.load_state_dict(load_file(str(out)))
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.allclose(model.eval()(x), fine_tuned(x), atol=1e-5, rtol=0)
+
+
+def test_a_truncated_adapter_is_one_line(tmp_path, capsys):
+    run_dir, _ = make_run(tmp_path, "lora")
+    weights = run_dir / "adapter" / "adapter.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert main([str(run_dir), "--merged", str(tmp_path / "merged.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: adapter weights {weights} cannot be read")
+
+
+def test_a_destination_inside_a_file_is_one_line(tmp_path, capsys):
+    run_dir, _ = make_run(tmp_path, "lora")
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "afile" / "merged.safetensors"
+    assert main([str(run_dir), "--merged", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --merged {out}: {tmp_path / 'afile'} is a file, not a folder"]
+
+
+def test_a_read_only_destination_is_one_line(tmp_path):
+    """A real read-only mount (tmpfs mounted ro in a private user and mount namespace)."""
+    import os
+    import shutil
+
+    if shutil.which("unshare") is None or subprocess.run(["unshare", "-rm", "true"]).returncode != 0:
+        pytest.skip("no user namespaces here to mount a read-only file system in")
+    run_dir, _ = make_run(tmp_path, "lora")
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    script = 'mount -t tmpfs -o ro tmpfs "$1" && shift && exec "$@"'
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(ro), sys.executable, "-m", "engine.export",
+                           str(run_dir), "--merged", str(ro / "merged.safetensors")],
+                          cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --merged {ro / 'merged.safetensors'}: cannot create files in {ro} (a read-only file system)"]

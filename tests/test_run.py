@@ -157,3 +157,35 @@ def test_an_internal_error_during_training_keeps_its_traceback(tmp_path, monkeyp
     monkeypatch.setattr(engine.run, "train", broken)
     with pytest.raises(ValueError, match="a shape error deep inside"):
         run_cli(tmp_path, "broken", "--strategy", "linear")
+
+
+def readme_snippet(title: str) -> str:
+    """The first python block under the README heading `title`."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index(f"## {title}"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("\n```", section.index("```python"))]
+
+
+def test_the_readmes_timm_snippet_gives_the_runs_target_top1(linear_run, tmp_path, monkeypatch):
+    """Export the run, then run the README's lines verbatim over the target's test split."""
+    from PIL import Image
+
+    from engine.data import load_domain
+    from engine.export import main as export
+
+    assert export([str(linear_run), "--merged", str(tmp_path / "model.safetensors")]) == 0
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(readme_snippet("Load an exported model with timm"), namespace)
+    test = load_domain("embedded", role="target").test
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one image at a time: a second thread only spin-waits
+    try:
+        correct = sum(namespace["predict"](Image.fromarray(image)) == label
+                      for image, label in zip(test.images, test.labels))
+    finally:
+        torch.set_num_threads(threads)
+    results = json.loads((linear_run / "results.json").read_text())
+    assert 100.0 * correct / len(test) == pytest.approx(results["target_top1"], abs=1e-3)

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 
 from ..errors import UserError
+from .bad_images import BadImages
 from .sharding import shard_indices, shard_size
 from .splits import Split
 from .transforms import Preprocess
@@ -76,7 +77,8 @@ def dali_works() -> bool:
 
 def make_dali_loader(split: Split, preprocess: Preprocess, *, train: bool, batch_size: int, seed: int = 0,
                      workers: int = 0, rank: int = 0, world: int = 1, device: torch.device | str | None = None,
-                     dtype: torch.dtype = torch.float32, resize: str = "auto") -> "DaliLoader":
+                     dtype: torch.dtype = torch.float32, resize: str = "auto",
+                     bad_images: BadImages | None = None) -> "DaliLoader":
     """`engine.loaders.make_loader`'s DALI path; `workers` DALI threads (at least one).
 
     `resize`: the file pipeline's resampler, `dali`, `torch` (CPU only) or `auto` (torch on the CPU).
@@ -89,7 +91,7 @@ def make_dali_loader(split: Split, preprocess: Preprocess, *, train: bool, batch
     if resize == "auto":
         resize = "dali" if device.type == "cuda" else "torch"
     return DaliLoader(split, preprocess, train=train, batch_size=batch_size, seed=seed, threads=max(1, workers),
-                      rank=rank, world=world, device=device, dtype=dtype, resize=resize)
+                      rank=rank, world=world, device=device, dtype=dtype, resize=resize, bad_images=bad_images)
 
 
 
@@ -103,7 +105,7 @@ class DaliLoader:
 
     def __init__(self, split: Split, preprocess: Preprocess, *, train: bool, batch_size: int, seed: int,
                  threads: int, rank: int, world: int, device: torch.device, dtype: torch.dtype,
-                 resize: str = "dali") -> None:
+                 resize: str = "dali", bad_images: BadImages | None = None) -> None:
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is outside a world of {world}")
         images = split.images
@@ -118,6 +120,9 @@ class DaliLoader:
         self._iterator = None
         self._builds = 0
         self._stale = False         # set when the pipeline cannot serve the next pass as asked
+        self._rebuilt = False       # this pass went on, after an unreadable file, on a pipeline of its own
+        self.bad_images = BadImages() if bad_images is None else bad_images
+        self._files = split         # the files not (yet) known to be unreadable
         self._shard_size = shard_size(len(split), rank=rank, world=world, train=train)
         # A split smaller than one batch still trains, on one partial batch (as the torch path does).
         self._drop_last = train and self._shard_size >= batch_size
@@ -136,8 +141,9 @@ class DaliLoader:
 
     def __iter__(self):
         if self._iterator is None or self._stale:
-            self._iterator = self._build()
+            self._iterator = self._build(self._files, self.rank, self.world)
         self._stale = True  # until this pass ends: a pass abandoned midway cannot be resumed
+        self._rebuilt = False
         batches = 0
         for out in self._outputs():
             images, labels = out[0]["images"], out[0]["labels"]
@@ -145,50 +151,69 @@ class DaliLoader:
                 continue
             batches += 1
             if batches > len(self):
+                if self._rebuilt:  # a pipeline built for the rest of this pass ends with it
+                    break
                 continue  # equal batch counts on every rank; an extra batch is drained, not used
             yield self._to_output(images, labels)
-        self._stale = False
+        self._stale = self._rebuilt
 
     def _outputs(self):
-        """The DALI iterator's outputs, with a decode failure turned into a UserError naming the file."""
-        it, done = iter(self._iterator), 0
+        """The DALI iterator's outputs for one pass. A file DALI cannot read is recorded in
+        `bad_images` (a UserError past the limit) and the pass goes on without it, on a pipeline
+        rebuilt over the files it has not yet read (evaluation: each sample still once) or, in
+        training, over a fresh shuffle of the readable files."""
+        files, shard, done = self._files, (self.rank, self.world), 0  # the pipeline's files and batches read
         while True:
             try:
-                out = next(it)
+                out = next(self._iterator)
             except StopIteration:
                 return
-            except RuntimeError as e:
+            except RuntimeError as e:  # DALI cannot go on with this pipeline
                 if self.split.in_memory:
                     raise
-                raise self._decode_error(str(e), done) from None
+                rank, world = shard
+                mine = files.subset(range(len(files) * rank // world, len(files) * (rank + 1) // world))
+                unread = mine.subset(range(min(done * self.batch_size, len(mine)), len(mine)))
+                path, reason = self._unreadable(str(e), (files if self.train else unread).paths)
+                if path not in files.paths:  # not one of ours: going on would only fail again
+                    raise UserError(f"DALI cannot read {path} ({reason})") from None
+                self.bad_images.add(path, reason)
+                self._forget(path)
+                files, shard = (self._files, (self.rank, self.world)) if self.train else (_without(unread, path), (0, 1))
+                self._iterator, self._rebuilt, done = self._build(files, *shard), True, 0
+                continue
             done += 1
             yield out
 
-    def _decode_error(self, message: str, batches_done: int) -> UserError:
-        """DALI names the file only for some failures (a broken JPEG body, not a broken header, nor a
-        file deleted since the scan): otherwise read and decode the candidates one by one to find it."""
+    def _unreadable(self, message: str, candidates: list[str]) -> tuple[str, str]:
+        """The file (and why) that stopped DALI. DALI names it only for some failures (a broken JPEG
+        body, not a broken header, nor a file deleted since the scan): otherwise the candidates
+        are read and decoded one by one to find it (in evaluation only the next few batches'
+        files: DALI reads in file order and prefetches two batches)."""
         match = _FAILED_SAMPLE.search(message)
-        path = match.group(1).strip() if match else None
-        if path is None:
-            candidates = self.split.paths  # training reads a shuffled slice: any file may be the one
-            if not self.train:  # file order: the failure is in one of the next few (prefetched) batches
-                shard_start = len(self.split) * self.rank // self.world  # DALI's reader shards so
-                first = shard_start + batches_done * self.batch_size
-                candidates = candidates[first:first + 4 * self.batch_size]
-            path = _first_undecodable(candidates[:_MAX_PROBES])
-        if path is None:
+        if match:
+            return match.group(1).strip(), "DALI cannot decode it"
+        if not self.train:
+            candidates = candidates[:4 * self.batch_size]
+        found = _first_undecodable(candidates[:_MAX_PROBES])
+        if found is None:
             reason = message.split("encountered:")[-1].strip().splitlines()[0]
-            return UserError(f"DALI could not read an image among {len(self.split)} files ({reason}); "
-                             f"run with --loader torch, which names the file it cannot read")
-        return UserError(f"DALI cannot read or decode {path}, although it passed the scan-time check; "
-                         f"replace or remove the file, or run with --loader torch")
+            raise UserError(f"DALI stopped ({reason}) on {len(self.split)} files that each decode on their own; "
+                            f"--loader torch reads them one at a time (and skips and names any it cannot read)")
+        return found
+
+    def _forget(self, path: str) -> None:
+        """Leave `path` out of every later pass."""
+        self._files = _without(self._files, path)
+        self._shard_size = shard_size(len(self._files), rank=self.rank, world=self.world, train=self.train)
 
     def _to_output(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         images = images.to(self.device, self.dtype, non_blocking=True)           # (B, 3, S, S)
         labels = labels.reshape(-1).to(self.device, torch.int64, non_blocking=True)  # (B,)
         return images, labels
 
-    def _build(self):
+    def _build(self, files: Split, shard_id: int, num_shards: int):
+        """A DALI iterator over `files` (the file pipeline reads shard `shard_id` of `num_shards`)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self._builds += 1
@@ -204,8 +229,8 @@ class DaliLoader:
             pipe = _array_pipeline(source, self.preprocess, self.train, gpu, out_dtype, **common)
             return DALIGenericIterator(pipe, ["images", "labels"], auto_reset=True, prepare_first_batch=False)
         torch_resize = _TorchResize(self.preprocess, self.train, self.threads) if self.resize == "torch" else None
-        pipe = _file_pipeline(self.split, self.preprocess, self.train, gpu, out_dtype, torch_resize,
-                              shard_id=self.rank, num_shards=self.world,
+        pipe = _file_pipeline(files, self.preprocess, self.train, gpu, out_dtype, torch_resize,
+                              shard_id=shard_id, num_shards=num_shards,
                               reader_seed=(self.seed + 1000 * self._builds) % (2**31 - 1), **common)
         policy = LastBatchPolicy.DROP if self._drop_last else LastBatchPolicy.PARTIAL
         return DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader", last_batch_policy=policy,
@@ -407,8 +432,8 @@ _FAILED_SAMPLE = re.compile(r"Failed to decode sample[^:]*:\s*(\S.*)")
 _MAX_PROBES = 20_000  # about 20 s of single-image decodes, only ever after a failure
 
 
-def _first_undecodable(paths: list[str]) -> str | None:
-    """The first of `paths` that cannot be read or that DALI's CPU decoder rejects, one at a time."""
+def _first_undecodable(paths: list[str]) -> tuple[str, str] | None:
+    """The first of `paths` that cannot be read or that DALI's CPU decoder rejects (with why), one at a time."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(batch_size=1, num_threads=1, device_id=None, exec_async=False, exec_pipelined=False)
@@ -420,8 +445,16 @@ def _first_undecodable(paths: list[str]) -> str | None:
     pipe.build()
     for path in paths:
         try:
-            pipe.feed_input("encoded", [np.fromfile(path, dtype=np.uint8)])
+            data = np.fromfile(path, dtype=np.uint8)
+        except OSError as e:
+            return path, f"{type(e).__name__}: {e.strerror}"
+        try:
+            pipe.feed_input("encoded", [data])
             pipe.run()
-        except (OSError, RuntimeError):
-            return path
+        except RuntimeError:
+            return path, "DALI cannot decode it"
     return None
+
+
+def _without(files: Split, path: str) -> Split:
+    return files.subset([i for i, p in enumerate(files.paths) if p != path])

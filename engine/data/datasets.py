@@ -21,6 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UserError
+from .bad_images import BadImages
 from .imagefolder import scan_split  # file scanning and bad-file handling live there
 from .splits import Domain, Split, stratified_split
 
@@ -71,13 +72,15 @@ def num_classes(spec: str, role: str = "target") -> int | None:
     return DATASETS[spec].num_classes if spec in DATASETS else None
 
 
-def load_domain(spec: str, data_root: str | Path = "data", seed: int = 0, role: str = "target") -> Domain:
-    """Read a `--target` / `--source` spec; `role` says which data set `embedded` means. (`seed` is
-    unused: a data set's splits never depend on the run's seed.)"""
+def load_domain(spec: str, data_root: str | Path = "data", seed: int = 0, role: str = "target",
+                bad_images: BadImages | None = None) -> Domain:
+    """Read a `--target` / `--source` spec; `role` says which data set `embedded` means; an image
+    folder's unreadable images are recorded in `bad_images`. (`seed` is unused: a data set's splits
+    never depend on the run's seed.)"""
     spec = _resolve(spec, role)
     if spec in DATASETS:
         return DATASETS[spec].read(Path(data_root))
-    return imagefolder_domain(Path(spec[len(IMAGEFOLDER):]).expanduser())
+    return imagefolder_domain(Path(spec[len(IMAGEFOLDER):]).expanduser(), bad_images)
 
 
 def digits_domain(size: int = 32) -> Domain:
@@ -132,19 +135,19 @@ def cifar_domain(name: str, data_root: Path) -> Domain:
     return Domain(name, classes, split(train_files), split(test_files))
 
 
-def imagefolder_domain(root: Path) -> Domain:
+def imagefolder_domain(root: Path, bad_images: BadImages | None = None) -> Domain:
     if not root.is_dir():
         raise UserError(f"image folder {root} does not exist")
     train_dir = root / "train"
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if train_dir.is_dir():
-        classes, train, notes = scan_split(train_dir)
+        classes, train, notes = scan_split(train_dir, bad_images=bad_images)
         if test_dir is None:
             train, test = stratified_split(train, 0.2, SPLIT_SEED)
         else:
-            test_classes, test, test_notes = scan_split(test_dir, classes)
+            test_classes, test, test_notes = scan_split(test_dir, classes, bad_images)
             notes += test_notes
     else:
-        classes, full, notes = scan_split(root)
+        classes, full, notes = scan_split(root, bad_images=bad_images)
         train, test = stratified_split(full, 0.2, SPLIT_SEED)
     return Domain(f"imagefolder:{root}", classes, train, test, notes=notes)

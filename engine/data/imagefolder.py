@@ -7,10 +7,11 @@ i-th class name on both loader paths. What happens to awkward files, case by cas
   in `Domain.notes` (the run log prints it).
 - undecodable images (a text file named `.jpg`, an empty file, a truncated JPEG or PNG): found at
   scan time and skipped, counted and named in the notes, so both loaders read the same, known
-  sample set and the epoch is never silently shorter. The check is cheap (`check_image`: JPEGs and
+  sample set and the epoch is never silently shorter; they count towards the run's limit of
+  unreadable images (`engine.data.bad_images`). The check is cheap (`check_image`: JPEGs and
   PNGs with their signature and end marker pass on a few bytes, tens of thousands of files a
   second; other files are decoded by PIL). A file damaged in the middle, or after the scan, is
-  caught at decode time: both loaders then stop with a `UserError` naming it.
+  caught at decode time, where both loaders skip it under the same policy.
 - an empty class folder, or one whose every file was skipped: rejected with a `UserError` naming the
   folder; dropping the class would renumber every later label, keeping it would train a class
   that has no example.
@@ -34,6 +35,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import UserError
+from .bad_images import BadImages
 from .splits import Split
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -44,8 +46,10 @@ _PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
 _JPEG_EOI = b"\xff\xd9"
 
 
-def scan_split(folder: Path, classes: list[str] | None = None) -> tuple[list[str], Split, list[str]]:
-    """Return (classes, split, notes). `classes` pins the label order to another split's."""
+def scan_split(folder: Path, classes: list[str] | None = None,
+               bad_images: BadImages | None = None) -> tuple[list[str], Split, list[str]]:
+    """Return (classes, split, notes). `classes` pins the label order to another split's; the
+    unreadable images are also recorded in `bad_images` (which may stop the scan at its limit)."""
     found = sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not found:
         raise UserError(f"image folder {folder} has no class sub-folders (expected {folder}/<class>/<image>)")
@@ -89,6 +93,8 @@ def scan_split(folder: Path, classes: list[str] | None = None) -> tuple[list[str
         notes.append(f"{folder}: skipped {len(unreadable)} unreadable images: {shown}{more}")
         for p in unreadable:
             _log.info("skipping unreadable image %s: %s", p, problems[p])
+            if bad_images is not None:
+                bad_images.add(p, problems[p], announce=False)  # the note names them
     return classes, Split(labels=np.asarray(labels, dtype=np.int64), paths=paths), notes
 
 

@@ -20,6 +20,7 @@ import functools
 import torch
 
 from ..errors import UserError
+from .bad_images import BadImages
 from .splits import Split
 from .transforms import Preprocess
 
@@ -44,12 +45,15 @@ def resolve_loader(name: str) -> str:
 def make_loader(split: Split, preprocess: Preprocess, *, train: bool, batch_size: int, seed: int = 0,
                 loader: str = "auto", workers: int = 0, rank: int = 0, world: int = 1,
                 device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
-                dali_resize: str = "auto"):
+                dali_resize: str = "auto", bad_images: BadImages | None = None):
     """An iterable over one pass of `split` per `iter()` (train: shuffled, last partial batch dropped).
 
     `workers` is DataLoader worker processes on the torch path and threads on DALI's (at least 1).
-    `dali_resize` picks the DALI file pipeline's resampler (`engine.data.dali_loader`).
+    `dali_resize` picks the DALI file pipeline's resampler (`engine.data.dali_loader`). Files that
+    cannot be read are skipped and recorded in `bad_images` (`engine.data.bad_images`; by default
+    a limit of none, so the first one is a UserError naming it).
     """
+    bad_images = BadImages() if bad_images is None else bad_images
     if len(split) == 0:
         raise ValueError("cannot make a loader for an empty split")
     if not 0 <= rank < world:
@@ -63,7 +67,7 @@ def make_loader(split: Split, preprocess: Preprocess, *, train: bool, batch_size
         from .dali_loader import make_dali_loader
         return make_dali_loader(split, preprocess, train=train, batch_size=batch_size, seed=seed,
                                 workers=workers, rank=rank, world=world, device=device, dtype=dtype,
-                                resize=dali_resize)
+                                resize=dali_resize, bad_images=bad_images)
     from .torch_loader import TorchLoader
     return TorchLoader(split, preprocess, train=train, batch_size=batch_size, seed=seed, workers=workers,
-                       rank=rank, world=world, device=device, dtype=dtype)
+                       rank=rank, world=world, device=device, dtype=dtype, bad_images=bad_images)

@@ -109,3 +109,14 @@ def test_open_rgb_equals_dalis_decoder(messy_folder):
     (decoded,) = pipe.run()
     for i, path in enumerate(files):
         assert np.array_equal(np.asarray(decoded[i]), np.asarray(open_rgb(path))), path
+
+
+def test_unreadable_images_of_the_scan_count_towards_the_runs_limit(messy_folder):
+    from engine.data.bad_images import BadImages
+
+    root, _, broken = messy_folder
+    bad = BadImages(limit=len(broken))
+    scan_split(root, bad_images=bad)
+    assert set(bad.found) == {str(p) for p in broken.values()}
+    with pytest.raises(UserError, match=rf"^{len(broken)} unreadable images, more than data.max_bad_images=3: "):
+        scan_split(root, bad_images=BadImages(limit=len(broken) - 1))

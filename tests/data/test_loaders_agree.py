@@ -9,7 +9,8 @@ import torch
 from engine.data import Split
 from engine.errors import UserError
 from engine.data import Preprocess, make_loader, resolve_loader
-from engine.data.imagefolder import open_rgb, scan_split
+from engine.data.bad_images import BadImages
+from engine.data.imagefolder import check_image, open_rgb, scan_split
 from engine.data.sharding import shard_indices
 
 from data_fixtures import PRE, photo, write_good_folder
@@ -245,6 +246,10 @@ def damage(path: str, how: str) -> None:
     elif how == "body":
         data = open(path, "rb").read()
         open(path, "wb").write(data[: len(data) // 2])
+    elif how == "middle":  # the first half of the image data cut out; header and end marker intact
+        data = open(path, "rb").read()
+        scan = data.index(b"\xff\xda")  # start of scan
+        open(path, "wb").write(data[:scan + 2] + data[(scan + len(data)) // 2:])
     else:
         Path(path).unlink()
 
@@ -282,3 +287,47 @@ def test_train_flip_follows_the_preprocess(name, hflip):
                                  loader=name)))
     left, right = x[..., :12].mean(dim=(1, 2, 3)), x[..., -12:].mean(dim=(1, 2, 3))
     assert bool((left < right).all()) if hflip == 0 else bool((left > right).all())
+
+
+def corrupted_mid_file(root, n: int, bad: list[int]) -> Split:
+    """n files (label i = file i), those at `bad` corrupted in the middle after the scan passed them."""
+    split = file_split(root, n)
+    for i in bad:
+        damage(split.paths[i], "middle")
+        assert check_image(split.paths[i]) is None  # what the scan sees
+    return split
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_an_image_corrupted_mid_file_is_skipped_counted_and_named_in_evaluation(tmp_path, name):
+    """Every other sample is read exactly once, in order, in this pass and the next."""
+    split = corrupted_mid_file(tmp_path / "f", 10, bad=[3, 7])
+    bad = BadImages(limit=2)
+    loader = make_loader(split, PRE, train=False, batch_size=2, loader=name, bad_images=bad)
+    for _ in range(2):
+        assert all_batches(loader)[1].tolist() == [0, 1, 2, 4, 5, 6, 8, 9]
+    assert list(bad.found) == [split.paths[3], split.paths[7]]
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_an_image_corrupted_mid_file_is_skipped_in_training(tmp_path, name):
+    split = corrupted_mid_file(tmp_path / "f", 12, bad=[5])
+    bad = BadImages(limit=1)
+    loader = make_loader(split, PRE, train=True, batch_size=3, loader=name, bad_images=bad)
+    passes = [all_batches(loader)[1].tolist() for _ in range(3)]
+    assert all(5 not in labels and len(labels) >= 8 for labels in passes)
+    # DALI goes on with a fresh shuffle after the failure, which may repeat a sample in that pass only
+    assert all(len(set(labels)) == len(labels) for labels in passes[1:])
+    assert list(bad.found) == [split.paths[5]]
+
+
+@pytest.mark.parametrize("name", BOTH)
+def test_past_max_bad_images_the_loader_stops_with_the_list(tmp_path, name):
+    split = corrupted_mid_file(tmp_path / "f", 6, bad=[1, 4])
+    loader = make_loader(split, PRE, train=False, batch_size=2, loader=name, bad_images=BadImages(limit=1))
+    with pytest.raises(UserError) as error:
+        all_batches(loader)
+    message = str(error.value)
+    assert message.startswith("2 unreadable images, more than data.max_bad_images=1: ")
+    assert message.index(split.paths[1]) < message.index(split.paths[4])
+    assert message.endswith("; replace or remove them, or raise data.max_bad_images") and "\n" not in message
