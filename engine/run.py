@@ -6,8 +6,8 @@ its test top-1, and measure source-domain weighted k-NN accuracy of the untouche
 fine-tuned backbone. With no `--model/--target/--source` it runs offline on the embedded default.
 
 A run goes through named phases, each a function below: resolve the config (`parse_args`), start
-the processes (`start`), read the data (`read_data`), check the model and the batch geometry
-(`check_run`), and only then claim the run folder and do the expensive work: measure the untouched
+the processes (`start`), take in a user's DeepSpeed JSON (`adopt_deepspeed`), read the data
+(`read_data`), check the model and the batch geometry (`check_run`), and only then claim the run folder and do the expensive work: measure the untouched
 source (`measure_source`), train (`fine_tune`), restore the best checkpoint (`restore_best`),
 measure it (`measure`) and write the report (`report`). Bad input is refused in the first phases,
 before any feature is extracted and before a run folder exists.
@@ -164,14 +164,14 @@ def read_data(cfg: RunConfig) -> RunData:
     return RunData(cfg, target, source, train_split, val_split, num_classes)
 
 
-def adopt_deepspeed(run_data: RunData, rt: Runtime) -> RunData:
+def adopt_deepspeed(cfg: RunConfig, rt: Runtime) -> RunConfig:
     """The user's DeepSpeed JSON (`--deepspeed-config`) over ours: theirs wins, also for the batch
     geometry the loaders follow; each key of ours it contradicts is reported in one line."""
-    train_cfg, notes = adopt_deepspeed_config(run_data.cfg.train, rt.world)
+    train_cfg, notes = adopt_deepspeed_config(cfg.train, rt.world)
     if rt.main:
         for note in notes:
             print(f"note: {note}")
-    return replace(run_data, cfg=replace(run_data.cfg, train=train_cfg))
+    return replace(cfg, train=train_cfg)
 
 
 def check_run(run_data: RunData, rt: Runtime) -> list[str]:
@@ -299,7 +299,7 @@ def run(cfg: RunConfig) -> dict:
     """The whole protocol, phase by phase; returns the results dict it wrote to results.json."""
     wall = time.perf_counter()
     rt = start(cfg)
-    run_data = adopt_deepspeed(read_data(cfg), rt)
+    run_data = read_data(adopt_deepspeed(cfg, rt))
     cfg = run_data.cfg
     trainable_names = check_run(run_data, rt)
     ident = identity(cfg.model.name, cfg.strategy, run_data.num_classes, trainable_names, rt.world,

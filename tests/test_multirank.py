@@ -14,8 +14,8 @@ import signal
 
 import pytest
 
-from durability import (DURABLE, finish, losses, metric_rows, results, run_here, signal_group, start,
-                        wait_for_row)
+from bench.processes import finish, metric_rows, results, signal_tree, start, wait_for_row
+from durability import DURABLE, losses, run_here
 
 LOSS_RTOL = 1e-5
 # Four steps and tiny k-NN banks: only the losses are compared.
@@ -30,25 +30,26 @@ def runs(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def two_rank_runs(runs):
-    """In one torchrun launch: the durability run uninterrupted (ZeRO 2), and the equivalence runs
-    under ZeRO 0 and 3."""
+    """One torchrun launch (each costs a start of two processes): the durability run uninterrupted
+    (ZeRO 2), the equivalence runs under ZeRO 0 and 3, then the durability run again, SIGKILLed with
+    torchrun and both workers at a random step after its first full checkpoint."""
+    step = random.choice([3, 4, 5])
     job = ["two-ranks", *DURABLE, "--", "zero0", *EQUIVALENCE, "--zero-stage", "0",
-           "--", "zero3", *EQUIVALENCE, "--zero-stage", "3"]
-    assert finish([str(runs), *job], ranks=2, log=runs / "two-ranks.log", module="tests.multirank_job") == 0
-    return runs
+           "--", "zero3", *EQUIVALENCE, "--zero-stage", "3", "--", "killed", *DURABLE]
+    proc = start([str(runs), *job], ranks=2, log=runs / "two-ranks.log", module="tests.multirank_job")
+    wait_for_row(proc, runs / "killed" / "metrics.csv", step)
+    assert signal_tree(proc, signal.SIGKILL) == -signal.SIGKILL
+    return runs, step
 
 
 @pytest.fixture(scope="module")
 def two_ranks(two_rank_runs):
-    return two_rank_runs / "two-ranks"
+    return two_rank_runs[0] / "two-ranks"
 
 
-def test_two_ranks_sigkilled_at_a_random_step_resume_to_the_uninterrupted_results(runs, two_ranks):
-    step = random.choice([3, 4, 5])
+def test_two_ranks_sigkilled_at_a_random_step_resume_to_the_uninterrupted_results(two_rank_runs, two_ranks):
+    runs, step = two_rank_runs
     run_dir = runs / "killed"
-    proc = start([*DURABLE, "--out", str(runs), "--name", "killed"], ranks=2, log=runs / "killed.log")
-    wait_for_row(proc, run_dir / "metrics.csv", step)
-    assert signal_group(proc, signal.SIGKILL) == -signal.SIGKILL  # torchrun and both workers
     assert finish(["--resume", str(run_dir)], ranks=2, log=runs / "resumed.log") == 0
     assert results(run_dir) == results(two_ranks), f"killed after step {step}"
     assert metric_rows(run_dir) == metric_rows(two_ranks), f"killed after step {step}"
@@ -68,6 +69,7 @@ def test_two_ranks_give_the_losses_of_one_under_zero_2(two_ranks, durable_refere
 
 def test_two_ranks_give_the_losses_of_one_under_zero_0_and_3(two_rank_runs, tmp_path, capsys):
     """ZeRO 3 on one rank comes from a user DeepSpeed JSON (theirs wins, the contradiction is reported)."""
+    runs, _ = two_rank_runs
     user_config = tmp_path / "ds.json"
     user_config.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     assert run_here([*EQUIVALENCE, "--zero-stage", "0", "--out", str(tmp_path), "--name", "zero0"]) == 0
@@ -77,7 +79,7 @@ def test_two_ranks_give_the_losses_of_one_under_zero_0_and_3(two_rank_runs, tmp_
     assert f"note: DeepSpeed config {user_config} sets zero_optimization.stage = 3 over ours (2)" in out
     assert "global batch 8 = micro-batch 8 x accumulation 1 x 1 rank(s)" in out
     for stage in (0, 3):
-        two, one = losses(two_rank_runs / f"zero{stage}"), losses(tmp_path / f"zero{stage}")
+        two, one = losses(runs / f"zero{stage}"), losses(tmp_path / f"zero{stage}")
         assert len(two) == len(one) == 4
         assert two == pytest.approx(one, rel=LOSS_RTOL), f"ZeRO {stage}"
-    assert "global batch 8 = micro-batch 4 x accumulation 1 x 2 rank(s)" in (two_rank_runs / "two-ranks.log").read_text()
+    assert "global batch 8 = micro-batch 4 x accumulation 1 x 2 rank(s)" in (runs / "two-ranks.log").read_text()

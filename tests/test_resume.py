@@ -9,7 +9,8 @@ import signal
 import pytest
 import yaml
 
-from durability import DURABLE, metric_rows, results, run_here, signal_group, snapshot, start, wait_for_row
+from bench.processes import metric_rows, results, signal_tree, start, wait_for_row
+from durability import DURABLE, run_here, snapshot
 from engine.checkpoint import checkpoint_dirs, choose
 from engine.errors import UserError
 
@@ -29,7 +30,7 @@ def stopped(runs):
     """A run stopped with SIGTERM after step 2 (exit code, log): its own process, a real signal."""
     proc = start([*DURABLE, "--out", str(runs), "--name", "run"], log=runs / "term.log")
     wait_for_row(proc, runs / "run" / "metrics.csv", 2)
-    code = signal_group(proc, signal.SIGTERM)
+    code = signal_tree(proc, signal.SIGTERM)
     return runs / "run", code, (runs / "term.log").read_text()
 
 
@@ -41,7 +42,7 @@ def killed(runs, stopped):
     step = random.choice([4, 5])
     proc = start(["--resume", str(run_dir)], log=runs / "killed.log")
     wait_for_row(proc, run_dir / "metrics.csv", step)
-    assert signal_group(proc, signal.SIGKILL) == -signal.SIGKILL
+    assert signal_tree(proc, signal.SIGKILL) == -signal.SIGKILL
     kept = runs / "killed-as-left"
     shutil.copytree(run_dir, kept)
     return run_dir, kept, step
