@@ -23,9 +23,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import UserError
@@ -157,6 +159,20 @@ def choose(run_dir: Path, ident: dict, say=print) -> tuple[Path, dict]:
 
 def load_rank_state(path: Path, rank: int) -> dict:
     return torch.load(path / f"rank-{rank}.pt", map_location="cpu", weights_only=False)
+
+
+def rng_state() -> dict:
+    """This process's random generators: what DeepSpeed's checkpoint leaves out."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None:
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _retire(path: Path) -> None:

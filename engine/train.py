@@ -24,18 +24,16 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import DEEPSPEED_TAG, FullCheckpoints, load_rank_state
+from .checkpoint import DEEPSPEED_TAG, FullCheckpoints, load_rank_state, rng_state, set_rng_state
 from .distributed import deepspeed_config, gathered, register_container_parameters
 from .evaluate import top1_accuracy
 from .metrics import sync
@@ -195,7 +193,7 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
         with gathered(engine.module, cfg.zero_stage):  # the strategy's state reads parameters (gate scores)
             trainer = {"step": step, "last_good": last_good, "result": dataclasses.asdict(result),
                        "strategy": strategy.state()}
-        own = {"rng": _rng_state(), "data": {"epoch": batches.epoch, "index": batches.index},
+        own = {"rng": rng_state(), "data": {"epoch": batches.epoch, "index": batches.index},
                "loss": losses.state()}
         return checkpoints.save(engine, step, trainer, own)
 
@@ -279,7 +277,7 @@ def _resume(engine, strategy, path: Path, rank: int, train_loader, losses: _Devi
     own = load_rank_state(path, rank)
     losses.load(own["loss"])
     batches = BatchStream(train_loader, own["data"]["epoch"], own["data"]["index"])
-    _set_rng_state(own["rng"])  # last: nothing may draw between here and the next step
+    set_rng_state(own["rng"])  # last: nothing may draw between here and the next step
     return trainer["step"], TrainResult(**trainer["result"]), trainer["last_good"], batches
 
 
@@ -294,19 +292,6 @@ def _freeze_finished_groups(optimizer, scheduler, groups: list[list[str]], param
             raise RuntimeError(f"the strategy stopped part of a param group ({names[0]} and {len(names) - 1} more); "
                                f"param_groups must group what stops training together")
         scheduler.base_lrs[i] = optimizer.param_groups[i]["lr"] = 0.0
-
-
-def _rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-
-
-def _set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] is not None:
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _append_csv(path: Path, row: dict) -> None:
