@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
+import sys
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -362,8 +364,6 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
                "Precedence: defaults < --config YAML < flags < key=value.")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.add_argument("--config", metavar="YAML", help="YAML file of config keys (sections model, data, train, adapter, eval)")
-    # the `deepspeed` launcher passes --local_rank (LOCAL_RANK in the environment says the same)
-    p.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     for flag, key, text in FLAGS:
         hint = key_hint(key)
         if typing.get_args(hint):  # Optional[X] -> X
@@ -380,6 +380,9 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 def parse_args(argv: list[str] | None, prog: str = "python -m engine.run", description: str = "") -> RunConfig:
     """argv -> a validated RunConfig (UserError for bad input). With --resume the run's own
     config.yaml takes --config's place."""
+    argv = sys.argv[1:] if argv is None else argv
+    # the `deepspeed` launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
+    argv = [a for a in argv if not re.fullmatch(r"--local[_-]rank=\d+", a)]
     args = build_parser(prog, description).parse_intermixed_args(argv)
     flags = {k: v for k, v in vars(args).items() if k in FLAG_KEYS}
     yaml_path = args.config
