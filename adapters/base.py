@@ -42,6 +42,14 @@ class Strategy:
         """The names (model.named_parameters()) of the parameters that train, in model order."""
         raise NotImplementedError
 
+    def param_groups(self, model: nn.Module) -> list[list[str]]:
+        """`trainable_names` in groups that stop training together (one group unless a strategy
+        freezes parameters mid-run). DeepSpeed fixes what its optimiser updates at initialisation
+        (flipping `requires_grad` later changes nothing there; under ZeRO a frozen parameter still
+        gets a zero gradient and its momentum keeps moving it), so the engine makes each group an
+        optimiser param group and gives a group whose parameters all stopped training a learning rate of 0."""
+        return [self.trainable_names(model)]
+
     def extra_loss(self, model: nn.Module, step: int, total_steps: int) -> torch.Tensor | None:
         """A term added to the task loss (selective LoRA's sparsity penalty); None for most."""
         return None

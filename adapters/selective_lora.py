@@ -15,7 +15,8 @@ Two ways to end training:
   applies the same top-K rule to a checkpoint saved before the search ended.
 
 Once gates are fixed, an inactive block is not passed to the fused op at all (the gated-block skip):
-no forward or backward FLOPs, its A and B stop requiring grad. During the search, a block whose gate is
+no forward or backward FLOPs, its A and B stop requiring grad; in budget mode each block's A and B,
+and the scores, are their own `param_groups`, so the engine can stop its optimiser moving them. During the search, a block whose gate is
 0 still costs the low-rank backward that computes its score's straight-through gradient.
 
 `finalize` merges the active blocks into the frozen weights and drops the rest: the inference model is a
@@ -145,6 +146,17 @@ class SelectiveLoRA(LoRA):
                     names.append(f"{path}.lora_score.{seg}")
         order = {name: i for i, (name, _) in enumerate(model.named_parameters())}
         return sorted(names, key=order.__getitem__) + head_names(model)
+
+    def param_groups(self, model):
+        """Budget mode: the scores (all fixed together), each LoRA block's A and B (fixed on or off),
+        and the head; TAPS mode never freezes anything mid-run: one group."""
+        if not self.budget_mode:
+            return super().param_groups(model)
+        paths = {m: path for path, m in self._modules.items()}
+        scores = [f"{paths[m]}.lora_score.{seg}" for m, seg in self._gates.values()]
+        blocks = [[f"{paths[m]}.lora_a.{seg}", f"{paths[m]}.lora_b.{seg}"] for m, seg in self._gates.values()]
+        grouped = set(scores).union(*blocks)
+        return [scores, *blocks, [n for n in self.trainable_names(model) if n not in grouped]]
 
     # -- gates ------------------------------------------------------------------------------------------
     def _scores(self) -> dict[str, float]:

@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
+import sys
 import typing
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,6 +27,7 @@ from adapters import STRATEGIES, AdapterConfig, AdapterError
 from .data import LOADERS, SPEC_HELP, check_spec
 from .data.dali_loader import RESIZERS
 from .distributed import ZERO_STAGES
+from .dotted import flatten
 from .errors import UserError
 from .optim import OPTIMIZERS, SCHEDULES
 from .precision import PRECISIONS
@@ -72,6 +75,9 @@ class TrainConfig:
     precision: str = "fp32"           # fp32 | bf16 (autocast) | fp16 (autocast, CUDA only)
     grad_clip: float | None = None
     label_smoothing: float = 0.0
+    checkpoint_every: int | None = None  # a full checkpoint (for --resume) every N steps; None = at every eval
+    keep_checkpoints: int = 1         # full checkpoints kept (the newest); checkpoints/best stays in adapter form
+    deepspeed_config: str | None = None  # a DeepSpeed JSON merged over ours (theirs wins)
     log_every: int = 10               # a metrics.csv row (training loss, lr, throughput) every N steps, and at evals
     max_skipped_steps: int = 0        # steps DeepSpeed may skip for non-finite gradients before the run stops
     kernels: str = "auto"             # the fused LoRA op's backend: auto | triton | torch | reference
@@ -95,6 +101,7 @@ class RunConfig:
     verbose: bool = False             # DeepSpeed's own log lines too
     dry_run: bool = False
     json: bool = False
+    resume: str | None = None         # a run folder to continue from its last full checkpoint
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -125,6 +132,10 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--optimizer", "train.optimizer", "optimiser over the trainable parameters"),
     ("--precision", "train.precision", "fp32, or autocast to bf16 (CPU or GPU) or fp16 (CUDA only)"),
     ("--zero-stage", "train.zero_stage", "DeepSpeed ZeRO stage"),
+    ("--checkpoint-every", "train.checkpoint_every", "a full checkpoint for --resume every N steps (default: at "
+                                                     "every eval), and on SIGINT / SIGTERM"),
+    ("--deepspeed-config", "train.deepspeed_config", "a DeepSpeed JSON merged over the generated one (theirs wins; "
+                                                     "contradicted keys are reported)"),
     ("--kernels", "train.kernels", "backend of the fused LoRA op (auto: Triton on CUDA, torch elsewhere)"),
     ("--top-k", "adapter.top_k", "top_k: the last K blocks train"),
     ("--lora-rank", "adapter.lora_rank", "LoRA rank r"),
@@ -139,6 +150,8 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--out", "out", "folder for run folders"),
     ("--overwrite", "overwrite", "replace an existing run folder of the same --name (else it is refused)"),
     ("--verbose", "verbose", "also show DeepSpeed's log lines"),
+    ("--resume", "resume", "continue the run in this folder from its last full checkpoint, with its config.yaml "
+                           "(flags and key=value may change only what does not change the run)"),
     ("--dry-run", "dry_run", "build the model, print parameters and GFLOPs, exit (no data, weights or training)"),
     ("--json", "json", "with --dry-run: print one JSON object"),
 )
@@ -182,6 +195,8 @@ _RANGES = {
     "train.label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),
     "train.log_every": _POSITIVE,
     "train.max_skipped_steps": _NON_NEGATIVE,
+    "train.checkpoint_every": _POSITIVE,
+    "train.keep_checkpoints": _POSITIVE,
     "eval.knn_report_k": _POSITIVE,
     "eval.knn_temperature": _POSITIVE,
     "eval.batch_size": _POSITIVE,
@@ -269,16 +284,6 @@ def _sections() -> list[str]:
     return [f.name for f in fields(RunConfig) if dataclasses.is_dataclass(getattr(RunConfig(), f.name))]
 
 
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            flat.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            flat[f"{prefix}{k}"] = v
-    return flat
-
-
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -289,7 +294,7 @@ def load_yaml(path: str | Path) -> dict:
         raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(tree, dict):
         raise UserError(f"config file {path} must hold a mapping of keys, got {type(tree).__name__}")
-    return _flatten(tree)
+    return flatten(tree)
 
 
 def build_config(yaml_path: str | None = None, flags: dict | None = None, overrides: list[str] = ()) -> RunConfig:
@@ -315,7 +320,7 @@ def build_config(yaml_path: str | None = None, flags: dict | None = None, overri
 
 def validate(cfg: RunConfig) -> None:
     """Choice, range and combination checks that a type alone cannot express."""
-    flat = _flatten(cfg.to_dict())
+    flat = flatten(cfg.to_dict())
     if flat["strategy"] not in _CHOICES["strategy"]:
         raise UserError(f"unknown strategy {flat['strategy']!r}; choose one of: {', '.join(_CHOICES['strategy'])}")
     for key, choices in _CHOICES.items():
@@ -333,6 +338,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"adapter options: {e}") from None
     check_spec(cfg.data.target, "target")
     check_spec(cfg.data.source, "source")
+    if cfg.dry_run and cfg.resume:
+        raise UserError("--dry-run builds a model and exits; it does not take --resume")
     if cfg.json and not cfg.dry_run:
         raise UserError("--json only works with --dry-run (a training run writes results.json in its run folder)")
     if not cfg.eval.knn_k or min(cfg.eval.knn_k) <= 0:
@@ -377,10 +384,27 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def parse_args(argv: list[str] | None, prog: str = "python -m engine.run", description: str = "") -> RunConfig:
-    """argv -> a validated RunConfig (UserError for bad input)."""
+    """argv -> a validated RunConfig (UserError for bad input). With --resume the run's own
+    config.yaml takes --config's place."""
+    argv = sys.argv[1:] if argv is None else argv
+    # the `deepspeed` launcher appends --local_rank=N; LOCAL_RANK in the environment says the same
+    argv = [a for a in argv if not re.fullmatch(r"--local[_-]rank=\d+", a)]
     args = build_parser(prog, description).parse_intermixed_args(argv)
     flags = {k: v for k, v in vars(args).items() if k in FLAG_KEYS}
-    return build_config(args.config, flags, args.overrides)
+    yaml_path = args.config
+    if args.resume:
+        if args.config:
+            raise UserError("--resume reads the run's own config.yaml: give changes as flags or key=value, not --config")
+        yaml_path = resume_yaml(args.resume)
+    return build_config(yaml_path, flags, args.overrides)
+
+
+def resume_yaml(run_dir: str | Path) -> Path:
+    """RUN_DIR/config.yaml, the config of the run `--resume RUN_DIR` continues."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise UserError(f"--resume {run_dir}: not a run folder (no config.yaml)")
+    return path
 
 
 def resolved_for_target(cfg: RunConfig, crop_scale_min: float, hflip: float) -> RunConfig:

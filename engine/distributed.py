@@ -1,19 +1,26 @@
 """Processes and DeepSpeed: one CPU process up to N GPUs with the same code.
 
-`deepspeed.initialize` gets a concrete config generated from ours (never "auto"). A plain single
-process needs no launcher; `torchrun` or the `deepspeed` launcher set RANK / WORLD_SIZE.
+`deepspeed.initialize` gets a concrete config generated from ours (never "auto"), with a user's
+DeepSpeed JSON (`train.deepspeed_config`) merged over it: theirs wins, and each key of ours that it
+contradicts is reported. A plain single process needs no launcher; `torchrun` or the `deepspeed`
+launcher set RANK / WORLD_SIZE. `sum_over_ranks` and `gather_rows` combine what sharded evaluation
+computed on each rank (identities in a single process).
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
+import json
 import logging
 import os
 import socket
+from pathlib import Path
 
 import torch
 from torch import nn
 
+from .dotted import flatten
 from .errors import UserError
 
 ZERO_STAGES = (0, 1, 2, 3)
@@ -74,7 +81,14 @@ def micro_batch(batch_size: int, grad_accum: int, world: int) -> int:
 
 
 def deepspeed_config(cfg, world: int) -> dict:
-    """A concrete DeepSpeed config for a TrainConfig `cfg`."""
+    """The concrete DeepSpeed config for a TrainConfig `cfg`: ours, and the user's JSON over it."""
+    ours = _our_deepspeed_config(cfg, world)
+    if not cfg.deepspeed_config:
+        return ours
+    return _merged(ours, read_deepspeed_config(cfg.deepspeed_config))
+
+
+def _our_deepspeed_config(cfg, world: int) -> dict:
     config = {
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": micro_batch(cfg.batch_size, cfg.grad_accum, world),
@@ -87,6 +101,106 @@ def deepspeed_config(cfg, world: int) -> dict:
     if cfg.grad_clip:
         config["gradient_clipping"] = cfg.grad_clip
     return config
+
+
+def read_deepspeed_config(path: str | Path) -> dict:
+    """A user's DeepSpeed JSON; UserError if it is missing, not JSON, not a mapping, or holds "auto"."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"DeepSpeed config {path} does not exist")
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"DeepSpeed config {path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise UserError(f"DeepSpeed config {path} must hold a JSON object, got {type(config).__name__}")
+    auto = [key for key, value in flatten(config).items() if value == "auto"]
+    if auto:
+        raise UserError(f"DeepSpeed config {path}: {auto[0]} is \"auto\", which only the HF Trainer resolves; "
+                        f"give a number, or leave the key out and ours is used")
+    return config
+
+
+def adopt_deepspeed_config(cfg, world: int) -> tuple[object, list[str]]:
+    """The TrainConfig `cfg` with what the user's DeepSpeed JSON says about the keys ours derives from
+    it (batch geometry, ZeRO stage, clipping: theirs wins, so the loaders follow it), and one line
+    per key of our generated config that theirs contradicts."""
+    path = cfg.deepspeed_config
+    if not path:
+        return cfg, []
+    theirs = read_deepspeed_config(path)
+    ours = _our_deepspeed_config(cfg, world)
+    flat_ours, flat_theirs = flatten(ours), flatten(theirs)
+    notes = [f"DeepSpeed config {path} sets {key} = {json.dumps(flat_theirs[key])} over ours "
+             f"({json.dumps(flat_ours[key])})" for key in flat_ours
+             if key in flat_theirs and flat_theirs[key] != flat_ours[key]]
+    grad_accum = int(theirs.get("gradient_accumulation_steps", cfg.grad_accum))
+    if "train_batch_size" in theirs:
+        batch = int(theirs["train_batch_size"])
+    elif "train_micro_batch_size_per_gpu" in theirs:
+        batch = int(theirs["train_micro_batch_size_per_gpu"]) * grad_accum * world
+    else:
+        batch = cfg.batch_size
+    micro = micro_batch(batch, grad_accum, world)
+    if int(theirs.get("train_micro_batch_size_per_gpu", micro)) != micro:
+        raise UserError(f"DeepSpeed config {path}: train_batch_size {batch} is not train_micro_batch_size_per_gpu "
+                        f"{theirs['train_micro_batch_size_per_gpu']} x gradient_accumulation_steps {grad_accum} x "
+                        f"{world} rank(s)")
+    stage = int(theirs.get("zero_optimization", {}).get("stage", cfg.zero_stage))
+    if stage not in ZERO_STAGES:
+        raise UserError(f"DeepSpeed config {path}: zero_optimization.stage must be one of {ZERO_STAGES}, got {stage}")
+    clip = theirs.get("gradient_clipping", cfg.grad_clip)
+    return dataclasses.replace(cfg, batch_size=batch, grad_accum=grad_accum, zero_stage=stage,
+                               grad_clip=float(clip) if clip else None), notes
+
+
+def _merged(ours: dict, theirs: dict) -> dict:
+    """`theirs` deep-merged over `ours`: a section both have is merged key by key."""
+    merged = dict(ours)
+    for key, value in theirs.items():
+        merged[key] = _merged(ours[key], value) if isinstance(value, dict) and isinstance(ours.get(key), dict) else value
+    return merged
+
+
+def world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _collective_device() -> torch.device:
+    """NCCL reduces CUDA tensors, gloo CPU ones."""
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sums of `values` over all ranks (float64: counts stay exact to 2**53)."""
+    if world_size() == 1:
+        return list(values)
+    total = torch.tensor(values, dtype=torch.float64, device=_collective_device())
+    torch.distributed.all_reduce(total)
+    return total.tolist()
+
+
+def gather_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Every rank's `rows` (any number of them, the same trailing shape) concatenated in rank order,
+    on every rank, on `rows`' device."""
+    world = world_size()
+    if world == 1:
+        return rows
+    device = _collective_device()
+    counts = [int(n) for n in _gather_counts(len(rows), device)]
+    padded = torch.zeros((max(counts), *rows.shape[1:]), dtype=rows.dtype, device=device)  # all_gather: equal sizes
+    padded[:len(rows)] = rows
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    torch.distributed.all_gather(parts, padded)
+    return torch.cat([part[:n] for part, n in zip(parts, counts)]).to(rows.device)
+
+
+def _gather_counts(count: int, device: torch.device) -> torch.Tensor:
+    parts = [torch.zeros((), dtype=torch.int64, device=device) for _ in range(world_size())]
+    torch.distributed.all_gather(parts, torch.tensor(count, dtype=torch.int64, device=device))
+    return torch.stack(parts)
 
 
 def gathered(model: nn.Module, zero_stage: int):

@@ -1,6 +1,7 @@
 """The optimiser and the learning-rate schedule, built from the train config.
 
-Only trainable parameters reach the optimiser. The schedule is a linear warm-up to the base LR,
+Only trainable parameters reach the optimiser, in param groups that share the options (a strategy
+may ask for several: `Strategy.param_groups`). The schedule is a linear warm-up to the base LR,
 then cosine to zero (the paper's recipe) or constant, per optimiser step.
 """
 from __future__ import annotations
@@ -14,8 +15,9 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 
 
-def make_optimizer(params: list[nn.Parameter], cfg) -> torch.optim.Optimizer:
-    """`cfg` is an engine.config.TrainConfig."""
+def make_optimizer(groups: list[list[nn.Parameter]], cfg) -> torch.optim.Optimizer:
+    """One param group per list in `groups`; `cfg` is an engine.config.TrainConfig."""
+    params = [{"params": group} for group in groups]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -12,10 +12,11 @@ from tqdm.auto import tqdm
 
 
 def progress_bar(iterable=None, *, desc: str, total: int | None = None, leave: bool = False,
-                 show: bool = True) -> tqdm:
+                 initial: int = 0, show: bool = True) -> tqdm:
     """A tqdm bar on stderr, or a silent pass-through where `show` is False (another rank, a caller
     that wants none) or stderr is not a terminal."""
-    return tqdm(iterable, desc=desc, total=total, leave=leave, file=sys.stderr, disable=None if show else True)
+    return tqdm(iterable, desc=desc, total=total, initial=initial, leave=leave, file=sys.stderr,
+                disable=None if show else True)
 
 
 def say(line: str) -> None:

@@ -6,11 +6,17 @@ its test top-1, and measure source-domain weighted k-NN accuracy of the untouche
 fine-tuned backbone. With no `--model/--target/--source` it runs offline on the embedded default.
 
 A run goes through named phases, each a function below: resolve the config (`parse_args`), start
-the processes (`start`), read the data (`read_data`), check the model and the batch geometry
-(`check_run`), and only then claim the run folder and do the expensive work: measure the untouched
+the processes (`start`), take in a user's DeepSpeed JSON (`adopt_deepspeed`), read the data
+(`read_data`), check the model and the batch geometry (`check_run`), and only then claim the run folder and do the expensive work: measure the untouched
 source (`measure_source`), train (`fine_tune`), restore the best checkpoint (`restore_best`),
 measure it (`measure`) and write the report (`report`). Bad input is refused in the first phases,
 before any feature is extracted and before a run folder exists.
+
+`--resume RUN_DIR` runs the same phases in the run's own folder: `resume_point` checks the config
+against the saved one and picks the newest full checkpoint that verifies (before anything is
+written), the untouched source's k-NN comes from that checkpoint, and training continues from it.
+On several ranks evaluation and k-NN extraction are sharded: each sample is read on one rank, and
+the accuracies are those one process would get.
 """
 from __future__ import annotations
 
@@ -19,7 +25,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -28,18 +34,20 @@ import torch
 import adapters
 import kernels
 
-from . import data, progress, run_folder
+from . import data, progress, resume, run_folder
 from .adapter_files import save_adapter
+from .checkpoint import FullCheckpoints, identity
 from .config import RunConfig, parse_args, resolved_for_target, save_yaml
-from .distributed import gathered, init_distributed, micro_batch
+from .distributed import adopt_deepspeed_config, gathered, init_distributed, micro_batch, sum_over_ranks
 from .errors import UserError
 from .evaluate import extract_features, top1_accuracy
 from .io import atomic_write_json
-from .knn import knn_accuracy
+from .knn import knn_correct
 from .metrics import gflops_per_image, inference_throughput, parameter_counts, peak_memory_mb
 from .models import apply_strategy, build_backbone, check_strategy, restore_model, timm_spec
 from .precision import PRECISIONS
 from .report import build_results, format_table, write_results
+from .stop import TrainingStopped
 from .train import TrainingDiverged, TrainResult, train
 
 
@@ -52,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UserError as e:
         return _fail(f"error: {e}", 2)
+    except TrainingStopped as e:
+        if e.checkpoint is None:
+            return _fail(str(e), e.exit_code)
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        return _fail(f"{e}; full checkpoint {e.checkpoint}\nresume with: "
+                     f"{resume.resume_command(e.checkpoint.parents[2], world)}", e.exit_code)
     except TrainingDiverged as e:
         kept = (f"the last good checkpoint (step {e.last_good_step}) is kept in checkpoints/last"
                 if e.last_good_step else "no checkpoint had been written yet")
@@ -73,8 +87,6 @@ def _fail(line: str, status: int) -> int:
 
 def dry_run(cfg: RunConfig) -> int:
     """Parameters and inference GFLOPs of the model the strategy builds; no data, weights or training."""
-    from dataclasses import replace
-
     num_classes = cfg.model.num_classes or data.num_classes(cfg.data.target, "target")
     if num_classes is None:
         raise UserError(f"--dry-run does not read data: give --num-classes for target {cfg.data.target!r}")
@@ -167,15 +179,41 @@ def read_data(cfg: RunConfig, rt: Runtime) -> RunData:
     return RunData(cfg, target, source, train_split, val_split, num_classes, bad_images)
 
 
-def check_run(run_data: RunData, rt: Runtime) -> None:
-    """What only the model and the world size can judge, checked on a meta-device model."""
+def adopt_deepspeed(cfg: RunConfig, rt: Runtime) -> RunConfig:
+    """The user's DeepSpeed JSON (`--deepspeed-config`) over ours: theirs wins, also for the batch
+    geometry the loaders follow; each key of ours it contradicts is reported in one line."""
+    train_cfg, notes = adopt_deepspeed_config(cfg.train, rt.world)
+    if rt.main:
+        for note in notes:
+            print(f"note: {note}")
+    return replace(cfg, train=train_cfg)
+
+
+def check_run(run_data: RunData, rt: Runtime) -> list[str]:
+    """What only the model and the world size can judge, checked on a meta-device model; returns the
+    names of the parameters that will train (what a full checkpoint is checked against)."""
     cfg = run_data.cfg
-    check_strategy(cfg, run_data.num_classes)
+    model = check_strategy(cfg, run_data.num_classes)
     micro_batch(cfg.train.batch_size, cfg.train.grad_accum, rt.world)
     if len(run_data.train) < rt.world:
         raise UserError(f"the target's train split ({len(run_data.train)} images) is smaller than one batch per rank")
     if rt.main:  # the run folder is rank 0's to claim, and may be taken by the time another rank looks
-        run_folder.check(cfg.out, cfg.name, _reuse(cfg))
+        if not cfg.resume:
+            run_folder.check(cfg.out, cfg.name, _reuse(cfg))
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def resume_point(cfg: RunConfig, ident: dict, rt: Runtime) -> tuple[Path, dict] | None:
+    """With --resume: the full checkpoint to continue from and its manifest, after the config and the
+    checkpoint have been checked; metrics.csv loses the rows written after it. None for a new run."""
+    if not cfg.resume:
+        return None
+    resume.check_config(cfg)
+    path, manifest = resume.find_checkpoint(Path(cfg.resume), ident, rt.rank, rt.world)
+    rt.say(f"resuming {cfg.resume} after step {manifest['step']} from {path}")
+    if rt.main:
+        resume.rewind_metrics(Path(cfg.resume), manifest["step"])
+    return path, manifest
 
 
 def make_loaders(run_data: RunData, pre: data.Preprocess, rt: Runtime) -> Loaders:
@@ -185,8 +223,8 @@ def make_loaders(run_data: RunData, pre: data.Preprocess, rt: Runtime) -> Loader
                   dali_resize=cfg.data.dali_resize, bad_images=run_data.bad_images)
     eval_bs = cfg.eval.batch_size
 
-    def eval_loader(split):
-        return data.make_loader(split, pre, train=False, batch_size=eval_bs, **common)
+    def eval_loader(split):  # sharded: each sample on one rank (engine.evaluate gathers)
+        return data.make_loader(split, pre, train=False, batch_size=eval_bs, rank=rt.rank, world=rt.world, **common)
 
     loaders = Loaders(
         train=data.make_loader(run_data.train, pre, train=True, batch_size=micro, seed=cfg.seed, rank=rt.rank,
@@ -218,17 +256,23 @@ def claim_run_dir(cfg: RunConfig, rt: Runtime) -> Path:
 
 
 def measure_source(model, loaders: Loaders, cfg: RunConfig, num_source_classes: int, rt: Runtime) -> dict[int, float]:
-    """Weighted k-NN accuracy (%) of `model`'s backbone features on the source domain, per k."""
+    """Weighted k-NN accuracy (%) of `model`'s backbone features on the source domain, per k. Each
+    rank extracts its shards; the bank is gathered on every rank, each scores its own queries."""
     amp = PRECISIONS[cfg.train.precision]
-    bank, bank_y = extract_features(model, loaders.knn_bank, rt.device, amp, desc="k-NN bank", progress=rt.main)
+    bank, bank_y = extract_features(model, loaders.knn_bank, rt.device, amp, desc="k-NN bank", progress=rt.main,
+                                    sharded=True)
     query, query_y = extract_features(model, loaders.knn_query, rt.device, amp, desc="k-NN queries",
                                       progress=rt.main)
-    return knn_accuracy(bank, bank_y, query, query_y, cfg.eval.knn_k, cfg.eval.knn_temperature,
-                        num_classes=num_source_classes)
+    ks = cfg.eval.knn_k
+    correct = knn_correct(bank, bank_y, query, query_y, ks, cfg.eval.knn_temperature, num_classes=num_source_classes)
+    *hits, queries = sum_over_ranks([correct[k] for k in ks] + [len(query)])
+    return {k: 100.0 * n / queries for k, n in zip(ks, hits)}
 
 
-def fine_tune(model, strategy, loaders: Loaders, cfg: RunConfig, base: dict, run_dir: Path, rt: Runtime) -> TrainResult:
-    """The train loop; checkpoints go to run_dir/checkpoints/{best,last} in adapter form."""
+def fine_tune(model, strategy, loaders: Loaders, cfg: RunConfig, base: dict, run_dir: Path, rt: Runtime,
+              checkpoints: FullCheckpoints, start: Path | None) -> TrainResult:
+    """The train loop (from the full checkpoint `start` when resuming); checkpoints go to
+    run_dir/checkpoints/{best,last} in adapter form and run_dir/checkpoints/full."""
     def save_checkpoint(module, tag: str, info: dict) -> None:
         with gathered(module, cfg.train.zero_stage):
             if rt.main:
@@ -237,7 +281,7 @@ def fine_tune(model, strategy, loaders: Loaders, cfg: RunConfig, base: dict, run
                 atomic_write_json(directory / "trainer.json", info)
 
     return train(model, strategy, loaders.train, loaders.val, cfg.train, rt.device, run_dir, save_checkpoint,
-                 rank=rt.rank, world=rt.world)
+                 rank=rt.rank, world=rt.world, checkpoints=checkpoints, resume=start)
 
 
 def restore_best(cfg: RunConfig, run_dir: Path, rt: Runtime):
@@ -259,7 +303,7 @@ def measure(model, strategy, loaders: Loaders, cfg: RunConfig, num_source_classe
             rt: Runtime) -> tuple[float, dict[int, float], dict]:
     """Target top-1 and source k-NN of the finalised model, and its inference cost."""
     amp = PRECISIONS[cfg.train.precision]
-    target_top1 = top1_accuracy(model, loaders.test, rt.device, amp, desc="test", progress=rt.main)
+    target_top1 = top1_accuracy(model, loaders.test, rt.device, amp, desc="test", progress=rt.main, sharded=True)
     knn_after = measure_source(model, loaders, cfg, num_source_classes, rt)
     cost = {"infer_img_per_s": inference_throughput(model, pre.input_size, autocast_dtype=amp),
             "infer_gflops_per_img": gflops_per_image(model, pre.input_size), **strategy.metrics(model)}
@@ -282,9 +326,12 @@ def run(cfg: RunConfig) -> dict:
     """The whole protocol, phase by phase; returns the results dict it wrote to results.json."""
     wall = time.perf_counter()
     rt = start(cfg)
-    run_data = read_data(cfg, rt)
+    run_data = read_data(adopt_deepspeed(cfg, rt), rt)
     cfg = run_data.cfg
-    check_run(run_data, rt)
+    trainable_names = check_run(run_data, rt)
+    ident = identity(cfg.model.name, cfg.strategy, run_data.num_classes, trainable_names, rt.world,
+                     cfg.train.zero_stage)
+    point = resume_point(cfg, ident, rt)
 
     torch.manual_seed(cfg.seed)  # the same backbone again at restore time, even from a random init
     backbone = build_backbone(cfg.model).to(rt.device)
@@ -295,11 +342,14 @@ def run(cfg: RunConfig) -> dict:
            f"{len(run_data.target.test)} test images; source {run_data.source.name}; loader {loader}")
     strategy = adapters.get_strategy(cfg.strategy, cfg.adapter)
 
-    run_dir = claim_run_dir(cfg, rt)
+    run_dir = claim_run_dir(cfg, rt) if point is None else Path(cfg.resume)
     if rt.main:
         save_yaml(cfg, run_dir / "config.yaml")
     source_classes = run_data.source.num_classes
-    knn_before = measure_source(backbone, loaders, cfg, source_classes, rt)
+    if point is None:
+        knn_before = measure_source(backbone, loaders, cfg, source_classes, rt)
+    else:  # measured before the run started; JSON keys are strings
+        knn_before = {int(k): v for k, v in point[1]["facts"]["knn_before"].items()}
     rt.say(f"source {cfg.eval.knn_report_k}-NN accuracy of the untouched backbone: "
            f"{knn_before[cfg.eval.knn_report_k]:.2f}%")
 
@@ -311,7 +361,10 @@ def run(cfg: RunConfig) -> dict:
     train_gflops = gflops_per_image(model, pre.input_size, train=True,
                                     extra_loss=lambda: strategy.extra_loss(model, steps, steps))
     rt.say(f"{cfg.strategy}: {trainable:,} trainable of {total:,} parameters")
-    result = fine_tune(model, strategy, loaders, cfg, base, run_dir, rt)
+    checkpoints = FullCheckpoints(run_dir, ident, {"knn_before": knn_before}, rt.rank, rt.world,
+                                  cfg.train.keep_checkpoints)
+    result = fine_tune(model, strategy, loaders, cfg, base, run_dir, rt, checkpoints,
+                       None if point is None else point[0])
 
     model, strategy = restore_best(cfg, run_dir, rt)
     target_top1, knn_after, cost = measure(model, strategy, loaders, cfg, source_classes, pre, rt)

@@ -10,11 +10,20 @@ finiteness recorded there, and both are read at the log points (every `log_every
 every eval), where each point appends a row to metrics.csv. A non-finite loss stops the run at
 the next log point, naming the step it first appeared at, without overwriting the last good
 checkpoint; so do non-finite gradients, which DeepSpeed's ZeRO optimiser reports by skipping the
-step (`engine.skipped_steps`, a host counter, checked every step).
+step (`engine.skipped_steps`, a host counter, checked every step). On several ranks the log point
+averages the loss over them (the global batch's loss) and the validation accuracy is summed over
+their shards of the validation split.
+
+Full checkpoints (`engine.checkpoint`) every `checkpoint_every` steps (None: at every eval) and on a
+clean stop (`engine.stop`) hold everything an uninterrupted run would carry on with: DeepSpeed's
+state and, beside it, the RNG states, the data position and the loss summed since the last log
+point, per rank. `resume` loads one into the fresh engine of a new process and continues as if
+nothing had happened: the same batches, the same random draws, the same metrics.csv rows.
 """
 from __future__ import annotations
 
 import csv
+import dataclasses
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .checkpoint import DEEPSPEED_TAG, FullCheckpoints, load_rank_state, rng_state, set_rng_state
 from .distributed import deepspeed_config, gathered, register_container_parameters
 from .evaluate import top1_accuracy
 from .metrics import sync
 from .optim import lr_lambda, make_optimizer
 from .precision import PRECISIONS, autocast
 from .progress import progress_bar
+from .stop import StopRequest, TrainingStopped
 
 # metrics.csv, one row per log point; eval-only columns are empty on the other rows.
 METRICS_COLUMNS = ("step", "train_loss", "lr", "skipped_steps", "train_img_per_s", "elapsed_s", "val_top1")
@@ -60,18 +71,30 @@ class TrainResult:
 
 class BatchStream:
     """Endless batches from a re-iterable loader, a fresh pass (and shuffle) per epoch; `epoch` and
-    `index` say where the stream is (the next batch is batch `index` of pass `epoch`)."""
+    `index` say where the stream is (the next batch is batch `index` of pass `epoch`), and a stream
+    made with them starts there (the loader's `start_at`; a plain iterable replays the pass)."""
 
-    def __init__(self, loader) -> None:
-        self.loader, self.epoch, self.index = loader, 0, 0
+    def __init__(self, loader, epoch: int = 0, index: int = 0) -> None:
+        if index and index >= len(loader):  # the end of a pass is the start of the next
+            epoch, index = epoch + 1, 0
+        self.loader, self.epoch, self.index = loader, epoch, index
         self._it = None
+
+    def _start(self):
+        if self.index and hasattr(self.loader, "start_at"):
+            self.loader.start_at(self.epoch, self.index)
+            return iter(self.loader)
+        if hasattr(self.loader, "set_epoch"):
+            self.loader.set_epoch(self.epoch)
+        it = iter(self.loader)
+        for _ in range(self.index):
+            next(it)
+        return it
 
     def __next__(self):
         while True:
             if self._it is None:
-                if hasattr(self.loader, "set_epoch"):
-                    self.loader.set_epoch(self.epoch)
-                self._it = iter(self.loader)
+                self._it = self._start()
             try:
                 batch = next(self._it)
             except StopIteration:
@@ -99,106 +122,176 @@ class _DeviceLoss:
         bad = ~torch.isfinite(loss)
         self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
 
-    def read(self) -> tuple[float, int | None]:
-        """(mean loss since the last read, the first step whose loss was not finite or None); resets the sum."""
-        mean, first_bad = (self.sum / max(self.count, 1)).item(), int(self.first_bad)
+    def read(self, world: int = 1) -> tuple[float, int | None]:
+        """(mean loss since the last read over all ranks, the first step whose loss was not finite on
+        any rank or None); resets the sum. Collective when world > 1."""
+        total = torch.stack([self.sum, torch.full_like(self.sum, self.count)])
+        never = torch.iinfo(torch.int64).max
+        bad = torch.where(self.first_bad < 0, torch.full_like(self.first_bad, never), self.first_bad)
+        if world > 1:
+            torch.distributed.all_reduce(total)
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+        mean, first_bad = (total[0] / total[1].clamp(min=1)).item(), int(bad)
         self.sum.zero_()
         self.count = 0
-        return mean, (first_bad if first_bad >= 0 else None)
+        return mean, (first_bad if first_bad != never else None)
+
+    def state(self) -> dict:
+        return {"sum": self.sum.item(), "count": self.count, "first_bad": int(self.first_bad)}
+
+    def load(self, state: dict) -> None:
+        self.sum.fill_(state["sum"])
+        self.count = state["count"]
+        self.first_bad.fill_(state["first_bad"])
 
 
 def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: torch.device,
-          run_dir: Path, save_checkpoint, rank: int = 0, world: int = 1, progress: bool = True) -> TrainResult:
+          run_dir: Path, save_checkpoint, rank: int = 0, world: int = 1, progress: bool = True,
+          checkpoints: FullCheckpoints | None = None, resume: Path | None = None) -> TrainResult:
     """Fine-tune `model` in place for the TrainConfig `cfg`; `save_checkpoint(model, tag, info)`
-    writes checkpoints/<tag>."""
+    writes checkpoints/<tag> (adapter form), `checkpoints` the full ones, `resume` names the full
+    checkpoint to continue from. `val_loader` reads this rank's shard of the validation split."""
     import deepspeed
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    params = dict(model.named_parameters())
+    groups = [g for g in strategy.param_groups(model) if g]
+    if sorted(sum(groups, [])) != sorted(n for n, p in params.items() if p.requires_grad):
+        raise RuntimeError("the strategy's param_groups are not its trainable parameters")
+    if not groups:
         raise RuntimeError("the strategy left no trainable parameter")
-    optimizer = make_optimizer(params, cfg)
+    optimizer = make_optimizer([[params[n] for n in g] for g in groups], cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world))
     if cfg.zero_stage == 3:
         register_container_parameters(engine.module)
+    if rank == 0:
+        print(f"global batch {engine.train_batch_size()} = micro-batch {engine.train_micro_batch_size_per_gpu()} "
+              f"x accumulation {engine.gradient_accumulation_steps()} x {world} rank(s)")
     amp = PRECISIONS[cfg.precision]
-    batches = BatchStream(train_loader)
     metrics_path = run_dir / "metrics.csv"
     result = TrainResult()
     losses = _DeviceLoss(device)
+    batches = BatchStream(train_loader)
     last_good: int | None = None
-    bar = progress_bar(total=cfg.steps, desc="train", leave=True, show=progress and rank == 0)
+    start = 0
+    if resume is not None:
+        start, result, last_good, batches = _resume(engine, strategy, resume, rank, train_loader, losses)
+    _freeze_finished_groups(optimizer, scheduler, groups, params)
+    bar = progress_bar(total=cfg.steps, initial=start, desc="train", leave=True, show=progress and rank == 0)
 
     def stop(step: int, what: str) -> TrainingDiverged:
         bar.close()
         return TrainingDiverged(step, what, last_good)
 
     def row(step: int, mean_loss: float) -> dict:
-        return {"step": step, "train_loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+        return {"step": step, "train_loss": mean_loss, "lr": scheduler.get_last_lr()[-1],
                 "skipped_steps": result.skipped_steps, "train_img_per_s": result.images_per_second,
                 "elapsed_s": result.train_seconds, "val_top1": None}
 
-    for step in range(1, cfg.steps + 1):
-        engine.train()
-        start = time.perf_counter()
-        for _ in range(cfg.grad_accum):
-            wait = time.perf_counter()
-            images, labels = next(batches)
-            images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            result.data_wait_seconds += time.perf_counter() - wait
-            with autocast(device, amp):
-                logits = engine(images)
-                loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-                extra = strategy.extra_loss(engine.module, step, cfg.steps)
-                if extra is not None:
-                    loss = loss + extra
-            losses.add(loss, step)
-            engine.backward(loss)
-            engine.step()
-            result.train_images += len(labels) * world
-        strategy.on_step(engine.module, step, cfg.steps, gather=lambda: gathered(engine.module, cfg.zero_stage))
-        result.steps = step
-        bar.update(1)
-        if engine.skipped_steps > result.skipped_steps:
-            result.skipped_steps = engine.skipped_steps
-            if result.skipped_steps > cfg.max_skipped_steps:
-                mean_loss, first_bad = losses.read()  # a non-finite loss is the better explanation
+    def save_full(step: int) -> Path:
+        with gathered(engine.module, cfg.zero_stage):  # the strategy's state reads parameters (gate scores)
+            trainer = {"step": step, "last_good": last_good, "result": dataclasses.asdict(result),
+                       "strategy": strategy.state()}
+        own = {"rng": rng_state(), "data": {"epoch": batches.epoch, "index": batches.index},
+               "loss": losses.state()}
+        return checkpoints.save(engine, step, trainer, own)
+
+    with StopRequest(world) as stop_request:
+        for step in range(start + 1, cfg.steps + 1):
+            engine.train()
+            began = time.perf_counter()
+            for _ in range(cfg.grad_accum):
+                wait = time.perf_counter()
+                images, labels = next(batches)
+                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+                result.data_wait_seconds += time.perf_counter() - wait
+                with autocast(device, amp):
+                    logits = engine(images)
+                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+                    extra = strategy.extra_loss(engine.module, step, cfg.steps)
+                    if extra is not None:
+                        loss = loss + extra
+                losses.add(loss, step)
+                engine.backward(loss)
+                engine.step()
+                result.train_images += len(labels) * world
+            strategy.on_step(engine.module, step, cfg.steps, gather=lambda: gathered(engine.module, cfg.zero_stage))
+            _freeze_finished_groups(optimizer, scheduler, groups, params)
+            result.steps = step
+            bar.update(1)
+            if engine.skipped_steps > result.skipped_steps:
+                result.skipped_steps = engine.skipped_steps
+                if result.skipped_steps > cfg.max_skipped_steps:
+                    mean_loss, first_bad = losses.read(world)  # a non-finite loss is the better explanation
+                    if first_bad is not None:
+                        raise stop(first_bad, f"loss became {mean_loss}")
+                    if rank == 0:  # the skipped step is on record
+                        _append_csv(metrics_path, row(step, mean_loss))
+                    raise stop(step, "gradients were not finite (DeepSpeed skipped the optimiser step)")
+            evaluating = step % cfg.eval_every == 0 or step == cfg.steps
+            if evaluating or step % cfg.log_every == 0:
+                sync(device)  # the step's work is done before its time is counted (asynchronous on a GPU)
+                result.train_seconds += time.perf_counter() - began
+                mean_loss, first_bad = losses.read(world)
                 if first_bad is not None:
                     raise stop(first_bad, f"loss became {mean_loss}")
-                if rank == 0:  # the skipped step is on record
-                    _append_csv(metrics_path, row(step, mean_loss))
-                raise stop(step, "gradients were not finite (DeepSpeed skipped the optimiser step)")
-        evaluating = step % cfg.eval_every == 0 or step == cfg.steps
-        if not (evaluating or step % cfg.log_every == 0):
-            result.train_seconds += time.perf_counter() - start
-            continue
-
-        sync(device)  # the step's work is done before its time is counted (asynchronous on a GPU)
-        result.train_seconds += time.perf_counter() - start
-        mean_loss, first_bad = losses.read()
-        if first_bad is not None:
-            raise stop(first_bad, f"loss became {mean_loss}")
-        bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
-        metrics = row(step, mean_loss)
-        if evaluating:
-            metrics["val_top1"] = val_top1 = top1_accuracy(engine.module, val_loader, device, amp, desc="val",
-                                                           progress=progress and rank == 0)
-            result.history.append(metrics)
-            info = {"step": step, "val_top1": val_top1}
-            never_saved = step == cfg.steps and result.best_step == 0
-            if never_saved or (strategy.selectable(step, cfg.steps) and val_top1 > result.best_val_top1):
-                result.best_val_top1, result.best_step = val_top1, step
-                save_checkpoint(engine.module, "best", info)
-            save_checkpoint(engine.module, "last", info)
-            last_good = step
-        if rank == 0:
-            _append_csv(metrics_path, metrics)
-            if evaluating:
-                bar.write(f"step {step}: loss {mean_loss:.4f}  val top-1 {val_top1:.2f}%"
-                          + ("  (best)" if result.best_step == step else ""))
+                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{scheduler.get_last_lr()[-1]:.3g}")
+                metrics = row(step, mean_loss)
+                if evaluating:
+                    metrics["val_top1"] = val_top1 = top1_accuracy(engine.module, val_loader, device, amp, desc="val",
+                                                                   progress=progress and rank == 0, sharded=True)
+                    result.history.append(metrics)
+                    info = {"step": step, "val_top1": val_top1}
+                    never_saved = step == cfg.steps and result.best_step == 0
+                    if never_saved or (strategy.selectable(step, cfg.steps) and val_top1 > result.best_val_top1):
+                        result.best_val_top1, result.best_step = val_top1, step
+                        save_checkpoint(engine.module, "best", info)
+                    save_checkpoint(engine.module, "last", info)
+                    last_good = step
+                if rank == 0:
+                    _append_csv(metrics_path, metrics)
+                    if evaluating:
+                        bar.write(f"step {step}: loss {mean_loss:.4f}  val top-1 {val_top1:.2f}%"
+                                  + ("  (best)" if result.best_step == step else ""))
+            else:
+                result.train_seconds += time.perf_counter() - began
+            signum = stop_request.agreed()
+            due = step % cfg.checkpoint_every == 0 if cfg.checkpoint_every else evaluating
+            saved = save_full(step) if checkpoints is not None and (due or signum) else None
+            if signum:
+                bar.close()
+                raise TrainingStopped(signum, step, saved)
     bar.close()
     return result
+
+
+def _resume(engine, strategy, path: Path, rank: int, train_loader, losses: _DeviceLoss):
+    """Load the full checkpoint at `path` into the fresh `engine` and this process's state; returns
+    (step, TrainResult, last good step, BatchStream at the saved position)."""
+    loaded, client = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_module_strict=False)
+    if loaded is None:  # verified before training started: this is not the user's doing
+        raise RuntimeError(f"DeepSpeed loaded no checkpoint from {path}")
+    trainer = client["trainer"]
+    strategy.load_state(engine.module, trainer["strategy"])  # gates fixed, block positions
+    own = load_rank_state(path, rank)
+    losses.load(own["loss"])
+    batches = BatchStream(train_loader, own["data"]["epoch"], own["data"]["index"])
+    set_rng_state(own["rng"])  # last: nothing may draw between here and the next step
+    return trainer["step"], TrainResult(**trainer["result"]), trainer["last_good"], batches
+
+
+def _freeze_finished_groups(optimizer, scheduler, groups: list[list[str]], params: dict) -> None:
+    """Learning rate 0 for each param group whose parameters all stopped requiring grad (see
+    `Strategy.param_groups`): under any optimiser and ZeRO stage they then stay exactly as they are."""
+    for i, names in enumerate(groups):
+        training = [params[n].requires_grad for n in names]
+        if all(training) or scheduler.base_lrs[i] == 0.0:
+            continue
+        if any(training):
+            raise RuntimeError(f"the strategy stopped part of a param group ({names[0]} and {len(names) - 1} more); "
+                               f"param_groups must group what stops training together")
+        scheduler.base_lrs[i] = optimizer.param_groups[i]["lr"] = 0.0
 
 
 def _append_csv(path: Path, row: dict) -> None:

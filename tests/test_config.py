@@ -123,8 +123,9 @@ def test_the_kernels_backend_is_a_train_setting_and_the_old_key_still_reads(tmp_
 def test_every_numeric_key_has_a_range_or_choices():
     """A number a user can set is checked: a range in _RANGES, choices, or the adapter section's own check."""
     from engine import config
+    from engine.dotted import flatten
 
-    numeric = [key for key in config._flatten(RunConfig().to_dict())
+    numeric = [key for key in flatten(RunConfig().to_dict())
                if not key.startswith("adapter.") and config.key_hint(key) in (int, float, int | None, float | None)]
     assert numeric and [key for key in numeric if key not in config._RANGES and key not in config._CHOICES] == []
 

@@ -1,4 +1,5 @@
 """The train loop: log points in metrics.csv, non-finite gradients stop the run, no host reads in a step."""
+import contextlib
 import csv
 import json
 import sys
@@ -74,3 +75,44 @@ def test_a_train_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
     assert code == 0
     assert {step for step, _, _ in reads} <= {3, 6}, [r for r in reads if r[0] not in (3, 6)][:5]
     assert any(step == 3 for step, _, _ in reads)  # the spy sees the log point's read
+
+
+@pytest.mark.parametrize("zero_stage", [2])
+def test_gates_fixed_mid_run_leave_the_inactive_blocks_and_the_scores_exactly_still(tmp_path, zero_stage):
+    """DeepSpeed's optimiser keeps every parameter it was built over: under ZeRO a parameter that
+    stopped requiring grad gets a zero gradient, and SGD's momentum would keep moving it. Fixed-off
+    LoRA blocks (and the fixed scores) are param groups of their own at learning rate 0 instead."""
+    import adapters
+    import deepspeed
+    from engine.config import TrainConfig
+    from engine.distributed import init_distributed
+    from engine.embedded import create_embedded_vit
+    from engine.train import train
+
+    init_distributed()
+    torch.manual_seed(0)
+    strategy = adapters.get_strategy("selective_lora", adapters.AdapterConfig(active_blocks=3))
+    model = strategy.apply(create_embedded_vit(pretrained=False, num_classes=0), 10)
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))) for _ in range(3)]
+    cfg = TrainConfig(steps=6, eval_every=6, batch_size=4, warmup_steps=0, lr=0.5, zero_stage=zero_stage)
+    frozen = {}
+
+    def values(names):
+        params = dict(model.named_parameters())
+        with deepspeed.zero.GatheredParameters([params[n] for n in names]) if zero_stage == 3 else contextlib.nullcontext():
+            return {n: params[n].detach().clone() for n in names}
+
+    on_step = strategy.on_step
+
+    def fix_and_record(module, step, total, gather):
+        on_step(module, step, total, gather)
+        if strategy.fixed and not frozen:  # the step the gates were fixed at
+            names = [n for n, p in model.named_parameters() if ".lora_" in n and not p.requires_grad]
+            frozen.update(values(names))
+
+    strategy.on_step = fix_and_record
+    train(model, strategy, batches, batches[:1], cfg, torch.device("cpu"), tmp_path, lambda *a: None, progress=False)
+    assert frozen and any(".lora_a." in n for n in frozen) and any(".lora_score." in n for n in frozen)
+    after = values(list(frozen))
+    moved = [n for n in frozen if not torch.equal(frozen[n], after[n])]
+    assert not moved, moved[:3]

@@ -29,12 +29,12 @@ one takes 0.3 ms (bench/README.md), so with it DALI reads JPEGs slower than a to
 torch's resamples as torchvision's Resize + CenterCrop on uint8 tensors does (8-bit between passes,
 like PIL). In-memory arrays keep DALI's resampler: upscaling small images is fast there.
 
-Sharding: rank r reads shard r of `world` (`shard_id`, `num_shards`). Evaluation pads the last
-batch in the reader and the iterator trims the padding (`LastBatchPolicy.PARTIAL`), so each sample
-is scored exactly once across ranks. Training shuffles the whole set each epoch with a seed that
-every rank shares (so the shards of one epoch are disjoint) and drops the last partial batch; every
-rank yields `(N // world) // batch_size` batches. The array pipeline does the same with
-`engine.data.sharding.shard_indices`.
+Sharding: evaluation gives rank r shard r of `world` (the file reader's `shard_id`, `num_shards`),
+pads the last batch in the reader and trims the padding in the iterator (`LastBatchPolicy.PARTIAL`),
+so each sample is scored exactly once across ranks. Training reads, in both pipelines, this rank's
+share of the epoch's shared permutation (`engine.data.sharding.shard_indices`: the shards of one
+epoch are disjoint) and drops the last partial batch; every rank yields `(N // world) // batch_size`
+batches. A training pipeline lives for one pass (see `DaliLoader`).
 
 CPU mode is `device_id=None` (CPU operators only), which runs without a driver.
 """
@@ -96,11 +96,15 @@ def make_dali_loader(split: Split, preprocess: Preprocess, *, train: bool, batch
 
 
 class DaliLoader:
-    """An iterable of (images, labels) passes over a Split, built on a DALI pipeline.
+    """An iterable of (images, labels) passes over a Split, built on DALI pipelines.
 
-    Each `iter()` is one pass: a new shuffle for training, every sample of this rank's shard once
-    for evaluation. The pipeline is built on the first pass and kept; a pass abandoned midway
-    (a `break`) gets a fresh pipeline next time, since DALI cannot restart a pass it did not finish.
+    Each `iter()` is one pass. Training builds a fresh pipeline for every pass, seeded from (seed,
+    rank, epoch) and reading that epoch's `shard_indices` order, so epoch e's batches do not depend
+    on how many passes ran before in this process: `start_at(e, j)` (resume) rebuilds epoch e and
+    draws and drops its first j batches (DALI's random operators advance per batch, so replaying
+    them is the one way to reach batch j's augmentation; the cost is at most one epoch of loading,
+    once). Evaluation builds its pipeline on the first pass and keeps it; a pass abandoned midway (a
+    `break`) gets a fresh one next time, since DALI cannot restart a pass it did not finish.
     """
 
     def __init__(self, split: Split, preprocess: Preprocess, *, train: bool, batch_size: int, seed: int,
@@ -115,12 +119,11 @@ class DaliLoader:
         self.batch_size, self.seed, self.threads = batch_size, seed, threads
         self.rank, self.world, self.device, self.dtype = rank, world, device, dtype
         self.resize = resize
-        self._next_epoch = 0        # the epoch the array source shuffles for in its next pass
-        self._current_epoch = None  # the epoch of the pass the array source is on (DALI runs ahead)
-        self._iterator = None
+        self._epoch = 0             # training: the epoch of the next pass
+        self._skip = 0              # training: batches of the next pass to draw and drop (start_at)
+        self._iterator = None       # evaluation: the pipeline kept between passes
         self._builds = 0
-        self._stale = False         # set when the pipeline cannot serve the next pass as asked
-        self._rebuilt = False       # this pass went on, after an unreadable file, on a pipeline of its own
+        self._stale = False         # evaluation: set while a pass is unfinished, or after one went on rebuilt
         self.bad_images = BadImages() if bad_images is None else bad_images
         self._files = split         # the files not (yet) known to be unreadable
         self._shard_size = shard_size(len(split), rank=rank, world=world, train=train)
@@ -133,39 +136,51 @@ class DaliLoader:
         return math.ceil(self._shard_size / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Array splits: shuffle the next pass as epoch `epoch`. The file reader reshuffles on its own."""
-        if not self.split.in_memory or epoch == self._current_epoch:
-            return
-        self._next_epoch = epoch
-        self._stale = self._iterator is not None
+        """Training: the next pass is epoch `epoch` (its shuffle and its augmentation seed)."""
+        self._epoch = epoch
+
+    def start_at(self, epoch: int, batch: int) -> None:
+        """Training: the next pass is epoch `epoch` from its batch `batch` on, exactly as an
+        uninterrupted pass would have yielded them."""
+        self._epoch, self._skip = epoch, batch
 
     def __iter__(self):
-        if self._iterator is None or self._stale:
-            self._iterator = self._build(self._files, self.rank, self.world)
-        self._stale = True  # until this pass ends: a pass abandoned midway cannot be resumed
-        self._rebuilt = False
-        batches = 0
-        for out in self._outputs():
+        if self.train:
+            epoch, skip, self._skip = self._epoch, self._skip, 0
+            self._epoch += 1
+            iterator = self._build(epoch, self._files, (self.rank, self.world))
+        else:
+            epoch, skip = None, 0
+            if self._iterator is None or self._stale:
+                self._iterator = self._build(None, self._files, (self.rank, self.world))
+            iterator = self._iterator
+            self._stale = True  # until this pass ends: a pass abandoned midway cannot be resumed
+        batches, rebuilt = 0, False
+        for out, rebuilt in self._outputs(iterator, epoch):
             images, labels = out[0]["images"], out[0]["labels"]
             if labels.numel() == 0:  # a shard's padding-only tail batch
                 continue
             batches += 1
+            if batches <= skip:
+                continue  # drawn and dropped for resume
             if batches > len(self):
-                if self._rebuilt:  # a pipeline built for the rest of this pass ends with it
+                if rebuilt:  # a pipeline built for the rest of this pass ends with it
                     break
                 continue  # equal batch counts on every rank; an extra batch is drained, not used
             yield self._to_output(images, labels)
-        self._stale = self._rebuilt
+        if not self.train:
+            self._stale = rebuilt
 
-    def _outputs(self):
-        """The DALI iterator's outputs for one pass. A file DALI cannot read is recorded in
-        `bad_images` (a UserError past the limit) and the pass goes on without it, on a pipeline
-        rebuilt over the files it has not yet read (evaluation: each sample still once) or, in
-        training, over a fresh shuffle of the readable files."""
-        files, shard, done = self._files, (self.rank, self.world), 0  # the pipeline's files and batches read
+    def _outputs(self, iterator, epoch: int | None):
+        """(output, whether the pass is on a rebuilt pipeline) for one pass. A file DALI cannot read
+        is recorded in `bad_images` (a UserError past the limit) and the pass goes on without it: in
+        evaluation on a pipeline over the files it has not yet read (each sample still once), in
+        training on the epoch's pipeline rebuilt over the readable files (the pass ends at its
+        usual batch count, so a few samples of that epoch may be drawn twice)."""
+        it, files, shard, done, rebuilt = iter(iterator), self._files, (self.rank, self.world), 0, False
         while True:
             try:
-                out = next(self._iterator)
+                out = next(it)
             except StopIteration:
                 return
             except RuntimeError as e:  # DALI cannot go on with this pipeline
@@ -180,10 +195,10 @@ class DaliLoader:
                 self.bad_images.add(path, reason)
                 self._forget(path)
                 files, shard = (self._files, (self.rank, self.world)) if self.train else (_without(unread, path), (0, 1))
-                self._iterator, self._rebuilt, done = self._build(files, *shard), True, 0
+                it, rebuilt, done = iter(self._build(epoch, files, shard)), True, 0
                 continue
             done += 1
-            yield out
+            yield out, rebuilt
 
     def _unreadable(self, message: str, candidates: list[str]) -> tuple[str, str]:
         """The file (and why) that stopped DALI. DALI names it only for some failures (a broken JPEG
@@ -212,46 +227,52 @@ class DaliLoader:
         labels = labels.reshape(-1).to(self.device, torch.int64, non_blocking=True)  # (B,)
         return images, labels
 
-    def _build(self, files: Split, shard_id: int, num_shards: int):
-        """A DALI iterator over `files` (the file pipeline reads shard `shard_id` of `num_shards`)."""
+    def _build(self, epoch: int | None, files: Split, shard: tuple[int, int]):
+        """A DALI iterator: one training pass over `epoch` of `files`, or (epoch None) the evaluation
+        pipeline over shard `shard` (index, count) of `files`."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self._builds += 1
         gpu = self.device.type == "cuda"
+        # Augmentations differ per rank; the shuffle (shard_indices) does not. Epoch 0 keeps the
+        # seed the first build always had, so the first epoch reads as it did before training
+        # pipelines were rebuilt per epoch.
+        stream = self._builds if epoch is None else epoch + 1
         common = dict(batch_size=self.batch_size, num_threads=self.threads,
                       device_id=(self.device.index or 0) if gpu else None,
-                      # augmentations differ per rank; the shuffle (reader seed / epoch order) does not
-                      seed=(self.seed * 7919 + self.rank * 104729 + self._builds) % (2**31 - 1),
+                      seed=(self.seed * 7919 + self.rank * 104729 + stream) % (2**31 - 1),
                       prefetch_queue_depth=2)
         out_dtype = _dali_dtype(self.dtype)
+        order = None if epoch is None else shard_indices(len(files), rank=self.rank, world=self.world,
+                                                           train=True, seed=self.seed, epoch=epoch)
         if self.split.in_memory:
-            source = _ArrayBatches(self)
+            source = _ArrayBatches(self, order)
             pipe = _array_pipeline(source, self.preprocess, self.train, gpu, out_dtype, **common)
             return DALIGenericIterator(pipe, ["images", "labels"], auto_reset=True, prepare_first_batch=False)
         torch_resize = _TorchResize(self.preprocess, self.train, self.threads) if self.resize == "torch" else None
-        pipe = _file_pipeline(files, self.preprocess, self.train, gpu, out_dtype, torch_resize,
-                              shard_id=shard_id, num_shards=num_shards,
-                              reader_seed=(self.seed + 1000 * self._builds) % (2**31 - 1), **common)
+        if order is None:  # evaluation: DALI's reader shards the file list in order
+            paths, labels, reader_shard = files.paths, files.labels, dict(shard_id=shard[0], num_shards=shard[1])
+        else:  # training: this rank's files of the epoch, in their order
+            paths, labels, reader_shard = [files.paths[i] for i in order], files.labels[order], {}
+        pipe = _file_pipeline(paths, labels, self.preprocess, self.train, gpu, out_dtype, torch_resize,
+                              **reader_shard, **common)
         policy = LastBatchPolicy.DROP if self._drop_last else LastBatchPolicy.PARTIAL
         return DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader", last_batch_policy=policy,
                                    auto_reset=True, prepare_first_batch=False)
 
 
 class _ArrayBatches:
-    """The array pipeline's external source: each call is one pass, batch by batch.
+    """The array pipeline's external source: each call is one pass, batch by batch, over `order`
+    (a training epoch's shard) or, for evaluation, this rank's slice in order. DALI calls it again
+    when a pass ends (`cycle="raise"`); a training pipeline is dropped after its one pass."""
 
-    DALI calls it again when a pass ends (`cycle="raise"`), already while prefetching, so the
-    epoch counter lives here and not in `DaliLoader.__iter__`.
-    """
-
-    def __init__(self, loader: DaliLoader) -> None:
-        self.loader = loader
+    def __init__(self, loader: DaliLoader, order: np.ndarray | None) -> None:
+        self.loader, self.order = loader, order
 
     def __call__(self):
         L = self.loader
-        epoch = L._current_epoch = L._next_epoch
-        L._next_epoch += 1
-        order = shard_indices(len(L.split), rank=L.rank, world=L.world, train=L.train, seed=L.seed, epoch=epoch)
+        order = self.order if self.order is not None else \
+            shard_indices(len(L.split), rank=L.rank, world=L.world, train=False, seed=L.seed)
         stop = len(order) - len(order) % L.batch_size if L._drop_last else len(order)
         images, labels = L.split.images, L.split.labels  # (N, H, W, 3) uint8, (N,) int64
         for start in range(0, stop, L.batch_size):
@@ -286,18 +307,17 @@ def _array_pipeline(source, preprocess: Preprocess, train: bool, gpu: bool, out_
     return arrays()
 
 
-def _file_pipeline(split: Split, preprocess: Preprocess, train: bool, gpu: bool, out_dtype, torch_resize,
-                   *, shard_id: int, num_shards: int, reader_seed: int, **pipe_args):
-    """`torch_resize`: a `_TorchResize` that resamples the decoded images, or None for DALI's resize."""
+def _file_pipeline(files: list[str], labels, preprocess: Preprocess, train: bool, gpu: bool, out_dtype, torch_resize,
+                   *, shard_id: int = 0, num_shards: int = 1, **pipe_args):
+    """`files` in reading order (no shuffle: a training pass gets its epoch's order); `torch_resize`:
+    a `_TorchResize` that resamples the decoded images, or None for DALI's resize."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(**pipe_args)
-    def files():
-        encoded, labels = fn.readers.file(
-            files=list(split.paths), labels=[int(v) for v in split.labels], name="reader",
-            shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, seed=reader_seed,
-            # train: a full reshuffle every epoch, identical on all ranks; eval: file order, fixed shard
-            shuffle_after_epoch=train, stick_to_shard=not train)
+    def file_reader():
+        encoded, label = fn.readers.file(
+            files=list(files), labels=[int(v) for v in labels], name="reader",
+            shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, stick_to_shard=True)
         decoder = "mixed" if gpu else "cpu"
         if train:  # the crop window is fused into the decoder, which decodes only that window
             images = fn.decoders.image_random_crop(encoded, device=decoder, output_type=types.RGB,
@@ -312,9 +332,9 @@ def _file_pipeline(split: Split, preprocess: Preprocess, train: bool, gpu: bool,
                                antialias=True)
         else:  # the shape of the encoded image (H, W, C), read without decoding
             images = _eval_resize(images, fn.peek_image_shape(encoded, adjust_orientation=False), preprocess)
-        return _normalise(images, preprocess, train, out_dtype), labels
+        return _normalise(images, preprocess, train, out_dtype), label
 
-    return files()
+    return file_reader()
 
 
 class _TorchResize:

@@ -1,8 +1,11 @@
 """Which samples each rank reads, the same on every loader path.
 
 Evaluation gives rank r the r-th contiguous slice, so every sample is scored exactly once across
-ranks (no padding, the last batch is partial); training shuffles the whole split with a seed every
-rank shares, gives each rank N // world samples of that permutation and drops the last partial batch.
+ranks (no padding, the last batch is partial). Training shuffles the whole split with a seed every
+rank shares and deals the permutation out like cards: rank r reads positions r, r + world,
+r + 2 world, ... (N // world of them; the last partial batch is dropped). Dealt that way, the j-th
+micro-batches of all ranks together hold exactly the samples of the j-th batch of one rank with a
+micro-batch world times larger, so N ranks and one rank see the same global batches.
 """
 from __future__ import annotations
 
@@ -13,8 +16,7 @@ def shard_indices(n: int, *, rank: int, world: int, train: bool, seed: int, epoc
     """The sample indices that rank `rank` of `world` reads in pass `epoch`, in reading order."""
     if train:
         order = np.random.default_rng([seed, epoch]).permutation(n)  # same on every rank
-        per = n // world
-        return order[rank * per:(rank + 1) * per]
+        return order[rank::world][:n // world]
     return np.arange(n * rank // world, n * (rank + 1) // world)
 
 

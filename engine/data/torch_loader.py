@@ -1,10 +1,17 @@
 """The torch path: a DataLoader over a Split with timm's transforms, sharded like the DALI path.
 
+Training augmentation is seeded per sample: sample i of pass e draws its crop and flip from a seed
+made of (seed, e, i), whichever rank or worker reads it and whatever was read before. That makes a
+pass restartable at any batch (`start_at`, what resume needs: no batch is replayed, no worker's
+random stream has to be reproduced) and makes N ranks with micro-batch b read exactly the batches
+one rank with micro-batch N x b reads (`engine.data.sharding`), augmentation included.
+
 An image that cannot be read is dropped from its batch and recorded in the loader's `BadImages`
 (which stops the run past its limit); a batch of nothing but unreadable images is left out.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import NamedTuple
 
@@ -27,15 +34,26 @@ class Unreadable(NamedTuple):
 
 
 class SplitDataset(Dataset):
-    """A Split as a map-style torch Dataset returning (CHW float tensor, label), or `Unreadable`."""
+    """A Split as a map-style torch Dataset returning (CHW float tensor, label), or `Unreadable`.
 
-    def __init__(self, split: Split, transform) -> None:
-        self.split, self.transform = split, transform
+    With a `seed` (training) the keys are (epoch, index) pairs and each sample's transform draws
+    from its own seed; without one (evaluation, whose transform draws nothing) keys are indices.
+    """
+
+    def __init__(self, split: Split, transform, seed: int | None = None) -> None:
+        self.split, self.transform, self.seed = split, transform, seed
 
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, key):
+        if self.seed is None:
+            return self._sample(key)
+        epoch, i = key
+        with _seeded(f"{self.seed}/{epoch}/{i}"):
+            return self._sample(i)
+
+    def _sample(self, i: int):
         if self.split.images is not None:
             img = Image.fromarray(self.split.images[i])
         else:
@@ -53,12 +71,16 @@ def collate_readable(samples: list) -> tuple:
     return (default_collate(readable) if readable else None), [s for s in samples if isinstance(s, Unreadable)]
 
 
-class ShardSampler(Sampler[int]):
-    """`shard_indices` as a torch Sampler; each `iter()` moves on to the next epoch's shuffle."""
+class ShardSampler(Sampler):
+    """`shard_indices` as a torch Sampler; each `iter()` moves on to the next epoch's shuffle.
+
+    Training yields (epoch, index) keys (`SplitDataset` seeds each sample from them), evaluation
+    plain indices. `skip` samples at the start of the next pass are left out (resume).
+    """
 
     def __init__(self, n: int, *, rank: int, world: int, train: bool, seed: int) -> None:
         self.n, self.rank, self.world, self.train, self.seed = n, rank, world, train, seed
-        self.epoch = 0
+        self.epoch, self.skip = 0, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -68,9 +90,9 @@ class ShardSampler(Sampler[int]):
 
     def __iter__(self):
         index = shard_indices(self.n, rank=self.rank, world=self.world, train=self.train, seed=self.seed,
-                              epoch=self.epoch)
-        self.epoch += 1
-        return iter(index.tolist())
+                              epoch=self.epoch)[self.skip:].tolist()
+        epoch, self.epoch, self.skip = self.epoch, self.epoch + 1, 0
+        return iter([(epoch, i) for i in index] if self.train else index)
 
 
 class TorchLoader:
@@ -80,18 +102,23 @@ class TorchLoader:
                  workers: int, rank: int, world: int, device: torch.device, dtype: torch.dtype,
                  bad_images: BadImages) -> None:
         self.sampler = ShardSampler(len(split), rank=rank, world=world, train=train, seed=seed)
-        self.device, self.dtype, self.bad_images = device, dtype, bad_images
+        self.device, self.dtype, self.batch_size, self.bad_images = device, dtype, batch_size, bad_images
         self.loader = DataLoader(
-            SplitDataset(split, preprocess.torch_transform(train)), batch_size=batch_size, sampler=self.sampler,
-            collate_fn=collate_readable,
+            SplitDataset(split, preprocess.torch_transform(train), seed if train else None),
+            batch_size=batch_size, sampler=self.sampler, collate_fn=collate_readable,
             # a split smaller than one batch still trains, on one partial batch
             drop_last=train and len(self.sampler) >= batch_size,
             num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
             # its own generator: drawing worker seeds must not move the global RNG the model uses
-            generator=torch.Generator().manual_seed(seed + 7919 * rank), worker_init_fn=_seed_worker)
+            generator=torch.Generator().manual_seed(seed + 7919 * rank))
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
+
+    def start_at(self, epoch: int, batch: int) -> None:
+        """Make the next pass epoch `epoch` from its batch `batch` on, as if the earlier ones had been read."""
+        self.sampler.set_epoch(epoch)
+        self.sampler.skip = batch * self.batch_size
 
     def __len__(self) -> int:
         return len(self.loader)
@@ -107,8 +134,20 @@ class TorchLoader:
                    labels.to(self.device, non_blocking=True))               # (B,) int64
 
 
-def _seed_worker(worker_id: int) -> None:
-    seed = torch.initial_seed() % 2**32  # DataLoader gives each worker base_seed + worker_id
-    np.random.seed(seed)
-    random.seed(seed)
+@contextlib.contextmanager
+def _seeded(key: str):
+    """Python's, NumPy's and torch's global generators (what timm's and torchvision's transforms draw
+    from) seeded from `key` inside the block, and put back as they were after it: in the main
+    process (workers=0) the model's random stream must not see the data's draws."""
+    rng = random.Random(key)
+    python, numpy, torch_state = random.getstate(), np.random.get_state(), torch.random.get_rng_state()
+    random.setstate(rng.getstate())
+    np.random.seed(rng.getrandbits(32))
+    torch.default_generator.manual_seed(rng.getrandbits(63))  # the CPU generator only, not CUDA's
+    try:
+        yield
+    finally:
+        random.setstate(python)
+        np.random.set_state(numpy)
+        torch.random.set_rng_state(torch_state)
 

@@ -331,3 +331,50 @@ def test_past_max_bad_images_the_loader_stops_with_the_list(tmp_path, name):
     assert message.startswith("2 unreadable images, more than data.max_bad_images=1: ")
     assert message.index(split.paths[1]) < message.index(split.paths[4])
     assert message.endswith("; replace or remove them, or raise data.max_bad_images") and "\n" not in message
+
+
+def batches_of_epochs(loader, epochs: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    return [batch for _ in range(epochs) for batch in loader]
+
+
+@pytest.mark.parametrize("name, workers", [("torch", 0), ("torch", 2), pytest.param("dali", 1, marks=needs_dali)])
+def test_start_at_yields_exactly_what_an_uninterrupted_pass_would(unique_split, name, workers):
+    """Resume's data position: a fresh loader started at (epoch 1, batch 2) yields the very tensors
+    (augmentation included) that a loader which read everything before would."""
+    def loader():
+        return make_loader(unique_split, PRE, train=True, batch_size=4, loader=name, seed=3, workers=workers)
+
+    straight = batches_of_epochs(loader(), 3)[len(loader()) + 2:]      # epoch 1 from batch 2, then epoch 2
+    resumed = loader()
+    resumed.start_at(1, 2)
+    again = batches_of_epochs(resumed, 2)
+    assert len(again) == len(straight) == 2 * len(resumed) - 2
+    for (x, y), (x2, y2) in zip(straight, again):
+        assert torch.equal(y, y2) and torch.equal(x, x2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_two_ranks_read_the_global_batches_of_one_rank_with_twice_the_micro_batch(workers):
+    """The equivalence of N ranks and one: batch j of both ranks together is batch j of one rank with
+    a micro-batch twice as large, augmentation included (each sample is seeded by itself)."""
+    split = array_split(26)
+    one = batches_of_epochs(make_loader(split, PRE, train=True, batch_size=8, loader="torch", seed=1,
+                                        workers=workers), 2)
+    ranks = [batches_of_epochs(make_loader(split, PRE, train=True, batch_size=4, loader="torch", seed=1,
+                                           workers=workers, rank=r, world=2), 2) for r in range(2)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 6                  # 26 // 8 = 3 per epoch
+    for (x, y), (x0, y0), (x1, y1) in zip(one, *ranks):
+        together_y, together_x = torch.cat([y0, y1]), torch.cat([x0, x1])
+        order, order_together = y.argsort(), together_y.argsort()          # labels identify samples
+        assert torch.equal(y[order], together_y[order_together])
+        assert torch.equal(x[order], together_x[order_together])
+
+
+def test_torch_training_pass_leaves_the_global_random_streams_alone():
+    """With workers=0 the transforms run in the main process; the model's random stream must not see them."""
+    loader = make_loader(array_split(8), PRE, train=True, batch_size=4, loader="torch", workers=0)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    all_batches(loader)
+    assert torch.equal(torch.rand(3), expected)

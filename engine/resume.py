@@ -1,0 +1,78 @@
+"""`--resume RUN_DIR`: continue a stopped run in its own folder from its last full checkpoint.
+
+The run's config is its own config.yaml, under any flags and key=value given now; a changed key
+that would change the run (model, strategy, seed, batch, steps, ...) is refused in one line listing
+them, while the keys in `MAY_CHANGE` may differ. The checkpoint is the newest that verifies
+(`engine.checkpoint.choose`), chosen by rank 0 and told to the others. Everything here happens before
+any expensive work and writes nothing: a refused resume leaves the folder exactly as it was.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import torch
+
+from . import checkpoint
+from .config import RunConfig, build_config, resume_yaml
+from .dotted import flatten
+from .errors import UserError
+from .io import atomic_write_text
+
+# Keys a resumed run may change: when and how it evaluates, logs and checkpoints, how it reads its
+# data, where things are. (A changed eval cadence or loader gives a different, not a wrong, run.)
+MAY_CHANGE = ("name", "out", "resume", "data.loader", "data.workers", "data.dali_resize", "data.data_root",
+              "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
+              "train.kernels", "eval.batch_size")
+
+
+def check_config(cfg: RunConfig) -> None:
+    """Refuse, in one line, a finished run, and the keys `cfg` changes from the run's saved config
+    that would change the run."""
+    if (Path(cfg.resume) / "results.json").exists():
+        raise UserError(f"--resume {cfg.resume}: the run has finished (results.json); nothing to resume")
+    saved = flatten(build_config(resume_yaml(cfg.resume)).to_dict())
+    now = flatten(cfg.to_dict())
+    changed = [f"{key} ({saved[key]!r} -> {now[key]!r})" for key in now
+               if key not in MAY_CHANGE and now[key] != saved.get(key)]
+    if changed:
+        raise UserError(f"--resume {cfg.resume}: these keys differ from the run's config.yaml and would change "
+                        f"the run: {', '.join(changed)}; start a new run for that")
+
+
+def find_checkpoint(run_dir: Path, ident: dict, rank: int, world: int) -> tuple[Path, dict]:
+    """The full checkpoint to resume from and its manifest, the same on every rank (UserError on all)."""
+    outcome = [None]
+    if rank == 0:
+        try:
+            outcome = [checkpoint.choose(run_dir, ident)]
+        except UserError as e:
+            outcome = [str(e)]
+    if world > 1:
+        torch.distributed.broadcast_object_list(outcome, src=0)
+    if isinstance(outcome[0], str):
+        raise UserError(outcome[0])
+    return outcome[0]
+
+
+def rewind_metrics(run_dir: Path, step: int) -> None:
+    """metrics.csv without the rows after `step` (written after the checkpoint the run resumes from)."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        # a row cut short by a kill mid-write can only be the last, and comes after the checkpoint
+        kept = [row for row in reader if None not in row.values() and int(row["step"]) <= step]
+        columns = reader.fieldnames
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\r\n")  # csv's own line ending, as appended
+    writer.writeheader()
+    writer.writerows(kept)
+    atomic_write_text(path, out.getvalue())
+
+
+def resume_command(run_dir: Path, world: int) -> str:
+    launcher = "python" if world == 1 else f"torchrun --nproc_per_node {world}"
+    return f"{launcher} -m engine.run --resume {run_dir}"

@@ -1,0 +1,34 @@
+"""Helpers for the durability tests: the run they stop and resume, runs in this process, and what
+"nothing overwritten" compares. Runs in processes of their own come from bench.processes."""
+from pathlib import Path
+
+from bench.processes import read_rows
+
+# Small and complete: selective LoRA's budget mode fixes its gates at step 3 of 6 (so a resume can
+# start before or after the fix), a full checkpoint every 2 steps, a metrics row every step.
+DURABLE = ["--strategy", "selective_lora", "--active-blocks", "4", "--steps", "6", "--eval-every", "3",
+           "--checkpoint-every", "2", "--batch-size", "8", "--loader", "torch", "train.log_every=1",
+           "data.knn_train_limit=100", "data.knn_test_limit=40", "data.workers=0"]
+
+
+def run_here(args: list[str]) -> int:
+    """`python -m engine.run` in this process, on one thread as the runs in processes (bench.processes)."""
+    import torch
+    from engine.run import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return main(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [float(r["train_loss"]) for r in read_rows(run_dir / "metrics.csv")]
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under `folder` with its size and modification time: what 'nothing overwritten' compares."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
