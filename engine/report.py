@@ -14,8 +14,9 @@ from .io import atomic_write_json, atomic_write_text
 
 RESULT_KEYS = ("strategy", "model", "trainable_params", "total_params", "target_top1", "source_knn_before",
                "source_knn_after", "forgetting", "mean", "train_img_per_s", "infer_img_per_s", "peak_mem_mb",
-               "train_gflops_per_img", "infer_gflops_per_img", "wall_s")
+               "train_gflops_per_img", "infer_gflops_per_img", "wall_s", "optimizer", "lr_resolved")
 OPTIONAL_KEYS = ("active_blocks", "total_blocks")
+_UNROUNDED = ("lr_resolved",)  # a setting, not a measurement: rounding would turn 5e-5 into 0.0001
 
 _LABELS = {
     "trainable_params": "trainable params", "total_params": "total params",
@@ -23,7 +24,8 @@ _LABELS = {
     "source_knn_after": "source k-NN after %", "forgetting": "forgetting (points)", "mean": "mean %",
     "train_img_per_s": "train img/s", "infer_img_per_s": "infer img/s", "peak_mem_mb": "peak memory MB",
     "train_gflops_per_img": "train GFLOPs/img", "infer_gflops_per_img": "infer GFLOPs/img",
-    "wall_s": "wall time s", "active_blocks": "active LoRA blocks", "total_blocks": "LoRA blocks",
+    "wall_s": "wall time s", "lr_resolved": "learning rate (resolved)",
+    "active_blocks": "active LoRA blocks", "total_blocks": "LoRA blocks",
 }
 
 
@@ -37,7 +39,8 @@ def build_results(values: dict) -> dict:
     if missing or unknown:
         raise KeyError(f"results: missing {missing}, unknown {unknown}")
     keys = list(RESULT_KEYS) + [k for k in OPTIONAL_KEYS if k in values]
-    return {k: (round(values[k], 4) if isinstance(values[k], float) else values[k]) for k in keys}
+    return {k: (round(values[k], 4) if isinstance(values[k], float) and k not in _UNROUNDED else values[k])
+            for k in keys}
 
 
 def write_results(run_dir: Path, results: dict) -> None:

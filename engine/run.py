@@ -38,6 +38,7 @@ from .io import atomic_write_json
 from .knn import knn_accuracy
 from .metrics import gflops_per_image, inference_throughput, parameter_counts, peak_memory_mb
 from .models import apply_strategy, build_backbone, check_strategy, restore_model, timm_spec
+from .optim import check_optimizer
 from .precision import PRECISIONS
 from .report import build_results, format_table, write_results
 from .train import TrainingDiverged, TrainResult, train
@@ -155,7 +156,7 @@ def read_data(cfg: RunConfig) -> RunData:
 def check_run(run_data: RunData, rt: Runtime) -> None:
     """What only the model and the world size can judge, checked on a meta-device model."""
     cfg = run_data.cfg
-    check_strategy(cfg, run_data.num_classes)
+    check_optimizer(check_strategy(cfg, run_data.num_classes), cfg.train)
     micro_batch(cfg.train.batch_size, cfg.train.grad_accum, rt.world)
     if len(run_data.train) < rt.world:
         raise UserError(f"the target's train split ({len(run_data.train)} images) is smaller than one batch per rank")
@@ -292,7 +293,8 @@ def run(cfg: RunConfig) -> dict:
         "strategy": cfg.strategy, "model": cfg.model.name, "trainable_params": trainable, "total_params": total,
         "target_top1": target_top1, "source_knn_before": knn_before[k], "source_knn_after": knn_after[k],
         "train_img_per_s": result.images_per_second, "peak_mem_mb": peak_memory_mb(rt.device),
-        "train_gflops_per_img": train_gflops, "wall_s": time.perf_counter() - wall, **cost})
+        "train_gflops_per_img": train_gflops, "wall_s": time.perf_counter() - wall,
+        "optimizer": cfg.train.optimizer, "lr_resolved": cfg.train.lr_resolved, **cost})
     if rt.main:
         report(results, {"before": knn_before, "after": knn_after}, result, run_dir)
     return results

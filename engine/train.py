@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from .distributed import deepspeed_config, gathered, register_container_parameters
 from .evaluate import top1_accuracy
 from .metrics import sync
-from .optim import lr_lambda, make_optimizer
+from .optim import describe, lr_lambda, make_optimizer
 from .precision import PRECISIONS, autocast
 
 # metrics.csv, one row per log point; eval-only columns are empty on the other rows.
@@ -113,10 +113,11 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
     writes checkpoints/<tag>."""
     import deepspeed
 
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
+    if not any(p.requires_grad for p in model.parameters()):
         raise RuntimeError("the strategy left no trainable parameter")
-    optimizer = make_optimizer(params, cfg)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)  # timm's: each block's forward again in backward, same modules and kernels
+    optimizer = make_optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world))
@@ -128,6 +129,8 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
     result = TrainResult()
     losses = _DeviceLoss(device)
     last_good: int | None = None
+    if rank == 0:
+        print(describe(cfg))
     bar = tqdm(total=cfg.steps, desc="train", disable=not progress or rank != 0)
 
     def stop(step: int, what: str) -> TrainingDiverged:
@@ -135,7 +138,8 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
         return TrainingDiverged(step, what, last_good)
 
     def row(step: int, mean_loss: float) -> dict:
-        return {"step": step, "train_loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+        # With layer decay the groups' rates differ: the top layer's (the highest) is the run's rate.
+        return {"step": step, "train_loss": mean_loss, "lr": max(scheduler.get_last_lr()),
                 "skipped_steps": result.skipped_steps, "train_img_per_s": result.images_per_second,
                 "elapsed_s": result.train_seconds, "val_top1": None}
 
@@ -179,7 +183,7 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
         mean_loss, first_bad = losses.read()
         if first_bad is not None:
             raise stop(first_bad, f"loss became {mean_loss}")
-        bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{scheduler.get_last_lr()[0]:.3g}")
+        bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{max(scheduler.get_last_lr()):.3g}")
         metrics = row(step, mean_loss)
         if evaluating:
             metrics["val_top1"] = val_top1 = top1_accuracy(engine.module, val_loader, device, amp, desc="val",
