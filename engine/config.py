@@ -29,7 +29,7 @@ from .data.dali_loader import RESIZERS
 from .distributed import ZERO_STAGES
 from .dotted import flatten
 from .errors import UserError
-from .optim import OPTIMIZERS, SCHEDULES
+from .optim import LR_SCALES, OPTIMIZERS, SCHEDULES, resolved_lr
 from .precision import PRECISIONS
 
 
@@ -63,13 +63,19 @@ class DataConfig:
 class TrainConfig:
     steps: int = 150
     eval_every: int = 50
-    lr: float = 0.05
+    lr: float = 0.05                  # the peak LR at base_batch images (all of them when lr_scale is none)
     batch_size: int = 32
-    optimizer: str = "sgd"            # sgd | adamw
+    lr_scale: str = "none"            # none | linear | sqrt: how the LR follows batch_size / base_batch
+    base_batch: int = 256             # the batch `lr` is meant for when it is scaled (DINO's 256)
+    lr_resolved: float | None = None  # derived (resolved_for_target): lr after lr_scale, on record in config.yaml
+    optimizer: str = "sgd"            # any of timm's optimiser names; sgd = classical momentum (engine.optim)
     momentum: float = 0.9
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0         # never on biases, norms, gate scores, position embedding, class token
+    layer_decay: float | None = None  # layer-wise LR decay (BEiT): blocks.i of N at decay^(N - i) of the LR, head 1
     schedule: str = "cosine"          # cosine | constant  (both after a linear warm-up)
     warmup_steps: int = 15
+    warmup_fraction: float | None = None  # warm-up as a fraction of the steps; overrides warmup_steps when set
+    grad_checkpointing: bool = False  # recompute each block's forward in backward (timm's set_grad_checkpointing)
     grad_accum: int = 1
     zero_stage: int = 2               # ZeRO-2: optimiser state + gradients sharded; frozen weights left alone
     precision: str = "fp32"           # fp32 | bf16 (autocast) | fp16 (autocast, CUDA only)
@@ -126,10 +132,13 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--loader", "data.loader", "data loader (auto: DALI where it is installed and runs, else torch)"),
     ("--steps", "train.steps", "optimiser steps"),
     ("--eval-every", "train.eval_every", "validate (and maybe keep the best checkpoint) every N steps"),
-    ("--lr", "train.lr", "peak learning rate, reached after the warm-up"),
+    ("--lr", "train.lr", "peak learning rate, reached after the warm-up (at train.base_batch with --lr-scale)"),
     ("--batch-size", "train.batch_size", "global batch: micro-batch x grad accumulation x ranks"),
     ("--grad-accum", "train.grad_accum", "gradient accumulation steps per optimiser step"),
-    ("--optimizer", "train.optimizer", "optimiser over the trainable parameters"),
+    ("--optimizer", "train.optimizer", "timm optimiser over the trainable parameters (sgd: classical momentum)"),
+    ("--lr-scale", "train.lr_scale", "scale --lr from train.base_batch to the global batch (linear: DINO's rule)"),
+    ("--layer-decay", "train.layer_decay", "layer-wise LR decay, e.g. 0.65 (strategies that train backbone blocks)"),
+    ("--grad-checkpointing", "train.grad_checkpointing", "recompute activations in backward: less memory, more time"),
     ("--precision", "train.precision", "fp32, or autocast to bf16 (CPU or GPU) or fp16 (CUDA only)"),
     ("--zero-stage", "train.zero_stage", "DeepSpeed ZeRO stage"),
     ("--checkpoint-every", "train.checkpoint_every", "a full checkpoint for --resume every N steps (default: at "
@@ -163,6 +172,7 @@ _CHOICES = {
     "data.loader": LOADERS,
     "data.dali_resize": RESIZERS,
     "train.optimizer": OPTIMIZERS,
+    "train.lr_scale": LR_SCALES,
     "train.schedule": SCHEDULES,
     "train.precision": tuple(PRECISIONS),
     "train.zero_stage": ZERO_STAGES,
@@ -191,6 +201,10 @@ _RANGES = {
     "train.momentum": ("in [0, 1)", lambda v: 0 <= v < 1),
     "train.weight_decay": _NON_NEGATIVE,
     "train.warmup_steps": _NON_NEGATIVE,
+    "train.warmup_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "train.base_batch": _POSITIVE,
+    "train.lr_resolved": _POSITIVE,  # derived, but a hand-edited config.yaml may carry one
+    "train.layer_decay": ("in (0, 1]", lambda v: 0 < v <= 1),
     "train.grad_clip": _POSITIVE,
     "train.label_smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),
     "train.log_every": _POSITIVE,
@@ -214,7 +228,7 @@ def _coerce(value, hint, key: str):
     """Turn a YAML or command-line value into the field's declared type."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and hint is not str):
         if type(None) in args:
             return None
         raise UserError(f"config key {key} cannot be empty")
@@ -408,9 +422,11 @@ def resume_yaml(run_dir: str | Path) -> Path:
 
 
 def resolved_for_target(cfg: RunConfig, crop_scale_min: float, hflip: float) -> RunConfig:
-    """The config with the target's own augmentation filled in where it was left unset (None)."""
+    """The config with the target's own augmentation filled in where it was left unset (None), and
+    the learning rate its lr_scale resolves to (recomputed, whatever a reused config.yaml held)."""
     data = dataclasses.replace(
         cfg.data,
         crop_scale_min=crop_scale_min if cfg.data.crop_scale_min is None else cfg.data.crop_scale_min,
         hflip=hflip if cfg.data.hflip is None else cfg.data.hflip)
-    return dataclasses.replace(cfg, data=data)
+    train = dataclasses.replace(cfg.train, lr_resolved=resolved_lr(cfg.train))
+    return dataclasses.replace(cfg, data=data, train=train)

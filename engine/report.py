@@ -21,7 +21,8 @@ MEASURES = ("trainable_params", "total_params", "target_top1", "source_knn_befor
             "infer_gflops_per_img", "wall_s")
 # What makes two runs comparable without their config.yaml: the run's facts and the versions of the
 # packages it used (None for one it did not import, e.g. DALI under --loader torch).
-RUN_FACTS = ("target", "source", "seed", "steps", "lr", "batch_size", "precision", "loader")
+RUN_FACTS = ("target", "source", "seed", "steps", "lr", "batch_size", "precision", "loader", "optimizer",
+             "lr_resolved")
 _VERSIONED = {"python": None, "torch": "torch", "torchvision": "torchvision", "timm": "timm",
               "deepspeed": "deepspeed", "dali": "nvidia.dali", "numpy": "numpy", "pillow": "PIL"}
 VERSION_KEYS = tuple(f"{name}_version" for name in _VERSIONED)
@@ -34,7 +35,8 @@ _LABELS = {
     "source_knn_after": "source k-NN after %", "forgetting": "forgetting (points)", "mean": "mean %",
     "train_img_per_s": "train img/s", "infer_img_per_s": "infer img/s", "peak_mem_mb": "peak memory MB",
     "train_gflops_per_img": "train GFLOPs/img", "infer_gflops_per_img": "infer GFLOPs/img",
-    "wall_s": "wall time s", "active_blocks": "active LoRA blocks", "total_blocks": "LoRA blocks",
+    "wall_s": "wall time s", "lr_resolved": "learning rate (resolved)",
+    "active_blocks": "active LoRA blocks", "total_blocks": "LoRA blocks",
 }
 
 

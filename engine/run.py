@@ -45,6 +45,7 @@ from .io import atomic_write_json
 from .knn import knn_correct
 from .metrics import gflops_per_image, inference_throughput, parameter_counts, peak_memory_mb
 from .models import apply_strategy, build_backbone, check_strategy, restore_model, timm_spec
+from .optim import check_optimizer
 from .precision import PRECISIONS
 from .report import build_results, format_table, write_results
 from .stop import TrainingStopped
@@ -194,6 +195,7 @@ def check_run(run_data: RunData, rt: Runtime) -> list[str]:
     names of the parameters that will train (what a full checkpoint is checked against)."""
     cfg = run_data.cfg
     model = check_strategy(cfg, run_data.num_classes)
+    check_optimizer(model, cfg.train)
     micro_batch(cfg.train.batch_size, cfg.train.grad_accum, rt.world)
     if len(run_data.train) < rt.world:
         raise UserError(f"the target's train split ({len(run_data.train)} images) is smaller than one batch per rank")
@@ -376,7 +378,7 @@ def run(cfg: RunConfig) -> dict:
         "train_gflops_per_img": train_gflops, "wall_s": time.perf_counter() - wall, **cost,
         "target": run_data.target.name, "source": run_data.source.name, "seed": cfg.seed, "steps": steps,
         "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "precision": cfg.train.precision,
-        "loader": loader})
+        "loader": loader, "optimizer": cfg.train.optimizer, "lr_resolved": cfg.train.lr_resolved})
     if rt.main:
         report(results, {"before": knn_before, "after": knn_after}, result, run_dir)
     return results

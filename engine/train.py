@@ -36,9 +36,9 @@ from .checkpoint import DEEPSPEED_TAG, FullCheckpoints, load_rank_state, rng_sta
 from .distributed import deepspeed_config, gathered, register_container_parameters
 from .evaluate import top1_accuracy
 from .metrics import sync
-from .optim import lr_lambda, make_optimizer
+from .optim import describe, lr_lambda, make_optimizer
 from .precision import PRECISIONS, autocast
-from .progress import progress_bar
+from .progress import progress_bar, say
 from .stop import StopRequest, TrainingStopped
 
 # metrics.csv, one row per log point; eval-only columns are empty on the other rows.
@@ -154,12 +154,16 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
     import deepspeed
 
     params = dict(model.named_parameters())
-    groups = [g for g in strategy.param_groups(model) if g]
-    if sorted(sum(groups, [])) != sorted(n for n, p in params.items() if p.requires_grad):
+    stop_groups = [g for g in strategy.param_groups(model) if g]
+    if sorted(sum(stop_groups, [])) != sorted(n for n, p in params.items() if p.requires_grad):
         raise RuntimeError("the strategy's param_groups are not its trainable parameters")
-    if not groups:
+    if not stop_groups:
         raise RuntimeError("the strategy left no trainable parameter")
-    optimizer = make_optimizer([[params[n] for n in g] for g in groups], cfg)
+    if cfg.grad_checkpointing:
+        model.set_grad_checkpointing(True)  # timm's: each block's forward again in backward, same modules and kernels
+    optimizer = make_optimizer(model, cfg, stop_groups)
+    names = {id(p): n for n, p in params.items()}
+    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]  # before DeepSpeed flattens them
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world))
@@ -178,6 +182,8 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
     if resume is not None:
         start, result, last_good, batches = _resume(engine, strategy, resume, rank, train_loader, losses)
     _freeze_finished_groups(optimizer, scheduler, groups, params)
+    if rank == 0:
+        say(describe(cfg))
     bar = progress_bar(total=cfg.steps, initial=start, desc="train", leave=True, show=progress and rank == 0)
 
     def stop(step: int, what: str) -> TrainingDiverged:
@@ -185,7 +191,8 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
         return TrainingDiverged(step, what, last_good)
 
     def row(step: int, mean_loss: float) -> dict:
-        return {"step": step, "train_loss": mean_loss, "lr": scheduler.get_last_lr()[-1],
+        # With layer decay the groups' rates differ: the top layer's (the highest) is the run's rate.
+        return {"step": step, "train_loss": mean_loss, "lr": max(scheduler.get_last_lr()),
                 "skipped_steps": result.skipped_steps, "train_img_per_s": result.images_per_second,
                 "elapsed_s": result.train_seconds, "val_top1": None}
 
@@ -236,7 +243,7 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
                 mean_loss, first_bad = losses.read(world)
                 if first_bad is not None:
                     raise stop(first_bad, f"loss became {mean_loss}")
-                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{scheduler.get_last_lr()[-1]:.3g}")
+                bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{max(scheduler.get_last_lr()):.3g}")
                 metrics = row(step, mean_loss)
                 if evaluating:
                     metrics["val_top1"] = val_top1 = top1_accuracy(engine.module, val_loader, device, amp, desc="val",
