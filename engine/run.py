@@ -14,6 +14,7 @@ before any feature is extracted and before a run folder exists.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ import kernels
 from . import data
 from .adapter_files import save_adapter
 from .config import RunConfig, parse_args, resolved_for_target, save_yaml
+from .curve import ForgettingCurve, curve_steps, read_curve
 from .distributed import gathered, init_distributed, micro_batch
 from .errors import UserError
 from .evaluate import extract_features, top1_accuracy
@@ -118,6 +120,9 @@ class Loaders:
     test: object
     knn_bank: object
     knn_query: object
+    curve_bank: object = None         # the forgetting curve's capped subsets (None: no curve)
+    curve_query: object = None
+    curve_sizes: tuple[int, int] = (0, 0)  # their images: bank, queries
 
 
 def start(cfg: RunConfig) -> Runtime:
@@ -161,24 +166,38 @@ def check_run(run_data: RunData, rt: Runtime) -> None:
         raise UserError(f"the target's train split ({len(run_data.train)} images) is smaller than one batch per rank")
 
 
+def knn_preprocess(pre: data.Preprocess, cfg: RunConfig) -> data.Preprocess:
+    """The source images' preprocessing for k-NN: the model's eval transform, with eval.knn_crop_pct if set."""
+    if cfg.eval.knn_crop_pct is None:
+        return pre
+    return dataclasses.replace(pre, crop_pct=cfg.eval.knn_crop_pct)
+
+
 def make_loaders(run_data: RunData, pre: data.Preprocess, rt: Runtime) -> Loaders:
     cfg = run_data.cfg
     micro = micro_batch(cfg.train.batch_size, cfg.train.grad_accum, rt.world)
     common = dict(loader=cfg.data.loader, workers=cfg.data.workers, device=rt.device,
                   dali_resize=cfg.data.dali_resize)
     eval_bs = cfg.eval.batch_size
+    source_pre = knn_preprocess(pre, cfg)
 
-    def eval_loader(split):
-        return data.make_loader(split, pre, train=False, batch_size=eval_bs, **common)
+    def eval_loader(split, preprocess=pre):
+        return data.make_loader(split, preprocess, train=False, batch_size=eval_bs, **common)
 
     loaders = Loaders(
         train=data.make_loader(run_data.train, pre, train=True, batch_size=micro, seed=cfg.seed, rank=rt.rank,
                                world=rt.world, **common),
         val=eval_loader(run_data.val),
         test=eval_loader(run_data.target.test),
-        knn_bank=eval_loader(_limit(run_data.source.train, cfg.data.knn_train_limit, cfg.seed)),
-        knn_query=eval_loader(_limit(run_data.source.test, cfg.data.knn_test_limit, cfg.seed)),
+        knn_bank=eval_loader(_limit(run_data.source.train, cfg.data.knn_train_limit, cfg.seed), source_pre),
+        knn_query=eval_loader(_limit(run_data.source.test, cfg.data.knn_test_limit, cfg.seed), source_pre),
     )
+    if cfg.eval.knn_curve_limit:
+        cap = cfg.eval.knn_curve_limit
+        bank = _limit(run_data.source.train, min(cap, cfg.data.knn_train_limit or cap), cfg.seed)
+        query = _limit(run_data.source.test, min(cap, cfg.data.knn_test_limit or cap), cfg.seed)
+        loaders.curve_bank, loaders.curve_query = eval_loader(bank, source_pre), eval_loader(query, source_pre)
+        loaders.curve_sizes = (len(bank), len(query))
     if len(loaders.train) == 0:
         raise UserError(f"the training loader has no batch: {len(run_data.train)} train images for a "
                         f"micro-batch of {micro} on {rt.world} rank(s)")
@@ -202,7 +221,21 @@ def measure_source(model, loaders: Loaders, cfg: RunConfig, num_source_classes: 
                         num_classes=num_source_classes)
 
 
-def fine_tune(model, strategy, loaders: Loaders, cfg: RunConfig, base: dict, run_dir: Path, rt: Runtime) -> TrainResult:
+def forgetting_curve(loaders: Loaders, cfg: RunConfig, num_source_classes: int, rt: Runtime) -> ForgettingCurve | None:
+    """Source k-NN during training at eval.knn_steps on the capped subsets (None when the curve is off)."""
+    if loaders.curve_bank is None:
+        return None
+    curve = ForgettingCurve(curve_steps(cfg.eval.knn_steps, cfg.train.steps), loaders.curve_bank, loaders.curve_query,
+                            ks=cfg.eval.knn_k, report_k=cfg.eval.knn_report_k, temperature=cfg.eval.knn_temperature,
+                            num_classes=num_source_classes, device=rt.device,
+                            autocast_dtype=PRECISIONS[cfg.train.precision], zero_stage=cfg.train.zero_stage)
+    if rt.main:
+        print(curve.describe(*loaders.curve_sizes))
+    return curve
+
+
+def fine_tune(model, strategy, loaders: Loaders, cfg: RunConfig, base: dict, run_dir: Path, rt: Runtime,
+              curve: ForgettingCurve | None = None) -> TrainResult:
     """The train loop; checkpoints go to run_dir/checkpoints/{best,last} in adapter form."""
     def save_checkpoint(module, tag: str, info: dict) -> None:
         with gathered(module, cfg.train.zero_stage):
@@ -212,7 +245,7 @@ def fine_tune(model, strategy, loaders: Loaders, cfg: RunConfig, base: dict, run
                 atomic_write_json(directory / "trainer.json", info)
 
     return train(model, strategy, loaders.train, loaders.val, cfg.train, rt.device, run_dir, save_checkpoint,
-                 rank=rt.rank, world=rt.world)
+                 rank=rt.rank, world=rt.world, curve=curve)
 
 
 def restore_best(cfg: RunConfig, run_dir: Path, rt: Runtime):
@@ -241,15 +274,26 @@ def measure(model, strategy, loaders: Loaders, cfg: RunConfig, num_source_classe
     return target_top1, knn_after, cost
 
 
-def report(results: dict, knn: dict, result: TrainResult, run_dir: Path) -> None:
-    """results.json / results.csv / source_knn.json, and the table on screen (rank 0 only)."""
+def report(results: dict, knn: dict, result: TrainResult, run_dir: Path, curve: ForgettingCurve | None,
+           curve_sizes: tuple[int, int]) -> None:
+    """results.json / results.csv / source_knn.json, forgetting.png, and the table on screen (rank 0 only)."""
     write_results(run_dir, results)
+    curve_info = None if curve is None else {
+        "steps": curve.steps, "bank": curve_sizes[0], "queries": curve_sizes[1],
+        "seconds": round(curve.seconds, 3), "wall_fraction": round(curve.seconds / results["wall_s"], 4)}
     atomic_write_json(run_dir / "source_knn.json", {
         "before": knn["before"], "after": knn["after"], "best_step": result.best_step,
         "best_val_top1": result.best_val_top1,
-        "data_wait_fraction": result.data_wait_seconds / max(result.train_seconds, 1e-9)})
+        "data_wait_fraction": result.data_wait_seconds / max(result.train_seconds, 1e-9), "curve": curve_info})
+    if curve is not None:
+        from .plots import plot_curves
+        plot_curves({results["strategy"]: read_curve(run_dir / "metrics.csv")}, run_dir / "forgetting.png",
+                    title=f"forgetting curve: {results['strategy']} on {results['model']}")
     print()
     print(format_table(results, knn))
+    if curve_info:
+        print(f"forgetting curve: {len(curve.steps)} points in {curve_info['seconds']:.1f} s "
+              f"({100 * curve_info['wall_fraction']:.1f}% of the run's wall time); {run_dir / 'forgetting.png'}")
     print(f"\nbest checkpoint: step {result.best_step} (val top-1 {result.best_val_top1:.2f}%); run folder: {run_dir}")
 
 
@@ -283,7 +327,8 @@ def run(cfg: RunConfig) -> dict:
     train_gflops = gflops_per_image(model, pre.input_size, train=True,
                                     extra_loss=lambda: strategy.extra_loss(model, steps, steps))
     print(f"{cfg.strategy}: {trainable:,} trainable of {total:,} parameters")
-    result = fine_tune(model, strategy, loaders, cfg, base, run_dir, rt)
+    curve = forgetting_curve(loaders, cfg, source_classes, rt)
+    result = fine_tune(model, strategy, loaders, cfg, base, run_dir, rt, curve)
 
     model, strategy = restore_best(cfg, run_dir, rt)
     target_top1, knn_after, cost = measure(model, strategy, loaders, cfg, source_classes, pre, rt)
@@ -294,7 +339,7 @@ def run(cfg: RunConfig) -> dict:
         "train_img_per_s": result.images_per_second, "peak_mem_mb": peak_memory_mb(rt.device),
         "train_gflops_per_img": train_gflops, "wall_s": time.perf_counter() - wall, **cost})
     if rt.main:
-        report(results, {"before": knn_before, "after": knn_after}, result, run_dir)
+        report(results, {"before": knn_before, "after": knn_after}, result, run_dir, curve, loaders.curve_sizes)
     return results
 
 

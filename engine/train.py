@@ -7,7 +7,8 @@ CPUs with AVX-512 bf16, or on GPUs). Every `eval_every` steps the validation top
 
 A train step reads nothing back from the device: the loss is summed on the device and its
 finiteness recorded there, and both are read at the log points (every `log_every` steps and at
-every eval), where each point appends a row to metrics.csv. A non-finite loss stops the run at
+every eval), where each point appends a row to metrics.csv. The forgetting curve's steps
+(`engine.curve`) are log points too: its k-NN is measured there, step 0 before the first step. A non-finite loss stops the run at
 the next log point, naming the step it first appeared at, without overwriting the last good
 checkpoint; so do non-finite gradients, which DeepSpeed's ZeRO optimiser reports by skipping the
 step (`engine.skipped_steps`, a host counter, checked every step).
@@ -30,8 +31,10 @@ from .metrics import sync
 from .optim import lr_lambda, make_optimizer
 from .precision import PRECISIONS, autocast
 
-# metrics.csv, one row per log point; eval-only columns are empty on the other rows.
-METRICS_COLUMNS = ("step", "train_loss", "lr", "skipped_steps", "train_img_per_s", "elapsed_s", "val_top1")
+# metrics.csv, one row per log point; eval-only columns are empty on the other rows. `source_knn` is
+# the forgetting curve (engine.curve), filled at eval.knn_steps; its step 0 row has no training loss.
+METRICS_COLUMNS = ("step", "train_loss", "lr", "skipped_steps", "train_img_per_s", "elapsed_s", "val_top1",
+                   "source_knn")
 
 
 class TrainingDiverged(RuntimeError):
@@ -108,9 +111,10 @@ class _DeviceLoss:
 
 
 def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: torch.device,
-          run_dir: Path, save_checkpoint, rank: int = 0, world: int = 1, progress: bool = True) -> TrainResult:
+          run_dir: Path, save_checkpoint, rank: int = 0, world: int = 1, progress: bool = True,
+          curve=None) -> TrainResult:
     """Fine-tune `model` in place for the TrainConfig `cfg`; `save_checkpoint(model, tag, info)`
-    writes checkpoints/<tag>."""
+    writes checkpoints/<tag>; `curve` (an engine.curve.ForgettingCurve, or None) is measured at its steps."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -137,7 +141,12 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
     def row(step: int, mean_loss: float) -> dict:
         return {"step": step, "train_loss": mean_loss, "lr": scheduler.get_last_lr()[0],
                 "skipped_steps": result.skipped_steps, "train_img_per_s": result.images_per_second,
-                "elapsed_s": result.train_seconds, "val_top1": None}
+                "elapsed_s": result.train_seconds, "val_top1": None, "source_knn": None}
+
+    if curve is not None and curve.due(0):
+        untouched = dict(row(0, None), source_knn=curve.measure(engine.module))
+        if rank == 0:
+            _append_csv(metrics_path, untouched)
 
     for step in range(1, cfg.steps + 1):
         engine.train()
@@ -170,7 +179,8 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
                     _append_csv(metrics_path, row(step, mean_loss))
                 raise stop(step, "gradients were not finite (DeepSpeed skipped the optimiser step)")
         evaluating = step % cfg.eval_every == 0 or step == cfg.steps
-        if not (evaluating or step % cfg.log_every == 0):
+        curving = curve is not None and curve.due(step)
+        if not (evaluating or curving or step % cfg.log_every == 0):
             result.train_seconds += time.perf_counter() - start
             continue
 
@@ -192,6 +202,8 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
                 save_checkpoint(engine.module, "best", info)
             save_checkpoint(engine.module, "last", info)
             last_good = step
+        if curving:
+            metrics["source_knn"] = curve.measure(engine.module)
         if rank == 0:
             _append_csv(metrics_path, metrics)
             if evaluating:

@@ -11,7 +11,8 @@ from adapters.base import Strategy
 from engine.run import main
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--batch-size", "16", "data.knn_train_limit=300", "data.knn_test_limit=100", "data.workers=0"]
+QUICK = ["--batch-size", "16", "data.knn_train_limit=300", "data.knn_test_limit=100", "data.workers=0",
+         "eval.knn_curve_limit=0"]  # the curve's own rows: tests/test_curve.py
 
 
 def run_cli(tmp_path, name, *args):
