@@ -38,7 +38,7 @@ from pathlib import Path
 from .config import FLAG_KEYS, parse_args
 from .errors import UserError
 from .io import atomic_write_json
-from .presets import PRESETS, default_rows, get_preset
+from .presets import PRESETS, Row, default_rows, get_preset
 
 LAUNCHERS = ("local", "submitit")
 CLUSTERS = ("auto", "slurm", "local", "debug")  # submitit's executors; auto = SLURM where it is found
@@ -195,10 +195,10 @@ def launch_submitit(jobs: list[tuple[Point, list[str], list[str]]], folder: Path
     os.environ["PYTHONPATH"] = _child_env(None, None)["PYTHONPATH"]  # jobs inherit the environment
     executor = submitit.AutoExecutor(folder=str(folder), cluster=None if args.cluster == "auto" else args.cluster)
     executor.update_parameters(timeout_min=args.time, nodes=args.nodes, gpus_per_node=args.gpus,
-                               tasks_per_node=max(1, args.gpus), name="vit-forget-not",
-                               slurm_partition=args.partition)
+                               tasks_per_node=max(1, args.gpus), slurm_partition=args.partition)
     started = {}
     for point, argv, restart_argv in jobs:
+        executor.update_parameters(name=point.name)
         job = executor.submit(SweepJob(argv, restart_argv))
         started[job.job_id] = (point, job, time.perf_counter())
         print(f"submitted {point.name}: job {job.job_id}", flush=True)

@@ -1,19 +1,14 @@
 """The forgetting curve: log-spaced steps, rows in metrics.csv, a figure, and no host read outside its points."""
 import csv
 import json
-import sys
-from pathlib import Path
 
 import pytest
-import torch
 
-from adapters.base import Strategy
 from engine.curve import curve_steps, log_steps
 from engine.run import main
 
+from host_reads import spy_on_host_reads
 from test_run import QUICK
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_default_steps_are_log_spaced_up_to_the_last_step():
@@ -37,27 +32,8 @@ def curve_run_under_zero3(tmp_path_factory):
     """LoRA under ZeRO-3 (the curve reads parameters inside `gathered`), 6 steps, curve at its default steps,
     with a spy on every host read the project's code makes during training."""
     out = tmp_path_factory.mktemp("curve")
-    ours = tuple(str(ROOT / pkg) for pkg in ("engine", "adapters", "kernels"))
-    current, reads = {"step": None}, []
     patch = pytest.MonkeyPatch()
-
-    def extra_loss(self, model, step, total_steps):
-        current["step"] = step
-        return None
-
-    def spy(name):
-        original = getattr(torch.Tensor, name)
-
-        def read(self, *args, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename
-            if current["step"] is not None and caller.startswith(ours):
-                reads.append(current["step"])
-            return original(self, *args, **kwargs)
-        return read
-
-    patch.setattr(Strategy, "extra_loss", extra_loss)
-    for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
-        patch.setattr(torch.Tensor, name, spy(name))
+    reads = spy_on_host_reads(patch)
     try:
         code = main([*QUICK, "eval.knn_curve_limit=200", "--strategy", "lora", "--zero-stage", "3", "--steps", "6",
                      "--eval-every", "3", "--out", str(out), "--name", "z3"])
@@ -66,7 +42,7 @@ def curve_run_under_zero3(tmp_path_factory):
     assert code == 0
     with open(out / "z3" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    return out / "z3", rows, set(reads)
+    return out / "z3", rows, {step for step, _, _ in reads}
 
 
 def test_curve_points_are_rows_of_metrics_csv(curve_run_under_zero3):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from engine.presets import EMBEDDED, PAPER
+from engine.presets import PAPER
 from engine.sweep import build_grid, main
 from engine.sweep_report import write_report
 
