@@ -112,12 +112,15 @@ def _child_env(gpu: int | None, threads: int | None) -> dict[str, str]:
     return env
 
 
-def _die_with_parent() -> None:
-    """In the child, before exec: on Linux, get SIGTERM when the sweep dies, even by SIGKILL, so that no
-    run goes on unseen (and finishes beside its own restart)."""
-    if sys.platform.startswith("linux"):
-        import ctypes
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+def _death_signal():
+    """A preexec_fn that makes a child get SIGTERM when the sweep dies, even by SIGKILL (Linux), so that
+    no run goes on unseen and finishes beside its own restart; None elsewhere. libc is loaded here, in
+    the parent: the child only makes the one call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
 
 
 def _gpu_count() -> int:
@@ -134,6 +137,7 @@ def launch_local(jobs: list[tuple[Point, list[str]]], parallel: int, log_dir: Pa
     threads = None if gpus or parallel == 1 else max(1, (os.cpu_count() or 1) // parallel)
     log_dir.mkdir(parents=True, exist_ok=True)
     pending, running = list(jobs), {}  # slot -> (point, process, log file, start)
+    preexec = _death_signal()
     try:
         while pending or running:
             for slot in range(parallel):
@@ -144,7 +148,7 @@ def launch_local(jobs: list[tuple[Point, list[str]]], parallel: int, log_dir: Pa
                     log.flush()
                     env = _child_env(slot if gpus else None, threads)
                     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                               preexec_fn=_die_with_parent)
+                                               preexec_fn=preexec)
                     running[slot] = (point, process, log, time.perf_counter())
             time.sleep(0.2)
             for slot, (point, process, log, start) in list(running.items()):
