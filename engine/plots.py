@@ -27,15 +27,17 @@ def plot_curves(curves: dict[str, Sequence[tuple[int, float]]], out: str | Path,
                 ylabel: str = "source k-NN accuracy %") -> Path:
     """Forgetting curves, one line per label: step (symmetric log, so step 0 shows) against source k-NN."""
     plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, points in curves.items():
         if points:
             steps, values = zip(*points)
             ax.plot(steps, values, marker="o", markersize=3, label=label)
     ax.set_xscale("symlog", linthresh=1)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 0, 1, 10, 100 (not 10^2)
     ax.set_xlabel("training step (log scale; 0 = untouched backbone)")
     ax.set_ylabel(ylabel)
-    ax.set_title(title)
+    ax.set_title(title, fontsize=10)
     ax.grid(True, alpha=0.3)
     if len(curves) > 1:
         ax.legend(fontsize=7, ncol=2)

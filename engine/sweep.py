@@ -373,7 +373,7 @@ def _sweep(argv: list[str]) -> int:
             launch_submitit([(p, command(p)[3:], restart_command(p, sweep_dir)[3:]) for p in todo],
                             sweep_dir / "submitit", args, on_done)
         from .sweep_report import write_report
-        print(write_report(sweep_dir, grid, preset))
+        print(write_report(sweep_dir, grid, preset, outcomes))
         failed = [p.name for p in grid if state(p, sweep_dir, outcomes) in ("new", "partial")]
         if failed:
             print(f"error: {len(failed)} runs did not finish ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}); "

@@ -159,14 +159,16 @@ def _csv(rows: list[dict], columns) -> str:
     return buffer.getvalue()
 
 
-def _run_rows(grid, finished: list[Finished], sweep_dir: Path) -> list[dict]:
+def _run_rows(grid, finished: list[Finished], sweep_dir: Path, outcomes: dict[str, int]) -> list[dict]:
     by_name = {f.point.name: f for f in finished}
     rows = []
     for p in grid:
         row = {"name": p.name, "row": p.row.key, "label": p.row.label, "lr": p.lr, "seed": p.seed}
         f = by_name.get(p.name)
         if f is None:
-            row["status"] = "partial" if p.run_dir(sweep_dir).exists() else "not run"
+            code = outcomes.get(p.name)
+            row["status"] = (f"exit {code}" if code is not None else
+                             "partial" if p.run_dir(sweep_dir).exists() else "not run")
         else:
             row.update(status="done", val_top1=f.val_top1, **{k: f.results.get(k) for k in RUN_COLUMNS if k in f.results})
         rows.append(row)
@@ -201,13 +203,14 @@ def selective_points(rows: list[dict]) -> tuple[list[dict], dict | None]:
     return points, reference
 
 
-def write_report(sweep_dir: Path, grid, preset) -> str:
-    """Write runs.csv, table.md, table.csv and the figures; return the markdown table."""
+def write_report(sweep_dir: Path, grid, preset, outcomes: dict[str, int] | None = None) -> str:
+    """Write runs.csv, table.md, table.csv and the figures; return the markdown table. `outcomes`: the
+    exit codes on record (3: diverged), shown in runs.csv for runs without results."""
     from .plots import plot_curves, plot_selective, plot_tradeoff
 
     rows, finished = select(grid, sweep_dir)
     table = format_markdown(rows, finished, preset)
-    atomic_write_text(sweep_dir / "runs.csv", _csv(_run_rows(grid, finished, sweep_dir), RUN_COLUMNS))
+    atomic_write_text(sweep_dir / "runs.csv", _csv(_run_rows(grid, finished, sweep_dir, outcomes or {}), RUN_COLUMNS))
     atomic_write_text(sweep_dir / "table.csv", _csv(_table_rows(rows), TABLE_COLUMNS))
     atomic_write_text(sweep_dir / "table.md", table)
     done = [r for r in rows if r["runs"]]
