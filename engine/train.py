@@ -8,10 +8,10 @@ CPUs with AVX-512 bf16, or on GPUs). Every `eval_every` steps the validation top
 A train step reads nothing back from the device: the loss is summed on the device and its
 finiteness recorded there, and both are read at the log points (every `log_every` steps and at
 every eval), where each point appends a row to metrics.csv. The forgetting curve's steps
-(`engine.curve`) are log points too: its k-NN is measured there, step 0 before the first step. A non-finite loss stops the run at
-the next log point, naming the step it first appeared at, without overwriting the last good
-checkpoint; so do non-finite gradients, which DeepSpeed's ZeRO optimiser reports by skipping the
-step (`engine.skipped_steps`, a host counter, checked every step).
+(`engine.curve`) are log points too: its k-NN is measured there (step 0 before the first step).
+A non-finite loss stops the run at the next log point, naming the step it first appeared at,
+without overwriting the last good checkpoint; so do non-finite gradients, which DeepSpeed's ZeRO
+optimiser reports by skipping the step (`engine.skipped_steps`, a host counter, checked every step).
 """
 from __future__ import annotations
 
