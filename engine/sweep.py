@@ -228,7 +228,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rows", help="comma list of row keys to keep (see --dry-run)")
     p.add_argument("--lrs", help="comma list of learning rates for every row (default: the preset's)")
     p.add_argument("--seeds", default="0", help="comma list of seeds (default: 0)")
-    p.add_argument("--out", help="the sweep folder (default: runs/sweep-<preset>)")
+    p.add_argument("--out", help="the sweep folder (default: runs/sweep-<preset>; runs already there are kept)")
     p.add_argument("--launcher", choices=LAUNCHERS, default="local")
     p.add_argument("--parallel", type=int, default=1, help="local: runs at once (one GPU each where there are GPUs)")
     p.add_argument("--cluster", choices=CLUSTERS, default="auto", help="submitit: the executor")
@@ -304,29 +304,32 @@ def plan(argv: list[str] | None):
     if preset is not None and preset.needs_source and next(iter(configs.values())).data.source == "embedded":
         raise UserError(f"--preset {preset.name} measures forgetting on ImageNet: give its folder, "
                         f"data.source=imagefolder:DIR (DIR/train/<class>/..., DIR/val/<class>/...)")
-    sweep_dir = Path(args.out or f"runs/sweep-{args.preset or 'custom'}{'-quick' if args.quick else ''}")
+    sweep_dir = Path(args.out or f"runs/sweep-{args.preset or 'custom'}")  # --quick's runs are the full grid's too
     return args, preset, grid, sweep_dir
 
 
-def _read_outcomes(sweep_dir: Path, grid: list[Point]) -> dict[str, int]:
-    """Exit codes on record, after checking that the folder's earlier runs had the same arguments."""
+def _read_record(sweep_dir: Path, grid: list[Point]) -> tuple[dict[str, dict], dict[str, int]]:
+    """The folder's runs on record (name -> entry) and their exit codes, after checking that the runs
+    this grid shares with earlier sweeps in the folder had the same arguments."""
     path = sweep_dir / "sweep.json"
     if not path.is_file():
-        return {}
+        return {}, {}
     record = json.loads(path.read_text())
-    earlier = {r["name"]: r["args"] for r in record.get("runs", [])}
+    earlier = {r["name"]: r for r in record.get("runs", [])}
     for point in grid:
-        if point.name in earlier and earlier[point.name] != list(point.args) and point.run_dir(sweep_dir).exists():
+        if point.name in earlier and earlier[point.name]["args"] != list(point.args) \
+                and point.run_dir(sweep_dir).exists():
             raise UserError(f"sweep folder {sweep_dir} ran {point.name} with other arguments "
-                            f"({shlex.join(earlier[point.name])}); give another --out or remove that run folder")
-    return {k: int(v) for k, v in record.get("outcomes", {}).items()}
+                            f"({shlex.join(earlier[point.name]['args'])}); give another --out or remove that run folder")
+    return earlier, {k: int(v) for k, v in record.get("outcomes", {}).items()}
 
 
-def _write_record(sweep_dir: Path, argv, grid: list[Point], outcomes: dict[str, int]) -> None:
-    atomic_write_json(sweep_dir / "sweep.json", {
-        "argv": list(argv), "runs": [{"name": p.name, "row": p.row.key, "lr": p.lr, "seed": p.seed,
-                                      "args": list(p.args)} for p in grid],
-        "outcomes": outcomes})
+def _write_record(sweep_dir: Path, earlier: dict[str, dict], grid: list[Point], outcomes: dict[str, int]) -> None:
+    """sweep.json: every run this folder has held (earlier sweeps' too, so that a later grid sharing a run
+    is checked against it) and the exit codes on record."""
+    runs = {**earlier, **{p.name: {"name": p.name, "row": p.row.key, "lr": p.lr, "seed": p.seed, "args": list(p.args)}
+                          for p in grid}}
+    atomic_write_json(sweep_dir / "sweep.json", {"runs": list(runs.values()), "outcomes": outcomes})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -341,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
 def _sweep(argv: list[str]) -> int:
     try:
         args, preset, grid, sweep_dir = plan(argv)
-        outcomes = _read_outcomes(sweep_dir, grid)
+        earlier, outcomes = _read_record(sweep_dir, grid)
         states = {p.name: state(p, sweep_dir, outcomes) for p in grid}
         if args.dry_run:
             for p in grid:
@@ -351,7 +354,7 @@ def _sweep(argv: list[str]) -> int:
                                                     for k in ("done", "diverged", "partial", "new")))
             return 0
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        _write_record(sweep_dir, argv, grid, outcomes)
+        _write_record(sweep_dir, earlier, grid, outcomes)
         todo = [p for p in grid if states[p.name] in ("new", "partial")]
         print(f"sweep {sweep_dir}: {len(grid)} runs, {len(grid) - len(todo)} finished before, {len(todo)} to run",
               flush=True)
@@ -359,7 +362,7 @@ def _sweep(argv: list[str]) -> int:
 
         def on_done(point: Point, code: int, seconds: float) -> None:
             outcomes[point.name] = code
-            _write_record(sweep_dir, argv, grid, outcomes)
+            _write_record(sweep_dir, earlier, grid, outcomes)
             finished[0] += 1
             what = "done" if code == 0 else "diverged" if code == DIVERGED else f"failed (exit {code})"
             print(f"[{finished[0]}/{len(todo)}] {point.name}: {what} in {seconds:.0f} s", flush=True)
