@@ -219,7 +219,7 @@ def launch_submitit(jobs: list[tuple[Point, list[str], list[str]]], folder: Path
 # -- the sweep -------------------------------------------------------------------------------------------
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m engine.sweep", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="python -m engine.sweep", description="\n\n".join(__doc__.split("\n\n")[:2]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
                                 epilog="Any other argument (an engine.run flag or key=value) goes to every run.")
     p.add_argument("--preset", choices=tuple(PRESETS), help="rows and learning rates (engine.presets)")
