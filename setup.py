@@ -22,8 +22,10 @@ setup(
         "numpy>=1.24,<3",
         "pillow>=10,<14",
         "tqdm>=4.66,<5",
+        "matplotlib>=3.7,<4",          # forgetting.png, the sweep's figures
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "peft>=0.13,<1"],
+        "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "peft>=0.13,<1", "submitit>=1.5,<2"],
+        "cluster": ["submitit>=1.5,<2"],  # python -m engine.sweep --launcher submitit (SLURM)
     },
 )

@@ -29,6 +29,7 @@ from .data.dali_loader import RESIZERS
 from .distributed import ZERO_STAGES
 from .dotted import flatten
 from .errors import UserError
+from .models import WEIGHTS_ENTRIES
 from .optim import LR_SCALES, OPTIMIZERS, SCHEDULES, resolved_lr
 from .precision import PRECISIONS
 
@@ -37,6 +38,7 @@ from .precision import PRECISIONS
 class ModelConfig:
     name: str = "embedded"            # "embedded" or any timm ViT name, e.g. vit_base_patch16_224.dino
     weights: str | None = None        # local .pth / .safetensors; None = embedded checkpoint or hub weights
+    weights_entry: str = "teacher"    # which network of a DINO-style training checkpoint: teacher | student
     pretrained: bool = True           # False: random init (tests, dry runs)
     num_classes: int | None = None    # None = number of target classes
 
@@ -94,7 +96,12 @@ class EvalConfig:
     knn_k: list[int] = field(default_factory=lambda: [10, 20, 100, 200])
     knn_report_k: int = 20            # the k whose accuracy goes into results.json
     knn_temperature: float = 0.07
+    knn_crop_pct: float | None = None   # k-NN images: resize to input / crop_pct, centre crop; None = the model's
+                                        # (timm's DINO ViT-B says 0.9; DINO's eval_knn resizes 256 for 224: 0.875)
     batch_size: int = 256
+    # The forgetting curve (engine.curve): source k-NN during training, in metrics.csv's source_knn.
+    knn_steps: list[int] | None = None  # steps it is measured at; None = 0, 1, 2, 5, 10, 20, 50, ... and the last
+    knn_curve_limit: int = 250          # bank images and query images (each) it extracts per step; 0 = no curve
 
 
 @dataclass
@@ -125,6 +132,8 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--model", "model.name", "'embedded' or a timm ViT name, e.g. vit_base_patch16_224.dino"),
     ("--weights", "model.weights", "local .pth / .safetensors backbone weights (default: the embedded "
                                    "checkpoint, or timm's hub weights when online)"),
+    ("--weights-entry", "model.weights_entry", "the network to load from a training checkpoint holding "
+                                               "teacher and student entries (DINO's full checkpoint)"),
     ("--num-classes", "model.num_classes", "classes of the new head (default: the target's)"),
     ("--target", "data.target", f"the domain to adapt to: {SPEC_HELP}"),
     ("--source", "data.source", f"the pre-training domain whose k-NN accuracy measures forgetting: {SPEC_HELP}"),
@@ -154,6 +163,9 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--sparsity-lambda", "adapter.sparsity_lambda", "selective_lora: weight of the sparsity penalty"),
     ("--active-blocks", "adapter.active_blocks", "selective_lora budget: exactly K active LoRA blocks"),
     ("--active-fraction", "adapter.active_fraction", "selective_lora budget: a fraction of the LoRA blocks"),
+    ("--knn-steps", "eval.knn_steps", "comma list of steps at which the forgetting curve measures source k-NN "
+                                      "(default: 0,1,2,5,10,20,50,... and the last step)"),
+    ("--knn-curve-limit", "eval.knn_curve_limit", "bank and query images (each) of the forgetting curve; 0 = no curve"),
     ("--seed", "seed", "seed of the initialisation, the data order and the augmentation"),
     ("--name", "name", "run folder name under --out (default: <strategy>-<time>)"),
     ("--out", "out", "folder for run folders"),
@@ -177,6 +189,7 @@ _CHOICES = {
     "train.precision": tuple(PRECISIONS),
     "train.zero_stage": ZERO_STAGES,
     "train.kernels": kernels.BACKENDS,
+    "model.weights_entry": WEIGHTS_ENTRIES,
 }
 
 # Ranges of the numeric keys (the adapter section checks its own: AdapterConfig.check). Every float
@@ -213,7 +226,9 @@ _RANGES = {
     "train.keep_checkpoints": _POSITIVE,
     "eval.knn_report_k": _POSITIVE,
     "eval.knn_temperature": _POSITIVE,
+    "eval.knn_crop_pct": ("in (0, 1]", lambda v: 0 < v <= 1),
     "eval.batch_size": _POSITIVE,
+    "eval.knn_curve_limit": _NON_NEGATIVE,
 }
 
 # Keys that older versions wrote into config.yaml under another name.
@@ -358,6 +373,8 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("--json only works with --dry-run (a training run writes results.json in its run folder)")
     if not cfg.eval.knn_k or min(cfg.eval.knn_k) <= 0:
         raise UserError(f"eval.knn_k must list positive k values, got {cfg.eval.knn_k}")
+    if cfg.eval.knn_steps is not None and not all(0 <= s <= cfg.train.steps for s in cfg.eval.knn_steps):
+        raise UserError(f"eval.knn_steps must lie in 0..train.steps ({cfg.train.steps}), got {cfg.eval.knn_steps}")
     if cfg.eval.knn_report_k not in cfg.eval.knn_k:
         cfg.eval.knn_k = sorted(set(cfg.eval.knn_k) | {cfg.eval.knn_report_k})
 
@@ -386,8 +403,10 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="YAML", help="YAML file of config keys (sections model, data, train, adapter, eval)")
     for flag, key, text in FLAGS:
         hint = key_hint(key)
-        if typing.get_args(hint):  # Optional[X] -> X
+        if type(None) in typing.get_args(hint):  # Optional[X] -> X
             hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        if typing.get_origin(hint) is list:  # a comma list, split by set_key
+            hint = str
         extra = f" (choices: {', '.join(map(str, _CHOICES[key]))})" if key in _CHOICES else ""
         if hint is bool:
             p.add_argument(flag, action="store_true", default=None, help=text + extra)

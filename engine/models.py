@@ -22,6 +22,10 @@ from .adapter_files import load_adapter
 from .errors import UserError
 
 EMBEDDED = "embedded"
+# The networks a DINO-style training checkpoint holds (`dino_vitbase16_full_checkpoint.pth`: teacher and
+# student, with `backbone.` / `module.backbone.` prefixes and a projection head); DINO evaluates the teacher.
+WEIGHTS_ENTRIES = ("teacher", "student")
+_WRAPPERS = ("model", "state_dict", "module")  # other checkpoints' wrappers around a state dict
 
 
 def build_backbone(cfg) -> nn.Module:
@@ -30,7 +34,7 @@ def build_backbone(cfg) -> nn.Module:
         from .embedded import create_embedded_vit
         model = create_embedded_vit(pretrained=cfg.pretrained and cfg.weights is None, num_classes=0)
         if cfg.weights:
-            load_weights(model, cfg.weights)
+            _say(load_weights(model, cfg.weights, cfg.weights_entry))
         return model
     return _timm_backbone(cfg)
 
@@ -43,7 +47,7 @@ def _timm_backbone(cfg) -> nn.Module:
                         f"or 'embedded'")
     if cfg.weights:
         model = timm.create_model(cfg.name, pretrained=False, num_classes=0)
-        load_weights(model, cfg.weights)
+        _say(load_weights(model, cfg.weights, cfg.weights_entry))
         return model
     try:
         return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=0)
@@ -53,40 +57,56 @@ def _timm_backbone(cfg) -> nn.Module:
                         f"download them elsewhere and pass --weights PATH (.pth or .safetensors)") from None
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from .safetensors or a torch pickle (.pth/.pt/.bin; a {'model': ...} wrapper too)."""
+def read_state_dict(path: str | Path, entry: str = "teacher") -> tuple[dict[str, torch.Tensor], str | None]:
+    """The state dict in a .safetensors or torch pickle (.pth/.pt/.bin) file, and which network of a
+    training checkpoint it is (None for a plain state dict).
+
+    A file with `teacher` and `student` entries (DINO's full checkpoint) gives `entry`; a `model`,
+    `state_dict` or `module` wrapper is opened.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
         try:
-            return load_file(str(path))
+            return load_file(str(path)), None
         except Exception as e:  # truncated, or not safetensors at all
             raise UserError(f"cannot read weights file {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
     try:
+        import argparse
         with warnings.catch_warnings():  # the unpickler's protocol notes are not the user's business
             warnings.simplefilter("ignore")
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals([argparse.Namespace]):  # DINO's checkpoints keep their `args`
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # garbage, or a pickle of more than tensors: torch's message advises unsafe loading
         raise UserError(f"{path} is not a weights file: torch.load reads no state dict of tensors from it; "
                         f"give a torch.save(model.state_dict()) file or a .safetensors file") from None
-    for key in ("model", "state_dict", "teacher", "module"):
+    chosen = None
+    if isinstance(state, dict) and any(isinstance(state.get(e), dict) for e in WEIGHTS_ENTRIES):
+        if not isinstance(state.get(entry), dict):
+            held = [e for e in WEIGHTS_ENTRIES if isinstance(state.get(e), dict)]
+            raise UserError(f"weights file {path.name} holds no {entry!r} network (it holds {', '.join(held)}); "
+                            f"set model.weights_entry to one of those")
+        state, chosen = state[entry], entry
+    for key in _WRAPPERS:
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
     if not isinstance(state, dict):
         raise UserError(f"weights file {path} does not hold a state dict")
-    return state
+    return state, chosen
 
 
-def load_weights(model: nn.Module, path: str | Path) -> None:
+def load_weights(model: nn.Module, path: str | Path, entry: str = "teacher") -> str | None:
     """Load a local checkpoint into a headless backbone; a clear error when it does not fit.
 
-    Classifier weights (head.*) are dropped: the strategy adds a new head. DINO-style prefixes
-    (`module.`, `backbone.`) are stripped.
+    Prefixes (`module.`, `backbone.`, `_orig_mod.`) are stripped and `head.*` is dropped (a classifier,
+    or DINO's projection head): the strategy adds a new head. Returns a note saying which network of a
+    training checkpoint was loaded and which keys were dropped (None when nothing was).
     """
-    state = read_state_dict(path)
-    state = {_strip_prefix(k): v for k, v in state.items()}
+    raw, chosen = read_state_dict(path, entry)
+    state = {_strip_prefix(k): v for k, v in raw.items()}
+    dropped = sorted(k for k in state if k.startswith("head."))
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -104,6 +124,20 @@ def load_weights(model: nn.Module, path: str | Path) -> None:
     if problems:
         raise UserError(f"weights file {Path(path).name} does not fit {name}: {'; '.join(problems)}")
     model.load_state_dict(state)
+    return _weights_note(Path(path).name, chosen, dropped)
+
+
+def _weights_note(file: str, chosen: str | None, dropped: list[str]) -> str | None:
+    parts = [f"the {chosen} network of a training checkpoint"] if chosen else []
+    if dropped:
+        shown = ", ".join(dropped[:3]) + (", ..." if len(dropped) > 3 else "")
+        parts.append(f"dropped {len(dropped)} head keys ({shown}): the strategy adds a new head")
+    return f"weights {file}: {'; '.join(parts)}" if parts else None
+
+
+def _say(note: str | None) -> None:
+    if note:
+        print(f"note: {note}")
 
 
 def _strip_prefix(key: str) -> str:

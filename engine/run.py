@@ -20,6 +20,7 @@ the accuracies are those one process would get.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ from . import data, progress, resume, run_folder
 from .adapter_files import save_adapter
 from .checkpoint import FullCheckpoints, identity
 from .config import RunConfig, parse_args, resolved_for_target, save_yaml
+from .curve import ForgettingCurve, curve_steps, read_curve
 from .distributed import adopt_deepspeed_config, gathered, init_distributed, micro_batch, sum_over_ranks
 from .errors import UserError
 from .evaluate import extract_features, top1_accuracy
@@ -145,6 +147,9 @@ class Loaders:
     test: object
     knn_bank: object
     knn_query: object
+    curve_bank: object = None         # the forgetting curve's capped subsets (None: no curve)
+    curve_query: object = None
+    curve_sizes: tuple[int, int] = (0, 0)  # their images: bank, queries
 
 
 def start(cfg: RunConfig) -> Runtime:
@@ -218,24 +223,42 @@ def resume_point(cfg: RunConfig, ident: dict, rt: Runtime) -> tuple[Path, dict] 
     return path, manifest
 
 
+def knn_preprocess(pre: data.Preprocess, cfg: RunConfig) -> data.Preprocess:
+    """The source images' preprocessing for k-NN: the model's eval transform, with eval.knn_crop_pct if set."""
+    if cfg.eval.knn_crop_pct is None:
+        return pre
+    return dataclasses.replace(pre, crop_pct=cfg.eval.knn_crop_pct)
+
+
 def make_loaders(run_data: RunData, pre: data.Preprocess, rt: Runtime) -> Loaders:
     cfg = run_data.cfg
     micro = micro_batch(cfg.train.batch_size, cfg.train.grad_accum, rt.world)
     common = dict(loader=cfg.data.loader, workers=cfg.data.workers, device=rt.device,
                   dali_resize=cfg.data.dali_resize, bad_images=run_data.bad_images)
     eval_bs = cfg.eval.batch_size
+    source_pre = knn_preprocess(pre, cfg)
 
-    def eval_loader(split):  # sharded: each sample on one rank (engine.evaluate gathers)
-        return data.make_loader(split, pre, train=False, batch_size=eval_bs, rank=rt.rank, world=rt.world, **common)
+    def eval_loader(split, preprocess=pre):  # sharded: each sample on one rank (engine.evaluate gathers)
+        return data.make_loader(split, preprocess, train=False, batch_size=eval_bs, rank=rt.rank, world=rt.world,
+                                **common)
+
+    def curve_loader(split):  # read whole on every rank: the curve's subsets are small
+        return data.make_loader(split, source_pre, train=False, batch_size=eval_bs, **common)
 
     loaders = Loaders(
         train=data.make_loader(run_data.train, pre, train=True, batch_size=micro, seed=cfg.seed, rank=rt.rank,
                                world=rt.world, **common),
         val=eval_loader(run_data.val),
         test=eval_loader(run_data.target.test),
-        knn_bank=eval_loader(_limit(run_data.source.train, cfg.data.knn_train_limit, cfg.seed)),
-        knn_query=eval_loader(_limit(run_data.source.test, cfg.data.knn_test_limit, cfg.seed)),
+        knn_bank=eval_loader(_limit(run_data.source.train, cfg.data.knn_train_limit, cfg.seed), source_pre),
+        knn_query=eval_loader(_limit(run_data.source.test, cfg.data.knn_test_limit, cfg.seed), source_pre),
     )
+    if cfg.eval.knn_curve_limit:
+        cap = cfg.eval.knn_curve_limit
+        bank = _limit(run_data.source.train, min(cap, cfg.data.knn_train_limit or cap), cfg.seed)
+        query = _limit(run_data.source.test, min(cap, cfg.data.knn_test_limit or cap), cfg.seed)
+        loaders.curve_bank, loaders.curve_query = curve_loader(bank), curve_loader(query)
+        loaders.curve_sizes = (len(bank), len(query))
     if len(loaders.train) == 0:
         raise UserError(f"the training loader has no batch: {len(run_data.train)} train images for a "
                         f"micro-batch of {micro} on {rt.world} rank(s)")
@@ -271,8 +294,20 @@ def measure_source(model, loaders: Loaders, cfg: RunConfig, num_source_classes: 
     return {k: 100.0 * n / queries for k, n in zip(ks, hits)}
 
 
+def forgetting_curve(loaders: Loaders, cfg: RunConfig, num_source_classes: int, rt: Runtime) -> ForgettingCurve | None:
+    """Source k-NN during training at eval.knn_steps on the capped subsets (None when the curve is off)."""
+    if loaders.curve_bank is None:
+        return None
+    curve = ForgettingCurve(curve_steps(cfg.eval.knn_steps, cfg.train.steps), loaders.curve_bank, loaders.curve_query,
+                            ks=cfg.eval.knn_k, report_k=cfg.eval.knn_report_k, temperature=cfg.eval.knn_temperature,
+                            num_classes=num_source_classes, device=rt.device,
+                            autocast_dtype=PRECISIONS[cfg.train.precision], zero_stage=cfg.train.zero_stage)
+    rt.say(curve.describe(*loaders.curve_sizes))
+    return curve
+
+
 def fine_tune(model, strategy, loaders: Loaders, cfg: RunConfig, base: dict, run_dir: Path, rt: Runtime,
-              checkpoints: FullCheckpoints, start: Path | None) -> TrainResult:
+              checkpoints: FullCheckpoints, start: Path | None, curve: ForgettingCurve | None = None) -> TrainResult:
     """The train loop (from the full checkpoint `start` when resuming); checkpoints go to
     run_dir/checkpoints/{best,last} in adapter form and run_dir/checkpoints/full."""
     def save_checkpoint(module, tag: str, info: dict) -> None:
@@ -283,7 +318,7 @@ def fine_tune(model, strategy, loaders: Loaders, cfg: RunConfig, base: dict, run
                 atomic_write_json(directory / "trainer.json", info)
 
     return train(model, strategy, loaders.train, loaders.val, cfg.train, rt.device, run_dir, save_checkpoint,
-                 rank=rt.rank, world=rt.world, checkpoints=checkpoints, resume=start)
+                 rank=rt.rank, world=rt.world, checkpoints=checkpoints, resume=start, curve=curve)
 
 
 def restore_best(cfg: RunConfig, run_dir: Path, rt: Runtime):
@@ -312,15 +347,26 @@ def measure(model, strategy, loaders: Loaders, cfg: RunConfig, num_source_classe
     return target_top1, knn_after, cost
 
 
-def report(results: dict, knn: dict, result: TrainResult, run_dir: Path) -> None:
-    """results.json / results.csv / source_knn.json, and the table on screen (rank 0 only)."""
+def report(results: dict, knn: dict, result: TrainResult, run_dir: Path, curve: ForgettingCurve | None,
+           curve_sizes: tuple[int, int]) -> None:
+    """results.json / results.csv / source_knn.json, forgetting.png, and the table on screen (rank 0 only)."""
     write_results(run_dir, results)
+    curve_info = None if curve is None else {
+        "steps": curve.steps, "bank": curve_sizes[0], "queries": curve_sizes[1],
+        "seconds": round(curve.seconds, 3), "wall_fraction": round(curve.seconds / results["wall_s"], 4)}
     atomic_write_json(run_dir / "source_knn.json", {
         "before": knn["before"], "after": knn["after"], "best_step": result.best_step,
         "best_val_top1": result.best_val_top1,
-        "data_wait_fraction": result.data_wait_seconds / max(result.train_seconds, 1e-9)})
+        "data_wait_fraction": result.data_wait_seconds / max(result.train_seconds, 1e-9), "curve": curve_info})
+    if curve is not None:
+        from .plots import plot_curves
+        plot_curves({results["strategy"]: read_curve(run_dir / "metrics.csv")}, run_dir / "forgetting.png",
+                    title=f"forgetting curve: {results['strategy']} on {results['model']}")
     print()
     print(format_table(results, knn))
+    if curve_info:
+        print(f"forgetting curve: {len(curve.steps)} points in {curve_info['seconds']:.1f} s "
+              f"({100 * curve_info['wall_fraction']:.1f}% of the run's wall time); {run_dir / 'forgetting.png'}")
     print(f"\nbest checkpoint: step {result.best_step} (val top-1 {result.best_val_top1:.2f}%); run folder: {run_dir}")
 
 
@@ -365,8 +411,9 @@ def run(cfg: RunConfig) -> dict:
     rt.say(f"{cfg.strategy}: {trainable:,} trainable of {total:,} parameters")
     checkpoints = FullCheckpoints(run_dir, ident, {"knn_before": knn_before}, rt.rank, rt.world,
                                   cfg.train.keep_checkpoints)
+    curve = forgetting_curve(loaders, cfg, source_classes, rt)
     result = fine_tune(model, strategy, loaders, cfg, base, run_dir, rt, checkpoints,
-                       None if point is None else point[0])
+                       None if point is None else point[0], curve)
 
     model, strategy = restore_best(cfg, run_dir, rt)
     target_top1, knn_after, cost = measure(model, strategy, loaders, cfg, source_classes, pre, rt)
@@ -380,7 +427,7 @@ def run(cfg: RunConfig) -> dict:
         "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "precision": cfg.train.precision,
         "loader": loader, "optimizer": cfg.train.optimizer, "lr_resolved": cfg.train.lr_resolved})
     if rt.main:
-        report(results, {"before": knn_before, "after": knn_after}, result, run_dir)
+        report(results, {"before": knn_before, "after": knn_after}, result, run_dir, curve, loaders.curve_sizes)
     return results
 
 

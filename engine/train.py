@@ -7,12 +7,13 @@ CPUs with AVX-512 bf16, or on GPUs). Every `eval_every` steps the validation top
 
 A train step reads nothing back from the device: the loss is summed on the device and its
 finiteness recorded there, and both are read at the log points (every `log_every` steps and at
-every eval), where each point appends a row to metrics.csv. A non-finite loss stops the run at
-the next log point, naming the step it first appeared at, without overwriting the last good
-checkpoint; so do non-finite gradients, which DeepSpeed's ZeRO optimiser reports by skipping the
-step (`engine.skipped_steps`, a host counter, checked every step). On several ranks the log point
-averages the loss over them (the global batch's loss) and the validation accuracy is summed over
-their shards of the validation split.
+every eval), where each point appends a row to metrics.csv. The forgetting curve's steps
+(`engine.curve`) are log points too: its k-NN is measured there (step 0 before the first step).
+A non-finite loss stops the run at the next log point, naming the step it first appeared at,
+without overwriting the last good checkpoint; so do non-finite gradients, which DeepSpeed's ZeRO
+optimiser reports by skipping the step (`engine.skipped_steps`, a host counter, checked every
+step). On several ranks the log point averages the loss over them (the global batch's loss) and
+the validation accuracy is summed over their shards of the validation split.
 
 Full checkpoints (`engine.checkpoint`) every `checkpoint_every` steps (None: at every eval) and on a
 clean stop (`engine.stop`) hold everything an uninterrupted run would carry on with: DeepSpeed's
@@ -41,8 +42,10 @@ from .precision import PRECISIONS, autocast
 from .progress import progress_bar, say
 from .stop import StopRequest, TrainingStopped
 
-# metrics.csv, one row per log point; eval-only columns are empty on the other rows.
-METRICS_COLUMNS = ("step", "train_loss", "lr", "skipped_steps", "train_img_per_s", "elapsed_s", "val_top1")
+# metrics.csv, one row per log point; eval-only columns are empty on the other rows. `source_knn` is
+# the forgetting curve (engine.curve), filled at eval.knn_steps; its step 0 row has no training loss.
+METRICS_COLUMNS = ("step", "train_loss", "lr", "skipped_steps", "train_img_per_s", "elapsed_s", "val_top1",
+                   "source_knn")
 
 
 class TrainingDiverged(RuntimeError):
@@ -147,10 +150,11 @@ class _DeviceLoss:
 
 def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: torch.device,
           run_dir: Path, save_checkpoint, rank: int = 0, world: int = 1, progress: bool = True,
-          checkpoints: FullCheckpoints | None = None, resume: Path | None = None) -> TrainResult:
+          checkpoints: FullCheckpoints | None = None, resume: Path | None = None, curve=None) -> TrainResult:
     """Fine-tune `model` in place for the TrainConfig `cfg`; `save_checkpoint(model, tag, info)`
     writes checkpoints/<tag> (adapter form), `checkpoints` the full ones, `resume` names the full
-    checkpoint to continue from. `val_loader` reads this rank's shard of the validation split."""
+    checkpoint to continue from, `curve` (an engine.curve.ForgettingCurve, or None) is measured at
+    its steps. `val_loader` reads this rank's shard of the validation split."""
     import deepspeed
 
     params = dict(model.named_parameters())
@@ -194,7 +198,12 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
         # With layer decay the groups' rates differ: the top layer's (the highest) is the run's rate.
         return {"step": step, "train_loss": mean_loss, "lr": max(scheduler.get_last_lr()),
                 "skipped_steps": result.skipped_steps, "train_img_per_s": result.images_per_second,
-                "elapsed_s": result.train_seconds, "val_top1": None}
+                "elapsed_s": result.train_seconds, "val_top1": None, "source_knn": None}
+
+    if curve is not None and resume is None and curve.due(0):
+        untouched = dict(row(0, None), source_knn=curve.measure(engine.module))
+        if rank == 0:
+            _append_csv(metrics_path, untouched)
 
     def save_full(step: int) -> Path:
         with gathered(engine.module, cfg.zero_stage):  # the strategy's state reads parameters (gate scores)
@@ -237,7 +246,8 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
                         _append_csv(metrics_path, row(step, mean_loss))
                     raise stop(step, "gradients were not finite (DeepSpeed skipped the optimiser step)")
             evaluating = step % cfg.eval_every == 0 or step == cfg.steps
-            if evaluating or step % cfg.log_every == 0:
+            curving = curve is not None and curve.due(step)
+            if evaluating or curving or step % cfg.log_every == 0:
                 sync(device)  # the step's work is done before its time is counted (asynchronous on a GPU)
                 result.train_seconds += time.perf_counter() - began
                 mean_loss, first_bad = losses.read(world)
@@ -256,6 +266,8 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
                         save_checkpoint(engine.module, "best", info)
                     save_checkpoint(engine.module, "last", info)
                     last_good = step
+                if curving:
+                    metrics["source_knn"] = curve.measure(engine.module)
                 if rank == 0:
                     _append_csv(metrics_path, metrics)
                     if evaluating:

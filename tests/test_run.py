@@ -9,9 +9,10 @@ from safetensors.torch import save_file
 from engine.report import RESULT_KEYS
 from engine.run import main
 
-# A few steps on the embedded default, with a small k-NN bank, so each run takes seconds.
+# A few steps on the embedded default, with a small k-NN bank and no forgetting curve (tests/test_curve.py
+# has it), so each run takes seconds.
 QUICK = ["--steps", "4", "--eval-every", "2", "--batch-size", "16", "data.knn_train_limit=300",
-         "data.knn_test_limit=100", "data.workers=0"]
+         "data.knn_test_limit=100", "data.workers=0", "eval.knn_curve_limit=0"]
 TIMING_KEYS = {"train_img_per_s", "infer_img_per_s", "peak_mem_mb", "wall_s"}
 
 

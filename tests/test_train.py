@@ -2,17 +2,16 @@
 import contextlib
 import csv
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-from adapters.base import Strategy
 from engine.run import main
 
-ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--batch-size", "16", "data.knn_train_limit=300", "data.knn_test_limit=100", "data.workers=0"]
+from host_reads import spy_on_host_reads
+
+QUICK = ["--batch-size", "16", "data.knn_train_limit=300", "data.knn_test_limit=100", "data.workers=0",
+         "eval.knn_curve_limit=0"]  # the curve's own rows: tests/test_curve.py
 
 
 def run_cli(tmp_path, name, *args):
@@ -49,27 +48,7 @@ def test_non_finite_gradients_stop_the_run_name_the_step_and_are_counted(tmp_pat
 
 def test_a_train_step_reads_nothing_back_from_the_device(tmp_path, monkeypatch):
     """Host reads (a sync on a GPU) from the project's code happen only at log and eval steps."""
-    ours = tuple(str(ROOT / pkg) for pkg in ("engine", "adapters", "kernels"))
-    current = {"step": None}
-    reads = []
-
-    def extra_loss(self, model, step, total_steps):
-        current["step"] = step
-        return None
-
-    def spy(name):
-        original = getattr(torch.Tensor, name)
-
-        def read(self, *args, **kwargs):
-            caller = sys._getframe(1).f_code.co_filename
-            if current["step"] is not None and caller.startswith(ours):
-                reads.append((current["step"], name, caller))
-            return original(self, *args, **kwargs)
-        return read
-
-    monkeypatch.setattr(Strategy, "extra_loss", extra_loss)
-    for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
-        monkeypatch.setattr(torch.Tensor, name, spy(name))
+    reads = spy_on_host_reads(monkeypatch)
     code, _ = run_cli(tmp_path, "sync", "--strategy", "lora", "--steps", "6", "--eval-every", "6",
                       "train.log_every=3")
     assert code == 0

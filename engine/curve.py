@@ -1,0 +1,79 @@
+"""The forgetting curve: source k-NN accuracy measured during training, at chosen steps.
+
+The paper's abstract says a DINO ViT-B/16 loses over 70% of its ImageNet k-NN accuracy within 10
+fine-tuning steps; the before/after pair in results.json cannot show when forgetting happens, this
+curve does. At each listed step (`eval.knn_steps`, default log-spaced: 0, 1, 2, 5, 10, 20, 50, ...
+and the last step) the train loop hands the live model to `ForgettingCurve.measure`, which extracts
+a capped subset of the source (`eval.knn_curve_limit` bank images and as many queries) with the
+current weights and returns its weighted k-NN accuracy. Nothing is kept between points, so memory
+is (bank + queries) x feature width whatever the run's length; the curve's time is counted apart
+from the training time (`seconds`).
+"""
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .distributed import gathered
+from .evaluate import extract_features
+from .knn import knn_accuracy
+
+
+def log_steps(last: int) -> list[int]:
+    """0, 1, 2, 5, 10, 20, 50, 100, ... below `last`, then `last` itself."""
+    steps, decade = [0], 1
+    while decade < last:
+        steps += [m * decade for m in (1, 2, 5) if m * decade < last]
+        decade *= 10
+    return steps + [last]
+
+
+def curve_steps(knn_steps: Sequence[int] | None, last: int) -> list[int]:
+    """The steps the curve is measured at: `knn_steps` (sorted, once each), or `log_steps(last)` for None."""
+    return log_steps(last) if knn_steps is None else sorted(set(knn_steps))
+
+
+class ForgettingCurve:
+    """Source k-NN accuracy (the report k) of the live model at `steps`, on fixed bank and query loaders."""
+
+    def __init__(self, steps: Sequence[int], bank_loader, query_loader, *, ks: Sequence[int], report_k: int,
+                 temperature: float, num_classes: int, device: torch.device, autocast_dtype=None,
+                 zero_stage: int = 0) -> None:
+        self.steps = list(steps)
+        self.bank_loader, self.query_loader = bank_loader, query_loader
+        self.ks, self.report_k, self.temperature = list(ks), report_k, temperature
+        self.num_classes, self.device, self.autocast_dtype = num_classes, device, autocast_dtype
+        self.zero_stage = zero_stage
+        self.seconds = 0.0
+        self._due = set(self.steps)
+
+    def due(self, step: int) -> bool:
+        return step in self._due
+
+    def measure(self, model) -> float:
+        """k-NN accuracy (%) of `model`'s current features; every rank calls it (ZeRO-3 gathers are collective)."""
+        start = time.perf_counter()
+        with gathered(model, self.zero_stage):  # features() reads the root's own parameters (cls_token, pos_embed)
+            bank, bank_y = extract_features(model, self.bank_loader, self.device, self.autocast_dtype,
+                                            desc="curve bank", progress=False)
+            query, query_y = extract_features(model, self.query_loader, self.device, self.autocast_dtype,
+                                              desc="curve queries", progress=False)
+        accuracy = knn_accuracy(bank, bank_y, query, query_y, self.ks, self.temperature,
+                                num_classes=self.num_classes)[self.report_k]
+        self.seconds += time.perf_counter() - start
+        return accuracy
+
+    def describe(self, bank_size: int, query_size: int) -> str:
+        shown = ", ".join(map(str, self.steps[:9])) + (", ..." if len(self.steps) > 9 else "")
+        return (f"forgetting curve: source {self.report_k}-NN at steps {shown} (last {self.steps[-1]}), on "
+                f"{bank_size} bank / {query_size} query images (eval.knn_curve_limit)")
+
+
+def read_curve(metrics_csv: str | Path) -> list[tuple[int, float]]:
+    """(step, source k-NN %) of the rows of a run's metrics.csv that carry the curve."""
+    with open(metrics_csv, newline="") as f:
+        return [(int(r["step"]), float(r["source_knn"])) for r in csv.DictReader(f) if r.get("source_knn")]

@@ -1,0 +1,105 @@
+"""The study's figures (matplotlib, drawn off-screen): forgetting curves, the paper's transfer-vs-source
+plot and selective LoRA's active-fraction curve. Each function takes plain numbers and writes one PNG."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _save(fig, out: str | Path) -> Path:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    _pyplot().close(fig)
+    return out
+
+
+def plot_curves(curves: dict[str, Sequence[tuple[int, float]]], out: str | Path, title: str,
+                ylabel: str = "source k-NN accuracy %") -> Path:
+    """Forgetting curves, one line per label: step (symmetric log, so step 0 shows) against source k-NN."""
+    plt = _pyplot()
+    from matplotlib.ticker import FuncFormatter
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, points in curves.items():
+        if points:
+            steps, values = zip(*points)
+            ax.plot(steps, values, marker="o", markersize=3, label=label)
+    ax.set_xscale("symlog", linthresh=1)
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 0, 1, 10, 100 (not 10^2)
+    ax.set_xlabel("training step (log scale; 0 = untouched backbone)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if len(curves) > 1:
+        ax.legend(fontsize=7, ncol=2)
+    return _save(fig, out)
+
+
+def plot_tradeoff(rows: Sequence[dict], out: str | Path, title: str) -> Path:
+    """The paper's picture: target top-1 against source k-NN, one marker per row (`label`, `group`,
+    `target_top1`, `source_knn`, `trainable_params`), marker area growing with log trainable params."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7.5, 5.5))
+    logs = [math.log10(max(r["trainable_params"], 1)) for r in rows]
+    low, high = min(logs), max(logs)
+    groups = list(dict.fromkeys(r["group"] for r in rows))
+    colours = {g: f"C{i}" for i, g in enumerate(groups)}
+    for r, lg in zip(rows, logs):
+        size = 40 + 460 * ((lg - low) / (high - low) if high > low else 0.5)
+        ax.scatter(r["source_knn"], r["target_top1"], s=size, color=colours[r["group"]], alpha=0.6,
+                   edgecolors="black", linewidths=0.5)
+        ax.annotate(r["label"], (r["source_knn"], r["target_top1"]), fontsize=7, xytext=(4, 4),
+                    textcoords="offset points")
+    for g in groups:
+        ax.scatter([], [], color=colours[g], label=g, s=40)
+    ax.set_xlabel("source k-NN accuracy % (stability)")
+    ax.set_ylabel("target top-1 % (plasticity)")
+    ax.set_title(f"{title}\nmarker area: log10 trainable parameters ({_short(10 ** low)} to {_short(10 ** high)})",
+                 fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    return _save(fig, out)
+
+
+def plot_selective(points: Sequence[dict], out: str | Path, title: str, reference: dict | None = None) -> Path:
+    """Selective LoRA's own curve: active fraction of the LoRA blocks against target top-1 and
+    forgetting. `points` carry `series` (e.g. 'TAPS' or 'budget'), `label`, `active_fraction`,
+    `target_top1` and `forgetting`; `reference` (plain LoRA) is drawn as a dashed line."""
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
+    series = list(dict.fromkeys(p["series"] for p in points))
+    for i, name in enumerate(series):
+        mine = sorted((p for p in points if p["series"] == name), key=lambda p: p["active_fraction"])
+        xs = [p["active_fraction"] for p in mine]
+        for ax, key in ((top, "target_top1"), (bottom, "forgetting")):
+            ax.plot(xs, [p[key] for p in mine], marker="os^"[i % 3], color=f"C{i}", label=name)
+        for p in mine:
+            top.annotate(p["label"], (p["active_fraction"], p["target_top1"]), fontsize=6, xytext=(3, 3),
+                         textcoords="offset points")
+    if reference is not None:
+        for ax, key in ((top, "target_top1"), (bottom, "forgetting")):
+            ax.axhline(reference[key], color="grey", linestyle="--", label=reference.get("label", "lora"))
+    top.set_ylabel("target top-1 %")
+    bottom.set_ylabel("forgetting (source k-NN points lost)")
+    bottom.set_xlabel("active fraction of the LoRA blocks at the end")
+    top.set_title(title)
+    for ax in (top, bottom):
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def _short(n: float) -> str:
+    for unit, size in (("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{n:.0f}"

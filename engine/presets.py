@@ -1,0 +1,144 @@
+"""Sweep presets: the paper's table (`paper`), the same rows on the embedded default (`embedded`), and
+selective LoRA's own curve (`selective`).
+
+A preset is rows (a label, the table group, a strategy from `adapters.STRATEGIES` and its options as
+`engine.run` arguments), learning rates, and the arguments every run gets. `engine.sweep` turns
+rows x learning rates x seeds into runs and picks each row's learning rate by validation accuracy.
+
+The paper is Bafghi et al. 2024, Table 1 (DINO ViT-B/16, CIFAR-100 target, ImageNet-1K 20-NN source),
+with the recipe of its code: SGD momentum 0.9, no weight decay, batch 128, 10,000 steps, warm-up 500
+then cosine, validation every 500, random-resized crop + flip, LRs 0.05 / 0.01 / 0.005 (the linear
+probe 0.5 / 0.05 / 0.005). That recipe lives in `configs/paper_cifar100.yaml`, which every run of the
+`paper` preset reads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import adapters
+
+from .errors import UserError
+
+GROUPS = ("Standard", "LoRA", "Block Expansion", "Selective LoRA")  # the table's sections, in order
+PAPER_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "paper_cifar100.yaml"
+PAPER_LRS = (0.05, 0.01, 0.005)
+LINEAR_LRS = (0.5, 0.05, 0.005)  # the paper's code probes linearly with larger rates
+
+
+@dataclass(frozen=True)
+class PaperFigures:
+    """A row of the paper's Table 1 as printed (its LoRA counts include the head twice)."""
+    trainable: str
+    target: float
+    source: float
+    mean: float
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: a strategy with its options, trained at each of `lrs` (None: the preset's)."""
+    key: str                          # run-name stem, e.g. lora-r8
+    label: str                        # as the table prints it, e.g. LoRA r=8
+    group: str                        # one of GROUPS
+    strategy: str                     # a name in adapters.STRATEGIES
+    args: tuple[str, ...] = ()        # engine.run flags or key=value for this row
+    lrs: tuple[float, ...] | None = None
+    paper: PaperFigures | None = None
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    rows: tuple[Row, ...]
+    lrs: tuple[float, ...]
+    base_args: tuple[str, ...] = ()   # every run's engine.run arguments, before the row's and the user's
+    quick_rows: tuple[str, ...] = ()  # `--quick`: these rows' keys (the six strategies at their defaults) ...
+    quick_lr: float | None = None     # ... at this one learning rate
+    needs_source: bool = False        # the user must name the source domain (ImageNet lives in a folder)
+    note: str = ""                    # printed under the table
+
+    def row(self, key: str) -> Row:
+        return next(r for r in self.rows if r.key == key)
+
+
+def _rows(paper: bool, full_lrs: tuple[float, ...] | None = None) -> tuple[Row, ...]:
+    """The paper's rows (All, Top-3, Linear, LoRA r 4/8/16, Block Expansion p 1..4), then selective LoRA
+    in TAPS mode and with budgets of 5, 10 and 25% of the LoRA blocks."""
+    def fig(trainable, target, source, mean):
+        return PaperFigures(trainable, target, source, mean) if paper else None
+
+    rows = [
+        Row("full", "All", "Standard", "full", paper=fig("85.9 M", 88.13, 25.24, 56.69)),
+        Row("top3", "Top-3", "Standard", "top_k", ("--top-k", "3"), paper=fig("21.3 M", 84.56, 74.15, 79.36)),
+        Row("linear", "Linear", "Standard", "linear", lrs=LINEAR_LRS, paper=fig("76.9 K", 80.57, 76.11, 78.34)),
+        Row("lora-r4", "LoRA r=4", "LoRA", "lora", ("--lora-rank", "4"), paper=fig("301 K", 87.91, 66.82, 77.37)),
+        Row("lora-r8", "LoRA r=8", "LoRA", "lora", ("--lora-rank", "8"), paper=fig("448 K", 88.27, 65.99, 77.13)),
+        Row("lora-r16", "LoRA r=16", "LoRA", "lora", ("--lora-rank", "16"), paper=fig("743 K", 87.84, 65.06, 76.45)),
+        Row("blockexp-p1", "Block Exp. p=1", "Block Expansion", "block_expansion", ("--blocks", "1"),
+            paper=fig("7.2 M", 82.72, 75.75, 79.24)),
+        Row("blockexp-p2", "Block Exp. p=2", "Block Expansion", "block_expansion", ("--blocks", "2"),
+            paper=fig("14.3 M", 86.70, 75.54, 81.12)),
+        Row("blockexp-p3", "Block Exp. p=3", "Block Expansion", "block_expansion", ("--blocks", "3"),
+            paper=fig("21.3 M", 88.58, 74.61, 81.60)),
+        Row("blockexp-p4", "Block Exp. p=4", "Block Expansion", "block_expansion", ("--blocks", "4"),
+            paper=fig("28.4 M", 89.09, 72.28, 80.69)),
+        Row("selective-taps", "Selective LoRA (TAPS)", "Selective LoRA", "selective_lora"),
+        Row("selective-5pct", "Selective LoRA 5%", "Selective LoRA", "selective_lora", ("--active-fraction", "0.05")),
+        Row("selective-10pct", "Selective LoRA 10%", "Selective LoRA", "selective_lora", ("--active-fraction", "0.1")),
+        Row("selective-25pct", "Selective LoRA 25%", "Selective LoRA", "selective_lora", ("--active-fraction", "0.25")),
+    ]
+    # Layer-wise LR decay 0.65 for All, as BEiT-style fine-tuning does: a forgetting baseline (lower blocks barely move).
+    rows.insert(1, Row("full-ld065", "All, layer decay 0.65", "Standard", "full", ("train.layer_decay=0.65",)))
+    return tuple(rows)
+
+
+_QUICK = ("full", "top3", "linear", "lora-r8", "blockexp-p3", "selective-taps")  # each strategy at its defaults
+
+PAPER = Preset(
+    name="paper",
+    description="the paper's Table 1: DINO ViT-B/16, CIFAR-100 target, ImageNet-1K k-NN source (needs the data, "
+                "GPUs and data.source=imagefolder:DIR)",
+    rows=_rows(paper=True), lrs=PAPER_LRS,
+    base_args=("--config", str(PAPER_CONFIG), "eval.knn_curve_limit=10000"),
+    quick_rows=_QUICK, quick_lr=0.01, needs_source=True,
+    note="The paper's LoRA parameter counts (301 K, 448 K, 743 K) include the 76.9 K classifier twice; ours "
+         "count it once. The paper selected checkpoints on the test set; we select on a validation split "
+         "held out of CIFAR-100's train set.")
+
+EMBEDDED = Preset(
+    name="embedded",
+    description="the paper's rows on the embedded default (offline, CPU)",
+    rows=_rows(paper=False), lrs=PAPER_LRS, quick_rows=_QUICK, quick_lr=0.05)
+
+# Selective LoRA's own curve on the embedded default: TAPS' sparsity lambda, and the budget, swept at the
+# default learning rate; plain LoRA (same rank) is the reference.
+_LAMBDAS = ("0.05", "0.075", "0.1", "0.125", "0.15")  # measured: 0.05 keeps 11 of 12 blocks, 0.15 none
+_FRACTIONS = ("0.05", "0.17", "0.25", "0.5", "0.75", "1")
+SELECTIVE = Preset(
+    name="selective",
+    description="selective LoRA's active fraction against target accuracy and forgetting (embedded default)",
+    rows=(Row("lora-r8", "LoRA r=8", "LoRA", "lora"),
+          *(Row(f"taps-l{v}", f"TAPS lambda={v}", "Selective LoRA", "selective_lora", ("--sparsity-lambda", v))
+            for v in _LAMBDAS),
+          *(Row(f"budget-{v}", f"budget {float(v):.0%}", "Selective LoRA", "selective_lora",
+                ("--active-fraction", v)) for v in _FRACTIONS)),
+    lrs=(0.05,), base_args=("eval.knn_curve_limit=0",))
+
+PRESETS = {p.name: p for p in (PAPER, EMBEDDED, SELECTIVE)}
+
+
+def get_preset(name: str) -> Preset:
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}; choose one of: {', '.join(PRESETS)}")
+    return PRESETS[name]
+
+
+def default_rows(strategies: list[str]) -> tuple[Row, ...]:
+    """One row per strategy at its defaults (a sweep without a preset); UserError for an unknown name."""
+    unknown = [s for s in strategies if s not in adapters.STRATEGIES]
+    if unknown:
+        raise UserError(f"unknown strategy {unknown[0]!r}; choose from: {', '.join(adapters.STRATEGIES)}")
+    known = {r.strategy: r for r in EMBEDDED.rows if r.key in _QUICK}
+    return tuple(Row(s, s, known[s].group if s in known else "Other", s) for s in strategies)

@@ -1,0 +1,396 @@
+"""`python -m engine.sweep`: a grid of `engine.run` runs in one folder, then the paper's table and figures.
+
+    python -m engine.sweep --preset embedded                 # the paper's rows on the embedded default
+    python -m engine.sweep --preset embedded --quick         # the six strategies' defaults, one LR
+    python -m engine.sweep --preset paper --weights dino_vitbase16_pretrain.pth --data-root /data \\
+        data.source=imagefolder:/data/imagenet --launcher submitit --partition gpu --gpus 1
+    python -m engine.sweep --strategies lora,full --lrs 0.05,0.01 --steps 100
+
+A thin launcher over the one entry point, as DINO's `run_with_submitit.py` is: every grid point (row x
+learning rate x seed) is `python -m engine.run ...`, a normal run folder inside the sweep folder.
+Arguments the sweep does not know go to every run (flags or `key=value`); the whole grid is checked
+with engine.run's own parser before anything starts. Rows and learning rates come from `--preset`
+(engine.presets) or `--strategies`; the table picks each row's learning rate by validation accuracy
+(engine.sweep_report).
+
+Interrupted sweeps continue: run the same command again. A finished run (results.json) is not redone,
+nor one that diverged (exit 3, recorded in sweep.json); a run killed mid-way starts again
+(`restart_command`). Runs go to `--launcher local` (subprocesses, `--parallel N` at once, one GPU each
+where there are GPUs) or `--launcher submitit` (one SLURM job per run, or submitit's local/debug
+executors with `--cluster`).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checkpoint import checkpoint_dirs
+from .config import FLAG_KEYS, parse_args
+from .errors import UserError
+from .io import atomic_write_json
+from .presets import PRESETS, Row, default_rows, get_preset
+
+LAUNCHERS = ("local", "submitit")
+CLUSTERS = ("auto", "slurm", "local", "debug")  # submitit's executors; auto = SLURM where it is found
+DIVERGED = 3  # engine.run's exit status for a run stopped by a non-finite loss or gradients
+# What the sweep sets per run; the user cannot pass them through.
+_OWNED = {"strategy", "train.lr", "seed", "name", "out", "dry_run", "json"}
+_CODE_ROOT = str(Path(__file__).resolve().parents[1])  # the runs import the code the sweep imports
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of the grid: a row at one learning rate and seed, and its engine.run arguments."""
+    row: Row
+    lr: float
+    seed: int
+    name: str
+    args: tuple[str, ...]             # engine.run's argv, without --out/--name
+
+    def run_dir(self, sweep_dir: Path) -> Path:
+        return sweep_dir / self.name
+
+
+def build_grid(rows, seeds: list[int], base_args=(), extra=(), lrs: tuple[float, ...] | None = None,
+               default_lrs: tuple[float, ...] = ()) -> list[Point]:
+    """rows x learning rates x seeds. A row trains at `lrs` when given, else at its own (the linear
+    probe's), else at `default_lrs`; the user's arguments `extra` come last, so they win."""
+    points = []
+    for row in rows:
+        for lr in lrs or row.lrs or default_lrs:
+            for seed in seeds:
+                args = (*base_args, "--strategy", row.strategy, *row.args, "--lr", f"{lr:g}", "--seed", str(seed),
+                        *extra)
+                points.append(Point(row, lr, seed, f"{row.key}-lr{lr:g}-s{seed}", args))
+    return points
+
+
+def run_command(point: Point, sweep_dir: Path) -> list[str]:
+    """The command of a run that has not started."""
+    return [sys.executable, "-m", "engine.run", *point.args, "--out", str(sweep_dir), "--name", point.name]
+
+
+def restart_command(point: Point, sweep_dir: Path) -> list[str]:
+    """The command of a run that was stopped mid-way: `--resume` from its last full checkpoint when it
+    wrote one (engine.run verifies it, and falls back to an older one), else a fresh start in its
+    folder (`--overwrite`: the run folder rules refuse an existing --name otherwise)."""
+    run_dir = point.run_dir(sweep_dir)
+    if checkpoint_dirs(run_dir) and (run_dir / "config.yaml").is_file():
+        return [sys.executable, "-m", "engine.run", "--resume", str(run_dir)]
+    return [*run_command(point, sweep_dir), "--overwrite"]
+
+
+def state(point: Point, sweep_dir: Path, outcomes: dict[str, int]) -> str:
+    """done (results.json), diverged (exit 3 on record), partial (a folder without results) or new."""
+    run_dir = point.run_dir(sweep_dir)
+    if (run_dir / "results.json").is_file():
+        return "done"
+    if outcomes.get(point.name) == DIVERGED:
+        return "diverged"
+    return "partial" if run_dir.exists() else "new"
+
+
+# -- launchers ------------------------------------------------------------------------------------------
+
+def _child_env(gpu: int | None, threads: int | None) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([_CODE_ROOT, *filter(None, [env.get("PYTHONPATH")])])
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = str(gpu)
+    if threads is not None and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def _death_signal():
+    """A preexec_fn that makes a child get SIGTERM when the sweep dies, even by SIGKILL (Linux), so that
+    no run goes on unseen and finishes beside its own restart; None elsewhere. libc is loaded here, in
+    the parent: the child only makes the one call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    return lambda: prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def _gpu_count() -> int:
+    import torch
+    return torch.cuda.device_count()
+
+
+def launch_local(jobs: list[tuple[Point, list[str]]], parallel: int, log_dir: Path, on_done) -> None:
+    """Run `jobs` as subprocesses, `parallel` at once; a GPU each where there are GPUs (slot i gets
+    CUDA_VISIBLE_DEVICES=i), else an equal share of the CPU threads. `on_done(point, returncode)`."""
+    gpus = _gpu_count()
+    if gpus and parallel > gpus:
+        raise UserError(f"--parallel {parallel} needs {parallel} GPUs; this machine has {gpus}")
+    threads = None if gpus or parallel == 1 else max(1, (os.cpu_count() or 1) // parallel)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    pending, running = list(jobs), {}  # slot -> (point, process, log file, start)
+    preexec = _death_signal()
+    try:
+        while pending or running:
+            for slot in range(parallel):
+                if slot not in running and pending:
+                    point, cmd = pending.pop(0)
+                    log = open(log_dir / f"{point.name}.log", "w")
+                    log.write(shlex.join(cmd) + "\n")
+                    log.flush()
+                    env = _child_env(slot if gpus else None, threads)
+                    process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                               preexec_fn=preexec)
+                    running[slot] = (point, process, log, time.perf_counter())
+            time.sleep(0.2)
+            for slot, (point, process, log, start) in list(running.items()):
+                if process.poll() is not None:
+                    log.close()
+                    del running[slot]
+                    on_done(point, process.returncode, time.perf_counter() - start)
+    finally:  # interrupted: stop the runs too (they restart on the next call)
+        for point, process, log, _ in running.values():
+            process.terminate()
+        for point, process, log, _ in running.values():
+            process.wait()
+            log.close()
+
+
+class SweepJob:
+    """One run as a submitit job: engine.run's `main` in each task (one task per GPU), the distributed
+    environment taken from the job; on pre-emption submitit requeues it with the restart command."""
+
+    def __init__(self, argv: list[str], restart_argv: list[str]) -> None:
+        self.argv, self.restart_argv = argv, restart_argv
+
+    def __call__(self) -> int:
+        import submitit
+
+        env = submitit.JobEnvironment()
+        os.environ.update(RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks),
+                          MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(20000 + zlib.crc32(str(env.job_id).encode()) % 20000))
+        from .run import main
+        return main(self.argv)
+
+    def checkpoint(self):
+        import submitit
+        return submitit.helpers.DelayedSubmission(SweepJob(self.restart_argv, self.restart_argv))
+
+
+def _submitit():
+    try:
+        import submitit
+    except ImportError:
+        raise UserError("--launcher submitit needs submitit: pip install 'vit-forget-not[cluster]'") from None
+    return submitit
+
+
+def launch_submitit(jobs: list[tuple[Point, list[str], list[str]]], folder: Path, args, on_done) -> None:
+    """Submit each run as a job (SLURM, or submitit's local / debug executor) and wait for them all."""
+    submitit = _submitit()
+    os.environ["PYTHONPATH"] = _child_env(None, None)["PYTHONPATH"]  # jobs inherit the environment
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=None if args.cluster == "auto" else args.cluster)
+    executor.update_parameters(timeout_min=args.time, nodes=args.nodes, gpus_per_node=args.gpus,
+                               tasks_per_node=max(1, args.gpus), slurm_partition=args.partition)
+    started = {}
+    for point, argv, restart_argv in jobs:
+        executor.update_parameters(name=point.name)
+        job = executor.submit(SweepJob(argv, restart_argv))
+        started[job.job_id] = (point, job, time.perf_counter())
+        print(f"submitted {point.name}: job {job.job_id}", flush=True)
+    for job in submitit.helpers.as_completed([j for _, j, _ in started.values()]):
+        point, _, start = started[job.job_id]
+        try:
+            code = job.results()[0]
+        except Exception as e:  # the job failed outside engine.run (killed, timed out, ...): its log says why
+            print(f"{point.name}: job {job.job_id} failed: {str(e).strip().splitlines()[-1] if str(e) else e!r}")
+            code = 1
+        on_done(point, code, time.perf_counter() - start)
+
+
+# -- the sweep -------------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m engine.sweep", description="\n\n".join(__doc__.split("\n\n")[:2]),
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+                                epilog="Any other argument (an engine.run flag or key=value) goes to every run.")
+    p.add_argument("--preset", choices=tuple(PRESETS), help="rows and learning rates (engine.presets)")
+    p.add_argument("--strategies", help="comma list: one row per strategy at its defaults (instead of --preset)")
+    p.add_argument("--quick", action="store_true", help="the six strategies' defaults at the preset's one quick LR")
+    p.add_argument("--rows", help="comma list of row keys to keep (see --dry-run)")
+    p.add_argument("--lrs", help="comma list of learning rates for every row (default: the preset's)")
+    p.add_argument("--seeds", default="0", help="comma list of seeds (default: 0)")
+    p.add_argument("--out", help="the sweep folder (default: runs/sweep-<preset>; runs already there are kept)")
+    p.add_argument("--launcher", choices=LAUNCHERS, default="local")
+    p.add_argument("--parallel", type=int, default=1, help="local: runs at once (one GPU each where there are GPUs)")
+    p.add_argument("--cluster", choices=CLUSTERS, default="auto", help="submitit: the executor")
+    p.add_argument("--partition", help="submitit: the SLURM partition")
+    p.add_argument("--gpus", type=int, default=1, help="submitit: GPUs per job (one task each)")
+    p.add_argument("--nodes", type=int, default=1, help="submitit: nodes per job")
+    p.add_argument("--time", type=int, default=24 * 60, help="submitit: time limit per job, minutes")
+    p.add_argument("--dry-run", action="store_true", help="print the runs and their commands; start nothing")
+    return p
+
+
+def _floats(text: str, what: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise UserError(f"{what} must be a comma list of numbers, got {text!r}") from None
+    if not values or any(not v > 0 for v in values):
+        raise UserError(f"{what} must list positive numbers, got {text!r}")
+    return values
+
+
+def _check_extra(extra: list[str]) -> None:
+    for item in extra:
+        key = FLAG_KEYS.get(item[2:].replace("-", "_")) if item.startswith("--") else item.split("=", 1)[0]
+        if key in _OWNED:
+            raise UserError(f"{item.split('=', 1)[0]} is set by the sweep for each run; use its own flags "
+                            f"(--preset/--strategies, --lrs, --seeds, --out)")
+
+
+def _check_run_args(run_args) -> object:
+    """engine.run's config for `run_args`; a UserError (one line) for anything its parser refuses."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return parse_args(list(run_args))
+    except SystemExit:  # argparse's own refusal (a value of the wrong type): keep its message, drop the usage
+        message = stderr.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+        raise UserError(f"{message} (in the runs' arguments: {shlex.join(run_args)})") from None
+
+
+def plan(argv: list[str] | None):
+    """Parse the command line into (args, preset or None, grid, sweep folder); every run's arguments are
+    checked with engine.run's parser here, before anything starts."""
+    args, extra = _parser().parse_known_args(argv)
+    extra = [a for a in extra if a != "--"]
+    if (args.preset is None) == (args.strategies is None):
+        raise UserError("give --preset NAME or --strategies LIST (one of them)")
+    if args.parallel < 1 or args.gpus < 0 or args.nodes < 1 or args.time < 1:
+        raise UserError("--parallel, --nodes and --time must be positive and --gpus at least 0")
+    _check_extra(extra)
+    preset = get_preset(args.preset) if args.preset else None
+    rows = preset.rows if preset else default_rows([s.strip() for s in args.strategies.split(",") if s.strip()])
+    lrs = _floats(args.lrs, "--lrs") if args.lrs else None
+    if args.quick:
+        if preset is None or not preset.quick_rows:
+            raise UserError("--quick works with a preset that has quick rows (paper, embedded)")
+        rows = tuple(preset.row(k) for k in preset.quick_rows)
+        lrs = lrs or (preset.quick_lr,)
+    if args.rows:
+        keep = [k.strip() for k in args.rows.split(",") if k.strip()]
+        unknown = [k for k in keep if k not in {r.key for r in rows}]
+        if unknown:
+            raise UserError(f"unknown row {unknown[0]!r}; rows: {', '.join(r.key for r in rows)}")
+        rows = tuple(r for r in rows if r.key in keep)
+    if lrs is None and preset is None:
+        raise UserError("--strategies needs --lrs")
+    try:
+        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+    except ValueError:
+        raise UserError(f"--seeds must be a comma list of integers, got {args.seeds!r}") from None
+    grid = build_grid(rows, seeds, preset.base_args if preset else (), extra, lrs, preset.lrs if preset else ())
+    configs = {p.name: _check_run_args(p.args) for p in grid}
+    if preset is not None and preset.needs_source and next(iter(configs.values())).data.source == "embedded":
+        raise UserError(f"--preset {preset.name} measures forgetting on ImageNet: give its folder, "
+                        f"data.source=imagefolder:DIR (DIR/train/<class>/..., DIR/val/<class>/...)")
+    sweep_dir = Path(args.out or f"runs/sweep-{args.preset or 'custom'}")  # --quick's runs are the full grid's too
+    return args, preset, grid, sweep_dir
+
+
+def _read_record(sweep_dir: Path, grid: list[Point]) -> tuple[dict[str, dict], dict[str, int]]:
+    """The folder's runs on record (name -> entry) and their exit codes, after checking that the runs
+    this grid shares with earlier sweeps in the folder had the same arguments."""
+    path = sweep_dir / "sweep.json"
+    if not path.is_file():
+        return {}, {}
+    record = json.loads(path.read_text())
+    earlier = {r["name"]: r for r in record.get("runs", [])}
+    for point in grid:
+        if point.name in earlier and earlier[point.name]["args"] != list(point.args) \
+                and point.run_dir(sweep_dir).exists():
+            raise UserError(f"sweep folder {sweep_dir} ran {point.name} with other arguments "
+                            f"({shlex.join(earlier[point.name]['args'])}); give another --out or remove that run folder")
+    return earlier, {k: int(v) for k, v in record.get("outcomes", {}).items()}
+
+
+def _write_record(sweep_dir: Path, earlier: dict[str, dict], grid: list[Point], outcomes: dict[str, int]) -> None:
+    """sweep.json: every run this folder has held (earlier sweeps' too, so that a later grid sharing a run
+    is checked against it) and the exit codes on record."""
+    runs = {**earlier, **{p.name: {"name": p.name, "row": p.row.key, "lr": p.lr, "seed": p.seed, "args": list(p.args)}
+                          for p in grid}}
+    atomic_write_json(sweep_dir / "sweep.json", {"runs": list(runs.values()), "outcomes": outcomes})
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # a SystemExit: the launchers stop their runs
+    try:
+        return _sweep(argv)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _sweep(argv: list[str]) -> int:
+    try:
+        args, preset, grid, sweep_dir = plan(argv)
+        earlier, outcomes = _read_record(sweep_dir, grid)
+        states = {p.name: state(p, sweep_dir, outcomes) for p in grid}
+        if args.dry_run:
+            for p in grid:
+                cmd = restart_command(p, sweep_dir) if states[p.name] == "partial" else run_command(p, sweep_dir)
+                print(f"[{states[p.name]}] {p.name}: {shlex.join(cmd[1:])}")
+            print(f"{len(grid)} runs: " + ", ".join(f"{sum(s == k for s in states.values())} {k}"
+                                                    for k in ("done", "diverged", "partial", "new")))
+            return 0
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        _write_record(sweep_dir, earlier, grid, outcomes)
+        todo = [p for p in grid if states[p.name] in ("new", "partial")]
+        print(f"sweep {sweep_dir}: {len(grid)} runs, {len(grid) - len(todo)} finished before, {len(todo)} to run",
+              flush=True)
+        finished = [0]
+
+        def on_done(point: Point, code: int, seconds: float) -> None:
+            outcomes[point.name] = code
+            _write_record(sweep_dir, earlier, grid, outcomes)
+            finished[0] += 1
+            what = "done" if code == 0 else "diverged" if code == DIVERGED else f"failed (exit {code})"
+            print(f"[{finished[0]}/{len(todo)}] {point.name}: {what} in {seconds:.0f} s", flush=True)
+
+        def command(point: Point) -> list[str]:
+            return (restart_command if states[point.name] == "partial" else run_command)(point, sweep_dir)
+
+        if args.launcher == "local":
+            launch_local([(p, command(p)) for p in todo], args.parallel, sweep_dir / "logs", on_done)
+        else:
+            launch_submitit([(p, command(p)[3:], restart_command(p, sweep_dir)[3:]) for p in todo],
+                            sweep_dir / "submitit", args, on_done)
+        from .sweep_report import write_report
+        print(write_report(sweep_dir, grid, preset, outcomes))
+        failed = [p.name for p in grid if state(p, sweep_dir, outcomes) in ("new", "partial")]
+        if failed:
+            print(f"error: {len(failed)} runs did not finish ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}); "
+                  f"their logs are in {sweep_dir / 'logs'}; run the same command again to retry them", file=sys.stderr)
+            return 1
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

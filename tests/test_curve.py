@@ -1,0 +1,62 @@
+"""The forgetting curve: log-spaced steps, rows in metrics.csv, a figure, and no host read outside its points."""
+import csv
+import json
+
+import pytest
+
+from engine.curve import curve_steps, log_steps
+from engine.run import main
+
+from host_reads import spy_on_host_reads
+from test_run import QUICK
+
+
+def test_default_steps_are_log_spaced_up_to_the_last_step():
+    assert log_steps(150) == [0, 1, 2, 5, 10, 20, 50, 100, 150]
+    assert log_steps(100) == [0, 1, 2, 5, 10, 20, 50, 100]
+    assert log_steps(1) == [0, 1]
+    assert log_steps(10_000)[-3:] == [2000, 5000, 10_000]
+    assert curve_steps(None, 7) == [0, 1, 2, 5, 7]
+    assert curve_steps([5, 0, 5, 3], 7) == [0, 3, 5]
+
+
+@pytest.mark.parametrize("steps, message", [("0,9", "must lie in 0..train.steps"), ("-1", "must lie in")])
+def test_curve_steps_outside_the_run_are_refused(tmp_path, capsys, steps, message):
+    code = main([*QUICK, "--strategy", "linear", "--knn-steps", steps, "--out", str(tmp_path), "--name", "bad"])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+@pytest.fixture(scope="module")
+def curve_run_under_zero3(tmp_path_factory):
+    """LoRA under ZeRO-3 (the curve reads parameters inside `gathered`), 6 steps, curve at its default steps,
+    with a spy on every host read the project's code makes during training."""
+    out = tmp_path_factory.mktemp("curve")
+    patch = pytest.MonkeyPatch()
+    reads = spy_on_host_reads(patch)
+    try:
+        code = main([*QUICK, "eval.knn_curve_limit=200", "--strategy", "lora", "--zero-stage", "3", "--steps", "6",
+                     "--eval-every", "3", "--out", str(out), "--name", "z3"])
+    finally:
+        patch.undo()
+    assert code == 0
+    with open(out / "z3" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    return out / "z3", rows, {step for step, _, _ in reads}
+
+
+def test_curve_points_are_rows_of_metrics_csv(curve_run_under_zero3):
+    run_dir, rows, _ = curve_run_under_zero3
+    assert [(int(r["step"]), r["source_knn"] != "", r["val_top1"] != "") for r in rows] == [
+        (0, True, False), (1, True, False), (2, True, False), (3, False, True), (5, True, False), (6, True, True)]
+    assert rows[0]["train_loss"] == ""  # step 0: the untouched backbone, before any step
+    assert all(0 <= float(r["source_knn"]) <= 100 for r in rows if r["source_knn"])
+    info = json.loads((run_dir / "source_knn.json").read_text())["curve"]
+    assert (info["steps"], info["bank"], info["queries"]) == ([0, 1, 2, 5, 6], 200, 100)
+    assert (run_dir / "forgetting.png").stat().st_size > 0
+
+
+def test_a_train_step_reads_the_device_only_at_log_eval_and_curve_points(curve_run_under_zero3):
+    _, _, reads = curve_run_under_zero3
+    assert reads <= {1, 2, 3, 5, 6}, reads
+    assert {1, 2, 5} <= reads  # the spy sees the curve points' reads
