@@ -69,13 +69,13 @@ def test_checkpointing_gives_the_gradients_of_the_plain_backward(name, backend):
 @pytest.mark.parametrize("backend", ["torch", "reference"])
 def test_the_recompute_calls_the_same_fused_lora_backend(monkeypatch, backend):
     calls = []
-    dispatch = lora_linear_mod._dispatch
+    resolve = lora_linear_mod.resolve_backend  # called once per fused-op call, to pick its backend
 
-    def spy(name, *args):
-        calls.append(name)
-        return dispatch(name, *args)
+    def spy(*args, **kwargs):
+        calls.append(resolve(*args, **kwargs))
+        return calls[-1]
 
-    monkeypatch.setattr(lora_linear_mod, "_dispatch", spy)
+    monkeypatch.setattr(lora_linear_mod, "resolve_backend", spy)
     plain, checkpointed = pair("lora", backend)
     loss_and_grads(*plain)
     calls_plain = len(calls)
