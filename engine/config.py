@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import re
 import sys
@@ -347,6 +348,15 @@ def build_config(yaml_path: str | None = None, flags: dict | None = None, overri
     return cfg
 
 
+def _choice_list(choices, given, most: int = 12) -> str:
+    """The choices for an error line; a long list (timm's optimisers) gives the nearest few and --help."""
+    names = [str(c) for c in choices]
+    if len(names) <= most:
+        return ", ".join(names)
+    near = difflib.get_close_matches(str(given), names, n=5, cutoff=0.5)
+    return f"the {len(names)} names --help lists" + (f" (nearest: {', '.join(near)})" if near else "")
+
+
 def validate(cfg: RunConfig) -> None:
     """Choice, range and combination checks that a type alone cannot express."""
     flat = flatten(cfg.to_dict())
@@ -354,7 +364,7 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"unknown strategy {flat['strategy']!r}; choose one of: {', '.join(_CHOICES['strategy'])}")
     for key, choices in _CHOICES.items():
         if flat[key] not in choices:
-            raise UserError(f"{key} must be one of {', '.join(map(str, choices))}, got {flat[key]!r}")
+            raise UserError(f"{key} must be one of {_choice_list(choices, flat[key])}, got {flat[key]!r}")
     for key, value in flat.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{key} must be a finite number, got {value}")

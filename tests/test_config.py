@@ -137,3 +137,12 @@ def test_help_shows_each_options_default():
     for flag, key, _ in config.FLAGS:
         if config.default(key) not in (None, False):
             assert f"default: {config.default(key)}; key {key}" in help_text, flag
+
+
+def test_a_long_choice_list_is_not_spelled_out_in_the_error_line():
+    """timm lists about 100 optimisers: the line names the nearest few and points at --help."""
+    with pytest.raises(UserError) as error:
+        build_config(flags={"optimizer": "lamd"})
+    line = str(error.value)
+    assert line.startswith("train.optimizer must be one of the ") and "names --help lists (nearest: " in line
+    assert "lamb" in line and "adabelief" not in line and len(line) < 200
