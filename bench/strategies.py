@@ -181,7 +181,8 @@ def step_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         p.model.train()
     for fn in infer.values():
         fn()
-    print(f"warm-up done ({time.perf_counter() - started:.0f} s); {rounds} rounds of {len(train)} train steps", flush=True)
+    print(f"warm-up done ({time.perf_counter() - started:.0f} s); {rounds} rounds of {len(train)} train steps",
+          flush=True)
     train_times = run_rounds(providers, train, rounds, args.steps, device)
     print(f"{rounds} rounds of {len(infer)} finalised forwards", flush=True)
     infer_times = run_rounds(providers, infer, rounds, args.steps, device)
@@ -329,9 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, help="timed rounds, providers taking turns (default 7; --quick 3)")
     p.add_argument("--steps", type=int, default=1, help="train steps per provider per round")
     p.add_argument("--num-classes", type=int, default=100)
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's; --quick 1, steadier on a shared machine)")
+    p.add_argument("--threads", type=int,
+                   help="torch intra-op threads (default: torch's; --quick 1, steadier on a shared machine)")
     p.add_argument("--only", help="comma list of row labels (default: all)")
-    p.add_argument("--quick", action="store_true", help="batch 8, 3 rounds, 1 thread, no bf16 GEMM peak on a CPU; prints only")
+    p.add_argument("--quick", action="store_true",
+                   help="batch 8, 3 rounds, 1 thread, no bf16 GEMM peak on a CPU; prints only")
     p.add_argument("--engine-runs", action="store_true", help="run engine.run per strategy instead (see above)")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="--engine-runs: comma list of strategies")
     p.add_argument("--runs", default="runs/bench-strategies", help="--engine-runs: folder for the runs")

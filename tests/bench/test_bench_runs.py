@@ -96,7 +96,8 @@ def test_strategies_step_bench_on_a_tiny_vit(results_dir, tmp_path, capsys):
     assert float(by["full"]["train_gflops_per_img"]) > float(by["frozen_lower_bound"]["train_gflops_per_img"])
     ratios = {r["label"] for r in rows if r["kind"] == "ratio"}
     for name in ("lora_r8_proj vs peft_r8_proj", "lora_r8 vs peft_r8_qkv", "engine_full / timm_full_plain speed",
-                 "lora_r8 / lower bound time", "selective_lora_10 / lower bound time", "full: fraction of fp32 GEMM peak",
+                 "lora_r8 / lower bound time", "selective_lora_10 / lower bound time",
+                 "full: fraction of fp32 GEMM peak",
                  "selective_lora finalised inference GFLOPs / base", "linear cached features per-epoch speed-up"):
         assert f"ratio: {name}" in ratios, name
     assert stem.with_suffix(".png").stat().st_size > 0
