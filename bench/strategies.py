@@ -1,6 +1,6 @@
 """Every strategy's train step side by side with the peers and the bounds, and every strategy through the real run.
 
-    python -m bench.strategies --quick --save        # the step bench, ViT-S/16 224 px batch 8, 3 rounds, 1 thread
+    python -m bench.strategies --quick --save        # the step bench: ViT-S/16 160 px, batch 8, 3 rounds, 1 thread
     python -m bench.strategies                       # the same at batch 16, 7 rounds; writes bench/results
     python -m bench.strategies --model vit_base_patch16_224 --batch 8 --precision bf16
     python -m bench.strategies --engine-runs --strategies lora,full -- --steps 100 train.lr=0.01
@@ -108,8 +108,6 @@ def build_providers(args, device: str) -> list:
     for label in only:
         print(f"building {label} ...", flush=True)
         providers.append(st.finish(makers[label](), args.img_size, args.batch))
-        if providers[-1].kind in ("strategy", "bound", "peer"):
-            providers[-1].extra["saved_mb"] = st.saved_activation_mb(providers[-1].model, x, y)
     return providers
 
 
@@ -141,6 +139,7 @@ def step_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     from .roofline import measure_peaks
 
     args.batch = args.batch or (8 if args.quick else 16)
+    args.img_size = args.img_size or (160 if args.quick else 224)
     rounds = args.rounds or (3 if args.quick else 7)
     args.threads = args.threads or (1 if args.quick else None)
     if args.threads:
@@ -175,10 +174,10 @@ def step_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         return run
     infer = {label: forward(m) for label, m in infer_models.items()}
     memory = {}
-    for p in providers:  # a warm-up call, then one measured for memory
-        train[p.label]()
-        memory[p.label] = st.step_memory_mb(train[p.label], device)
-        p.model.train()
+    for p in providers:  # the warm-up call, measured for memory (its optimiser state is new) and saved activations
+        with st.saved_activations(p.model) as saved:
+            memory[p.label] = st.step_memory_mb(train[p.label], device)
+        p.extra["saved_mb"] = saved["mb"]
     for fn in infer.values():
         fn()
     print(f"warm-up done ({time.perf_counter() - started:.0f} s); {rounds} rounds of {len(train)} train steps",
@@ -208,7 +207,7 @@ def step_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         if row is None:  # the un-merged LoRA's forward: a row of its own
             lora = next(p for p in providers if p.label == "lora_r8")
             unmerged = row = {"label": label, "kind": "inference", "note": "LoRA r 8 q,v, not merged",
-                              "infer_gflops_per_img": st.gflops_per_image(lora.model, args.img_size)}
+                              "infer_gflops_per_img": st.gflops_per_image(lora.model, args.img_size, batch=1)}
             rows.append(row)
         row["infer_img_per_s"] = images / statistics.median(infer_times[label])
         vs = per_round_ratio(infer_times, label, "timm_full_plain")
@@ -324,7 +323,7 @@ def picture(rows: list[dict], path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.strategies", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="vit_small_patch16_224", help="timm ViT (random weights)")
-    p.add_argument("--img-size", type=int, default=224)
+    p.add_argument("--img-size", type=int, help="image side (default 224; --quick 160)")
     p.add_argument("--batch", type=int, help="images per step (default 16; --quick 8)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast")
     p.add_argument("--rounds", type=int, help="timed rounds, providers taking turns (default 7; --quick 3)")
@@ -334,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="torch intra-op threads (default: torch's; --quick 1, steadier on a shared machine)")
     p.add_argument("--only", help="comma list of row labels (default: all)")
     p.add_argument("--quick", action="store_true",
-                   help="batch 8, 3 rounds, 1 thread, no bf16 GEMM peak on a CPU; prints only")
+                   help="160 px, batch 8, 3 rounds, 1 thread, no bf16 GEMM peak on a CPU; prints only")
     p.add_argument("--engine-runs", action="store_true", help="run engine.run per strategy instead (see above)")
     p.add_argument("--strategies", default=",".join(STRATEGIES), help="--engine-runs: comma list of strategies")
     p.add_argument("--runs", default="runs/bench-strategies", help="--engine-runs: folder for the runs")

@@ -11,6 +11,7 @@ cached linear probe (the head's step over the backbone's features, `engine.featu
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from dataclasses import dataclass, field
@@ -125,7 +126,7 @@ def engine_full_provider(model: nn.Module, x, y, batch: int) -> Provider:
 
     init_distributed()
     # counted before DeepSpeed hooks the gradients (a backward outside the engine would confuse ZeRO)
-    flops = round(gflops_per_image(model, x.shape[-1], train=True) * 1e9)
+    flops = round(gflops_per_image(model, x.shape[-1], train=True, batch=1) * 1e9)
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
     cfg = TrainConfig(batch_size=batch)
     optimizer = make_optimizer(model, cfg)
@@ -188,11 +189,11 @@ def finish(p: Provider, size: int, batch: int) -> Provider:
         p.train_flops //= batch
     elif p.kind != "engine":
         p.trainable_params = sum(q.numel() for q in p.model.parameters() if q.requires_grad)
-        p.train_flops = round(gflops_per_image(p.model, size, train=True) * 1e9)
+        p.train_flops = round(gflops_per_image(p.model, size, train=True, batch=1) * 1e9)
     finalize = p.extra.pop("finalize", None)
     if finalize is not None:  # on a copy: the model keeps training in the timed rounds
         p.infer_model = finalize(copy.deepcopy(p.model)).eval()
-        p.infer_flops = round(gflops_per_image(p.infer_model, size) * 1e9)
+        p.infer_flops = round(gflops_per_image(p.infer_model, size, batch=1) * 1e9)
     return p
 
 
@@ -222,10 +223,13 @@ def step_memory_mb(fn: Callable[[], None], device: str) -> float:
     return (rss_kib("VmHWM") - before) / 1024
 
 
-def saved_activation_mb(model: nn.Module, x, y) -> float:
-    """MiB of the tensors autograd keeps for backward in one forward (unique storages, parameters excluded)."""
+@contextlib.contextmanager
+def saved_activations(model: nn.Module):
+    """Inside the block, count the bytes of the tensors autograd keeps for backward (unique storages,
+    parameters excluded); yields a dict whose "mb" holds the total on the way out."""
     params = {q.untyped_storage().data_ptr() for q in model.parameters()}
     seen: dict[int, int] = {}
+    total = {"mb": 0.0}
 
     def pack(t):
         storage = t.untyped_storage()
@@ -234,9 +238,8 @@ def saved_activation_mb(model: nn.Module, x, y) -> float:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = F.cross_entropy(model(x), y)
-    del loss
-    return sum(seen.values()) / 2**20
+        yield total
+    total["mb"] = sum(seen.values()) / 2**20
 
 
 def _peft_version() -> str:
