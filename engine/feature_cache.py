@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .data.sharding import shard_indices
+from .data.sharding import shard_indices, shard_size
 from .data.splits import Split
 from .data.torch_loader import SplitDataset, Unreadable
 from .data.transforms import Preprocess
@@ -108,7 +108,7 @@ class FeatureLoader:
         self.feats, self.labels, self.readable = feats, labels.to(feats.device), readable
         self.batch_size, self.seed, self.rank, self.world = batch_size, seed, rank, world
         self.epoch, self.skip = 0, 0
-        self._shard = len(shard_indices(len(feats), rank=rank, world=world, train=True, seed=seed))
+        self._shard = shard_size(len(feats), rank=rank, world=world, train=True)
         self._drop_last = self._shard >= batch_size
 
     def set_epoch(self, epoch: int) -> None:

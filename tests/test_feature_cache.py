@@ -1,6 +1,7 @@
 """Linear probing over cached features (engine.feature_cache): the same run as recomputing the
 frozen backbone every step, within float tolerance; the same batches as the training loader."""
 import csv
+import shutil
 
 import numpy as np
 import pytest
@@ -23,19 +24,40 @@ def _losses(run_dir):
         return [(int(r["step"]), float(r["train_loss"]), r["val_top1"]) for r in csv.DictReader(f)]
 
 
-def test_cached_features_train_the_head_as_recomputing_does(tmp_path, capsys):
-    assert main([*QUICK, "--out", str(tmp_path), "--name", "cached"]) == 0  # on by default here
-    assert "cached features of" in capsys.readouterr().out
+@pytest.fixture(scope="module")
+def cached_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cached")
+    # a full checkpoint at steps 3 and 6, both kept: the resume test starts from the first
+    assert main([*QUICK, "--out", str(out), "--name", "cached", "train.checkpoint_every=3",
+                 "train.keep_checkpoints=2"]) == 0  # on by default here
+    return out / "cached"
+
+
+def test_cached_features_train_the_head_as_recomputing_does(cached_run, tmp_path, capsys):
     assert main([*QUICK, "--out", str(tmp_path), "--name", "recomputed", "train.cache_features=false"]) == 0
     assert "cached features of" not in capsys.readouterr().out
-    cached, recomputed = _losses(tmp_path / "cached"), _losses(tmp_path / "recomputed")
+    cached, recomputed = _losses(cached_run), _losses(tmp_path / "recomputed")
     assert [s for s, _, _ in cached] == [s for s, _, _ in recomputed] == [1, 2, 3, 4, 5, 6]
     assert [l for _, l, _ in cached] == pytest.approx([l for _, l, _ in recomputed], rel=1e-5, abs=1e-6)
     assert [v for _, _, v in cached] == [v for _, _, v in recomputed]
-    heads = [load_file(tmp_path / name / "adapter" / "adapter.safetensors") for name in ("cached", "recomputed")]
+    heads = [load_file(run / "adapter" / "adapter.safetensors") for run in (cached_run, tmp_path / "recomputed")]
     assert sorted(heads[0]) == sorted(heads[1]) == ["head.bias", "head.weight"]
     for key in heads[0]:
         torch.testing.assert_close(heads[0][key], heads[1][key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_cached_run_resumes_where_its_checkpoint_left_off(cached_run, tmp_path, capsys):
+    """The run cut back to its step-3 checkpoint and resumed: the cache is rebuilt, the same rows follow."""
+    cut = tmp_path / "cut"
+    shutil.copytree(cached_run, cut)
+    (cut / "results.json").unlink()
+    shutil.rmtree(cut / "checkpoints" / "full" / "step-00000006")
+    assert main(["--resume", str(cut)]) == 0
+    assert "cached features of" in capsys.readouterr().out
+    assert _losses(cut) == _losses(cached_run)
+    for name in ("adapter/adapter.safetensors", "checkpoints/best/adapter.safetensors"):
+        resumed, whole = load_file(cut / name), load_file(cached_run / name)
+        assert all(torch.equal(resumed[k], whole[k]) for k in whole)
 
 
 def test_feature_loader_deals_the_training_loaders_batches():
