@@ -90,6 +90,8 @@ class TrainConfig:
     log_every: int = 10               # a metrics.csv row (training loss, lr, throughput) every N steps, and at evals
     max_skipped_steps: int = 0        # steps DeepSpeed may skip for non-finite gradients before the run stops
     kernels: str = "auto"             # the fused LoRA op's backend: auto | triton | torch | reference
+    cache_features: bool | None = None  # linear probing over features computed once (engine.feature_cache);
+                                        # None = on for linear with augmentation off
 
 
 @dataclass

@@ -20,6 +20,7 @@ the accuracies are those one process would get.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -35,7 +36,7 @@ import torch
 import adapters
 import kernels
 
-from . import data, progress, resume, run_folder
+from . import data, feature_cache, progress, resume, run_folder
 from .adapter_files import save_adapter
 from .checkpoint import FullCheckpoints, identity
 from .config import RunConfig, parse_args, resolved_for_target, save_yaml
@@ -176,6 +177,7 @@ def read_data(cfg: RunConfig, rt: Runtime) -> RunData:
     for note in target.notes + source.notes:
         rt.say(f"note: {note}")
     cfg = resolved_for_target(cfg, target.crop_scale_min, target.hflip)
+    feature_cache.check(cfg)
     train_split, val_split = data.stratified_split(target.train, cfg.data.val_fraction, cfg.seed)
     if len(val_split) == 0:
         raise UserError("the validation split is empty: raise data.val_fraction")
@@ -321,6 +323,29 @@ def fine_tune(model, strategy, loaders: Loaders, cfg: RunConfig, base: dict, run
                  rank=rt.rank, world=rt.world, checkpoints=checkpoints, resume=start, curve=curve)
 
 
+@contextlib.contextmanager
+def cached_features(model, run_data: RunData, pre: data.Preprocess, loaders: Loaders, rt: Runtime):
+    """Linear probing without augmentation (`engine.feature_cache`): the training split's features
+    computed once and the head trained over them inside the block. Yields the loaders to train with."""
+    cfg = run_data.cfg
+    if not feature_cache.wanted(cfg):
+        yield loaders
+        return
+    if not feature_cache.trains_head_only(model):
+        raise RuntimeError("train.cache_features on a model whose backbone trains")
+    began = time.perf_counter()
+    feats, readable = feature_cache.compute_features(
+        model, run_data.train, pre, seed=cfg.seed, batch_size=cfg.eval.batch_size, workers=cfg.data.workers,
+        device=rt.device, amp=PRECISIONS[cfg.train.precision], bad_images=run_data.bad_images)
+    rt.say(f"cached features of {int(readable.sum())} training images ({feats.shape[1]} wide) in "
+           f"{time.perf_counter() - began:.1f} s: the head trains over them")
+    train_loader = feature_cache.FeatureLoader(
+        feats, torch.as_tensor(run_data.train.labels), readable, seed=cfg.seed, rank=rt.rank, world=rt.world,
+        batch_size=micro_batch(cfg.train.batch_size, cfg.train.grad_accum, rt.world))
+    with feature_cache.head_over_features(model):
+        yield replace(loaders, train=train_loader)
+
+
 def restore_best(cfg: RunConfig, run_dir: Path, rt: Runtime):
     """The best checkpoint restored onto a fresh backbone (the adapter round trip) and finalised;
     rank 0 copies it to run_dir/adapter. Returns (model, strategy)."""
@@ -412,8 +437,9 @@ def run(cfg: RunConfig) -> dict:
     checkpoints = FullCheckpoints(run_dir, ident, {"knn_before": knn_before}, rt.rank, rt.world,
                                   cfg.train.keep_checkpoints)
     curve = forgetting_curve(loaders, cfg, source_classes, rt)
-    result = fine_tune(model, strategy, loaders, cfg, base, run_dir, rt, checkpoints,
-                       None if point is None else point[0], curve)
+    with cached_features(model, run_data, pre, loaders, rt) as train_loaders:
+        result = fine_tune(model, strategy, train_loaders, cfg, base, run_dir, rt, checkpoints,
+                           None if point is None else point[0], curve)
 
     model, strategy = restore_best(cfg, run_dir, rt)
     target_top1, knn_after, cost = measure(model, strategy, loaders, cfg, source_classes, pre, rt)

@@ -65,3 +65,40 @@ def test_strategy_memory_on_a_tiny_vit(tmp_path, results_dir):
     assert float(row["saved_activations_mb"]) > 0 and row["saved_activations_vs_full"] == ""  # no full row
     assert row["blocks_keeping_activations"] == "0-11 of 12"
     assert not results_dir.exists()
+
+
+def test_strategies_step_bench_on_a_tiny_vit(results_dir, tmp_path, capsys):
+    """The step bench's whole path on ViT-Ti at 32 px, one round: rows, exact counts, the ratios, the picture."""
+    from bench import strategies
+
+    only = ("full,linear,lora_r8,selective_lora_10,selective_lora_100,lora_r8_proj,peft_r8_proj,peft_r8_qkv,"
+            "timm_full_plain,engine_full,frozen_lower_bound,linear_cached")
+    stem = tmp_path / "strategies"
+    assert strategies.main(["--quick", "--model", "vit_tiny_patch16_224", "--img-size", "32", "--batch", "2",
+                            "--rounds", "1", "--num-classes", "3", "--threads", "1", "--only", only,
+                            "--out", str(stem)]) == 0
+    out = capsys.readouterr().out
+    rows, doc = _read(stem)
+    assert doc["meta"]["command"].startswith("python -m bench.strategies --quick")
+    by = {r["label"]: r for r in rows}
+    assert set(only.split(",")) | {"lora_r8_unmerged"} <= set(by)
+    head = 3 * 192 + 3
+    # ViT-Ti: 12 blocks of width 192 (MLP 768); LoRA r 8 on q and v, and on proj, the same for peft's proj
+    assert int(by["lora_r8"]["trainable_params"]) == 12 * 2 * 8 * (192 + 192) + head
+    assert int(by["lora_r8_proj"]["trainable_params"]) == int(by["peft_r8_proj"]["trainable_params"]) \
+        == 12 * 8 * (192 + 192) + head
+    assert int(by["peft_r8_qkv"]["trainable_params"]) == 12 * 8 * (192 + 3 * 192) + head
+    assert int(by["linear"]["trainable_params"]) == int(by["linear_cached"]["trainable_params"]) == head
+    base = float(by["timm_full_plain"]["infer_gflops_per_img"])
+    assert float(by["selective_lora_10"]["infer_gflops_per_img"]) == float(by["selective_lora_100"][
+        "infer_gflops_per_img"]) == float(by["lora_r8"]["infer_gflops_per_img"]) == base
+    assert float(by["lora_r8_unmerged"]["infer_gflops_per_img"]) > base
+    assert float(by["full"]["train_gflops_per_img"]) > float(by["frozen_lower_bound"]["train_gflops_per_img"])
+    ratios = {r["label"] for r in rows if r["kind"] == "ratio"}
+    for name in ("lora_r8_proj vs peft_r8_proj", "lora_r8 vs peft_r8_qkv", "engine_full / timm_full_plain speed",
+                 "lora_r8 / lower bound time", "selective_lora_10 / lower bound time",
+                 "full: fraction of fp32 GEMM peak",
+                 "selective_lora finalised inference GFLOPs / base", "linear cached features per-epoch speed-up"):
+        assert f"ratio: {name}" in ratios, name
+    assert stem.with_suffix(".png").stat().st_size > 0
+    assert "different work" in out and not results_dir.exists()
