@@ -6,10 +6,13 @@ exactly as a run writes it (`engine.checkpoint.FullCheckpoints`: frozen weights 
     python -m bench.checkpoint_size --model vit_base_patch16_224 --strategy lora --lora-rank 8 --num-classes 100
 
 Takes the run's flags (`python -m engine.run --help`); prints every file's size and the total
-beside the size of the backbone's weights.
+beside the size of the backbone's weights, and writes them to
+`bench/results/checkpoint-size-<device>.{csv,json}` (the run's own `--out` is a run folder, so
+this bench has no --out of its own).
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 import tempfile
@@ -17,6 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from .report import format_table, save_or_skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.models import apply_strategy, build_backbone
     from engine.optim import lr_lambda, make_optimizer
 
-    cfg = parse_args(argv, prog="python -m bench.checkpoint_size", description=__doc__.splitlines()[0])
+    prog = "python -m bench.checkpoint_size"
+    cfg = parse_args(argv, prog=prog, description=__doc__.splitlines()[0])
     num_classes = cfg.model.num_classes or data.num_classes(cfg.data.target, "target")
     init_distributed()
     torch.manual_seed(cfg.seed)
@@ -38,8 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     model = apply_strategy(strategy, build_backbone(dataclasses.replace(cfg.model, pretrained=False)), num_classes,
                            cfg.train.kernels)
     params = dict(model.named_parameters())
-    groups = strategy.param_groups(model)
-    optimizer = make_optimizer([[params[n] for n in g] for g in groups], cfg.train)
+    groups = [g for g in strategy.param_groups(model) if g]
+    optimizer = make_optimizer(model, cfg.train, groups)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.train))
     train_cfg = dataclasses.replace(cfg.train, batch_size=1, grad_accum=1)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
@@ -54,13 +60,20 @@ def main(argv: list[str] | None = None) -> int:
         path = checkpoints.save(engine, 1, {"step": 1, "strategy": strategy.state()},
                                 {"rng": rng_state(), "data": {"epoch": 0, "index": 1}})
         files = sorted((p for p in path.rglob("*") if p.is_file()), key=lambda p: -p.stat().st_size)
-        total = sum(p.stat().st_size for p in files)
-        for p in files:
-            print(f"{p.stat().st_size / 2**20:10.3f} MB  {p.relative_to(path)}")
+        rows = [{"file": str(p.relative_to(path)), "mb": p.stat().st_size / 2**20} for p in files]
+    total = sum(r["mb"] for r in rows)
     backbone = sum(p.numel() * p.element_size() for n, p in params.items() if n not in set(trainable))
-    print(f"{total / 2**20:10.3f} MB  full checkpoint: {cfg.strategy} on {cfg.model.name}, ZeRO {cfg.train.zero_stage}, "
-          f"{len(trainable)} trainable tensors ({sum(params[n].numel() for n in trainable):,} parameters); "
+    rows.append({"file": "total (full checkpoint)", "mb": total})
+    print(format_table(rows, ["file", "mb"], labels={"mb": "MB"}, formats={"mb": ".3f"}))
+    trained = sum(params[n].numel() for n in trainable)
+    print(f"\n{total:.3f} MB  full checkpoint: {cfg.strategy} on {cfg.model.name}, ZeRO {cfg.train.zero_stage}, "
+          f"{len(trainable)} trainable tensors ({trained:,} parameters); "
           f"the frozen weights left out are {backbone / 2**20:.1f} MB")
+    command = " ".join([prog, *(sys.argv[1:] if argv is None else argv)])
+    save_or_skip(argparse.Namespace(out=None, command=command), "checkpoint-size", rows,
+                 meta={"model": cfg.model.name, "strategy": cfg.strategy, "zero_stage": cfg.train.zero_stage,
+                       "trainable_tensors": len(trainable), "trainable_params": trained,
+                       "frozen_mb_left_out": round(backbone / 2**20, 1)})
     return 0
 
 

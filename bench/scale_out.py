@@ -3,6 +3,7 @@ k-NN measurement on 1 rank against 2.
 
     python -m bench.scale_out                     # both tables, 3 rounds
     python -m bench.scale_out --only zero --rounds 2 --steps 20
+    python -m bench.scale_out --quick             # 1 round of 5 steps; prints only (add --save to write)
 
 Each configuration is its own launch (torchrun for 2 ranks), so each rank's peak resident memory
 is that configuration's; configurations take turns round after round (A B C ... A B C) and the
@@ -14,6 +15,8 @@ tables give medians over rounds. Every rank runs one intra-op thread, standing i
   step's time is the slower rank's; a round's, the median of `--steps` steps after warm-up.
 - k-NN: `engine.run.measure_source` (extraction of the bank and the queries, sharded over the
   ranks, then the k-NN) on the whole embedded source domain (5,000 bank images, 1,000 queries).
+
+Results: `bench/results/scale-out-zero-<device>` and `scale-out-knn-<device>` (.csv and .json).
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import time
 from pathlib import Path
 
 from .processes import finish
+from .report import add_output_options, format_table, parse_args, save_or_skip
 
 ENGINES = ("zero0", "zero1", "zero2", "zero3", "ddp")
 STRATEGIES = ("lora", "full")
@@ -38,10 +42,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=20, help="timed steps per launch (after 5 warm-up steps)")
     p.add_argument("--micro-batch", type=int, default=16)
+    p.add_argument("--quick", action="store_true", help="1 round of 5 timed steps")
+    add_output_options(p, quick=True)
     p.add_argument("--worker", choices=("step", "knn"), help=argparse.SUPPRESS)
     p.add_argument("--strategy", default="lora", help=argparse.SUPPRESS)
     p.add_argument("--engine", default="zero2", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    args = parse_args(p, argv)
+    if args.quick:
+        args.rounds, args.steps = 1, 5
     if args.worker == "step":
         return _step_worker(args.strategy, args.engine, args.steps, args.micro_batch)
     if args.worker == "knn":
@@ -58,10 +66,12 @@ def _launch(worker_args: list[str], ranks: int) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "log"
         code = finish(worker_args, ranks, log, module="bench.scale_out")
-        lines = log.read_text().splitlines()
+        text = log.read_text()
     if code:
-        raise RuntimeError(f"{' '.join(worker_args)} on {ranks} rank(s) failed:\n" + "\n".join(lines[-20:]))
-    return [json.loads(line[len(_RESULT):]) for line in lines if line.startswith(_RESULT)]
+        raise RuntimeError(f"{' '.join(worker_args)} on {ranks} rank(s) failed:\n" + "\n".join(text.splitlines()[-20:]))
+    # the ranks share one log, so one rank's line may land in the middle of another's
+    decoder = json.JSONDecoder()
+    return [decoder.raw_decode(chunk)[0] for chunk in text.split(_RESULT)[1:]]
 
 
 def _zero_table(args) -> None:
@@ -73,18 +83,23 @@ def _zero_table(args) -> None:
                              str(args.steps), "--micro-batch", str(args.micro_batch)], 2)
             rounds[(strategy, engine)].append(ranks)
             print(f"round {r + 1}: {strategy} {engine}: {max(x['step_ms'] for x in ranks):.1f} ms", flush=True)
-    print(f"\n2 ranks (gloo, 1 thread each), micro-batch {args.micro_batch} per rank, median of {args.rounds} rounds\n")
-    print("| strategy | engine | step ms | vs DDP | peak RSS MB, rank 0 / rank 1 | of which after the model was built |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    rows = []
     for strategy in STRATEGIES:
         ddp = statistics.median(max(x["step_ms"] for x in r) for r in rounds[(strategy, "ddp")])
         for engine in ENGINES:
             runs = rounds[(strategy, engine)]
             step = statistics.median(max(x["step_ms"] for x in r) for r in runs)
-            peak, added = ([statistics.median(next(x[key] for x in r if x["rank"] == k) for r in runs) for k in (0, 1)]
-                           for key in ("peak_mb", "added_mb"))
-            print(f"| {strategy} | {engine} | {step:.1f} | {step / ddp:.3f} | {peak[0]:.0f} / {peak[1]:.0f} "
-                  f"| {added[0]:.0f} / {added[1]:.0f} |")
+            row = {"strategy": strategy, "engine": engine, "step_ms": step, "vs_ddp": step / ddp}
+            for key in ("peak_mb", "added_mb"):
+                for k in (0, 1):
+                    row[f"{key}_rank{k}"] = statistics.median(next(x[key] for x in r if x["rank"] == k) for r in runs)
+            rows.append(row)
+    print(f"\n2 ranks (gloo, 1 thread each), micro-batch {args.micro_batch} per rank, {args.steps} timed steps, "
+          f"median of {args.rounds} round(s); peak RSS per rank, and of it what came after the model was built\n")
+    print(format_table(rows, rows[0].keys(), markdown=args.markdown,
+                       formats={"step_ms": ".1f", "vs_ddp": ".3f", **{k: ".0f" for k in rows[0] if "_mb_" in k}}))
+    save_or_skip(args, "scale-out-zero", rows, meta={"ranks": 2, "micro_batch": args.micro_batch,
+                                                     "steps": args.steps, "rounds": args.rounds})
 
 
 def _knn_table(args) -> None:
@@ -96,13 +111,15 @@ def _knn_table(args) -> None:
             times[ranks].append(out["seconds"])
             accuracy[ranks] = out["knn"]
             print(f"round {r + 1}: {ranks} rank(s): {out['seconds']:.1f} s", flush=True)
-    one, two = statistics.median(times[1]), statistics.median(times[2])
+    seconds = {n: statistics.median(times[n]) for n in (1, 2)}
+    rows = [{"ranks": n, "seconds": seconds[n], "speed_up": seconds[1] / seconds[n], "knn20_pct": accuracy[n]["20"]}
+            for n in (1, 2)]
     print(f"\nsource k-NN measurement ({out['bank']} bank, {out['queries']} queries; 1 thread per rank), "
-          f"median of {args.rounds} rounds\n")
-    print("| ranks | seconds | speed-up | 20-NN % |")
-    print("| --- | --- | --- | --- |")
-    print(f"| 1 | {one:.1f} | 1.00 | {accuracy[1]['20']:.2f} |")
-    print(f"| 2 | {two:.1f} | {one / two:.2f} | {accuracy[2]['20']:.2f} |")
+          f"median of {args.rounds} round(s)\n")
+    print(format_table(rows, rows[0].keys(), markdown=args.markdown,
+                       formats={"seconds": ".1f", "speed_up": ".2f", "knn20_pct": ".2f"}))
+    save_or_skip(args, "scale-out-knn", rows, meta={"bank": out["bank"], "queries": out["queries"],
+                                                    "rounds": args.rounds})
 
 
 def _step_worker(strategy_name: str, engine_name: str, steps: int, micro: int) -> int:
@@ -123,9 +140,8 @@ def _step_worker(strategy_name: str, engine_name: str, steps: int, micro: int) -
     torch.manual_seed(0)
     strategy = adapters.get_strategy(strategy_name, adapters.AdapterConfig())
     model = apply_strategy(strategy, build_backbone(ModelConfig()), 10, "auto")
-    params = dict(model.named_parameters())
     cfg = TrainConfig(batch_size=micro * world, zero_stage=int(engine_name[-1]) if engine_name != "ddp" else 0)
-    optimizer = make_optimizer([[params[n] for n in g] for g in strategy.param_groups(model)], cfg)
+    optimizer = make_optimizer(model, cfg, [g for g in strategy.param_groups(model) if g])
     x, y = torch.randn(micro, 3, 32, 32), torch.randint(0, 10, (micro,))     # (B, 3, 32, 32), (B,)
     if engine_name == "ddp":
         net = torch.nn.parallel.DistributedDataParallel(model)

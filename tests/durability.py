@@ -25,7 +25,8 @@ def run_here(args: list[str]) -> int:
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [float(r["train_loss"]) for r in read_rows(run_dir / "metrics.csv")]
+    """The training loss of each logged step (the forgetting curve's step-0 row has none)."""
+    return [float(r["train_loss"]) for r in read_rows(run_dir / "metrics.csv") if r["train_loss"]]
 
 
 def snapshot(folder: Path) -> dict:

@@ -18,9 +18,9 @@ from bench.processes import finish, metric_rows, results, signal_tree, start, wa
 from durability import DURABLE, losses, run_here
 
 LOSS_RTOL = 1e-5
-# Four steps and tiny k-NN banks: only the losses are compared.
+# Four steps, tiny k-NN banks and no forgetting curve: only the losses are compared.
 EQUIVALENCE = ["--steps", "4", "--eval-every", "4", "--batch-size", "8", "--loader", "torch", "train.log_every=1",
-               "data.knn_train_limit=20", "data.knn_test_limit=10", "data.workers=0"]
+               "data.knn_train_limit=20", "data.knn_test_limit=10", "data.workers=0", "eval.knn_curve_limit=0"]
 
 
 @pytest.fixture(scope="module")
