@@ -30,7 +30,7 @@ CONFIGS = {  # label -> (strategy, AdapterConfig options)
 }
 
 
-def _rss_kib(field: str) -> int:
+def rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
             return int(line.split()[1])
@@ -70,11 +70,11 @@ def measure(label: str, model_name: str, batch: int, num_classes: int) -> dict:
         return t
 
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS to the current RSS
-    before = _rss_kib("VmRSS")
+    before = rss_kib("VmRSS")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = torch.nn.functional.cross_entropy(model(x), y)
     loss.backward()
-    peak = _rss_kib("VmHWM")
+    peak = rss_kib("VmHWM")
     blocks = sorted(saved["blocks"])
     return {"config": label, "model": model_name, "batch": batch,
             "trainable_params": adapters.trainable_parameter_count(model),
