@@ -2,7 +2,8 @@
 
     python -m bench.memory --model vit_base_patch16_224 --strategy lora --device-memory 80GB --world 8 --zero-stage 2
     python -m bench.memory --model vit_large_patch16_224 --optimizer adamw --precision bf16 --plot memory.png
-    python -m bench.memory --check            # the prediction against measured peaks on this CPU
+    python -m bench.memory --check --model vit_tiny_patch16_224,vit_small_patch16_224 --batches 2,8
+    python -m bench.memory --checkpointing --model vit_base_patch16_224 --strategy full --micro-batch 16
 
 The model, per device, for the engine's runs (fp32 weights, autocast, DeepSpeed ZeRO stage s on
 W ranks; e = 4 bytes; P_f frozen and P_t trainable parameters, counted on the meta device):
@@ -29,10 +30,14 @@ W ranks; e = 4 bytes; P_f frozen and P_t trainable parameters, counted on the me
 Peak = the persistent terms + the backward term. Activations follow the micro-batch, everything
 else does not, so the largest micro-batch that fits solves one piecewise-linear inequality.
 
-`--check` measures the peak on this CPU: each configuration in a child process, peak resident set
-over model build, DeepSpeed initialisation and three train steps, above the resident set before
-the model existed, with glibc's mmap threshold fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_) so that a
-freed tensor leaves the resident set (as live bytes leave torch.cuda.max_memory_allocated).
+`--check` measures the peak on this CPU: each configuration in a child process, the peak resident
+set over model build, DeepSpeed initialisation and two train steps (the second backward also holds
+the optimiser state) above the resident set before the model existed, with glibc's mmap threshold
+fixed at 64 KiB (MALLOC_MMAP_THRESHOLD_) so that a freed tensor leaves the resident set (as live
+bytes leave torch.cuda.max_memory_allocated).
+
+`--checkpointing` puts the two sides of activation checkpointing next to each other on one model:
+the bytes saved for backward with it off and on, and train-step times taking turns (A B A B).
 """
 from __future__ import annotations
 
@@ -232,7 +237,7 @@ def plan(params: Parameters, activations: Activations, optimizer_bytes: float, z
 
 # -- the measurement (this CPU) ------------------------------------------------------------------------
 
-def measure_peaks(configs: list[dict], steps: int = 3) -> list[float]:
+def measure_peaks(configs: list[dict], steps: int = 2) -> list[float]:
     """In this process (started with a fixed mmap threshold): per config, the peak resident bytes of
     build + DeepSpeed init + `steps` train steps above the resident set before, on one rank."""
     import deepspeed
