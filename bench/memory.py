@@ -25,8 +25,9 @@ W ranks; e = 4 bytes; P_f frozen and P_t trainable parameters, counted on the me
                       forward's intermediates of the block being run)
   overhead            a stated constant: CUDA context, cuBLAS/cuDNN workspaces and allocator
                       fragmentation, 1.5 GiB on a GPU (an estimate: not measured, this machine
-                      has none); on this CPU 48 MiB under ZeRO >= 1 (DeepSpeed's ZeRO optimiser
-                      wrapper, measured), 0 without ZeRO
+                      has none); on this CPU 27 MiB fitted (the mean residual of the ViT-Ti rows
+                      of `--check`: what the first train steps load), plus 48 MiB under ZeRO >= 1
+                      (DeepSpeed's ZeRO optimiser wrapper, measured)
 Peak = the persistent terms + the backward term. Activations follow the micro-batch, everything
 else does not, so the largest micro-batch that fits solves one piecewise-linear inequality.
 
@@ -60,7 +61,8 @@ from .strategy_memory import rss_kib
 FP32 = 4
 REDUCE_BUCKET_ELEMENTS = 5e8       # DeepSpeed's reduce_bucket_size default (engine.distributed leaves it)
 ZERO3_PERSISTENCE_ELEMENTS = 1e5   # DeepSpeed's stage3_param_persistence_threshold default
-OVERHEAD_BYTES = {"cuda": 1.5 * 2**30, "cpu": 48 * 2**20}  # cpu: under ZeRO >= 1 only
+OVERHEAD_BYTES = {"cuda": 1.5 * 2**30, "cpu": 27 * 2**20}
+CPU_ZERO_BYTES = 48 * 2**20        # on the CPU, added under ZeRO >= 1
 
 
 # -- what the model is made of -------------------------------------------------------------------------
@@ -232,7 +234,7 @@ def plan(params: Parameters, activations: Activations, optimizer_bytes: float, z
                 gradients=FP32 * params.trainable / (world if zero_stage >= 2 else 1),
                 gradients_made_in_backward=zero_stage < 3,
                 bucket=FP32 * REDUCE_BUCKET_ELEMENTS if zero_stage >= 1 and device == "cuda" else 0,
-                overhead=OVERHEAD_BYTES[device] if device == "cuda" or zero_stage >= 1 else 0)
+                overhead=OVERHEAD_BYTES[device] + (CPU_ZERO_BYTES if device == "cpu" and zero_stage >= 1 else 0))
 
 
 # -- the measurement (this CPU) ------------------------------------------------------------------------
@@ -309,9 +311,9 @@ def check_configs(models: list[str], batches: list[int], strategies: list[str]) 
     """Every strategy at every batch under ZeRO-2 with SGD; with checkpointing and without ZeRO
     (AdamW) at the largest batch for full and lora."""
     base = dict(num_classes=100, optimizer="sgd", precision="fp32", zero_stage=2, checkpointing=False)
-    configs = [dict(base, model=m, strategy=s, batch=b) for m in models for b in batches for s in strategies]
-    top = max(batches)
+    top, configs = max(batches), []
     for m in models:
+        configs += [dict(base, model=m, strategy=s, batch=b) for b in batches for s in strategies]
         configs += [dict(base, model=m, strategy=s, batch=top, checkpointing=True) for s in ("full", "lora")
                     if s in strategies]
         configs += [dict(base, model=m, strategy=s, batch=top, zero_stage=0, optimizer="adamw") for s in ("full",)
@@ -486,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarise(rows)
         print("\n" + format_table(rows, rows[0], markdown=args.markdown))
         print("\n" + format_table(summary, summary[0], markdown=args.markdown))
-        save_or_skip(args, "memory-check", rows)
+        save_or_skip(args, "memory-check", rows, tag="-" + "+".join(m.split("_")[1] for m in args.model.split(",")))
         return 0
     if args.checkpointing:
         rows = []

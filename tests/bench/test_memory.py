@@ -18,7 +18,7 @@ ACT = memory.Activations(per_sample=1000.0, fixed=10.0, block_per_sample=100.0, 
 def test_terms_split_by_zero_stage_and_world(stage, weights, master, optimizer, gradients):
     p = memory.plan(PARAMS, ACT, optimizer_bytes=4.0, zero_stage=stage, world=4, checkpointing=False, device="cpu")
     assert (p.weights, p.master, p.optimizer, p.gradients) == (weights, master, optimizer, gradients)
-    assert p.bucket == 0 and p.overhead == (0 if stage == 0 else memory.OVERHEAD_BYTES["cpu"])
+    assert p.bucket == 0 and p.overhead == memory.OVERHEAD_BYTES["cpu"] + (0 if stage == 0 else memory.CPU_ZERO_BYTES)
     on_gpu = memory.plan(PARAMS, ACT, 4.0, stage, 4, False, device="cuda")
     assert on_gpu.overhead == memory.OVERHEAD_BYTES["cuda"]
     assert on_gpu.bucket == (0 if stage == 0 else 4 * memory.REDUCE_BUCKET_ELEMENTS)
