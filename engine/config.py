@@ -89,6 +89,7 @@ class TrainConfig:
     log_every: int = 10               # a metrics.csv row (training loss, lr, throughput) every N steps, and at evals
     max_skipped_steps: int = 0        # steps DeepSpeed may skip for non-finite gradients before the run stops
     kernels: str = "auto"             # the fused LoRA op's backend: auto | triton | torch | reference
+    compile: bool = False             # the training forward under torch.compile (inductor); evaluation stays eager
 
 
 @dataclass
@@ -155,6 +156,7 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--deepspeed-config", "train.deepspeed_config", "a DeepSpeed JSON merged over the generated one (theirs wins; "
                                                      "contradicted keys are reported)"),
     ("--kernels", "train.kernels", "backend of the fused LoRA op (auto: Triton on CUDA, torch elsewhere)"),
+    ("--compile", "train.compile", "run the training forward under torch.compile (inductor); evaluation stays eager"),
     ("--top-k", "adapter.top_k", "top_k: the last K blocks train"),
     ("--lora-rank", "adapter.lora_rank", "LoRA rank r"),
     ("--lora-alpha", "adapter.lora_alpha", "LoRA alpha; scale = alpha / rank (default: the rank, scale 1)"),
