@@ -293,6 +293,10 @@ def make_engine(model: nn.Module, cfg, stop_groups: list[list[str]], world: int 
                                            config=deepspeed_config(cfg, world))
     if cfg.zero_stage == 3:
         register_container_parameters(engine.module)
+    if cfg.zero_stage == 0 and world == 1:
+        # Nothing to reduce: DeepSpeed would still flatten every gradient, all-reduce it over the one
+        # rank and copy it back, each step (bench.engine_overhead).
+        engine.enable_backward_allreduce = False
     if cfg.compile:
         engine.compile(backend=COMPILE_BACKEND)
     return engine, optimizer, scheduler

@@ -62,3 +62,27 @@ def test_the_compiled_lora_step_is_one_graph_holding_every_fused_op_and_gives_th
     assert targets.count(FUSED_OP) == len(model.blocks)  # LoRA on q and v of each block's qkv: one fused call
     assert losses[True] == pytest.approx(losses[False], rel=LOSS_RTOL)
     assert losses[False][0] != pytest.approx(losses[False][-1], rel=1e-3)  # the steps did train
+
+
+def test_zero_stage_0_on_one_process_reduces_no_gradient(monkeypatch):
+    """One rank has nothing to all-reduce; DeepSpeed would flatten, reduce and copy back every gradient.
+    (The gradient clipping's norm, one number, is still all-reduced inside DeepSpeed.)"""
+    init_distributed()
+    reduced = []  # elements per all-reduce
+    original = torch.distributed.all_reduce
+
+    def all_reduce(tensor, *args, **kwargs):
+        reduced.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", all_reduce)
+    cfg = RunConfig()
+    model, strategy = _model("linear", cfg)
+    train_cfg = dataclasses.replace(cfg.train, zero_stage=0, batch_size=8)
+    engine, _, _ = make_engine(model, train_cfg, [g for g in strategy.param_groups(model) if g])
+    head = model.head.weight.detach().clone()
+    batch = (torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+    reduced.clear()
+    optimiser_step(engine, strategy, lambda: batch, train_cfg, torch.device("cpu"), 1, _DeviceLoss(torch.device("cpu")))
+    assert [n for n in reduced if n > 1] == [], reduced
+    assert not torch.equal(model.head.weight, head)  # the step did update
