@@ -70,7 +70,7 @@ def plain_step(model, strategy, train_cfg, batch):
 
 def engine_step(model, strategy, train_cfg, batch, device):
     """The engine's own step (engine.train.optimiser_step) on its own DeepSpeed engine."""
-    engine, _, _ = make_engine(model, train_cfg, _stop_groups(model, strategy))
+    engine, *_ = make_engine(model, train_cfg, _stop_groups(model, strategy))
     losses = _DeviceLoss(device)
     counter = {"step": 0}
 

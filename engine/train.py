@@ -166,9 +166,7 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
         raise RuntimeError("the strategy left no trainable parameter")
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)  # timm's: each block's forward again in backward, same modules and kernels
-    engine, optimizer, scheduler = make_engine(model, cfg, stop_groups, world)
-    names = {id(p): n for n, p in params.items()}
-    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]  # DeepSpeed keeps the groups
+    engine, optimizer, scheduler, groups = make_engine(model, cfg, stop_groups, world)
     if rank == 0:
         print(f"global batch {engine.train_batch_size()} = micro-batch {engine.train_micro_batch_size_per_gpu()} "
               f"x accumulation {engine.gradient_accumulation_steps()} x {world} rank(s)")
@@ -279,7 +277,8 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
 
 def make_engine(model: nn.Module, cfg, stop_groups: list[list[str]], world: int = 1):
     """The DeepSpeed engine that trains `model`'s trainable parameters for the TrainConfig `cfg`,
-    with its optimiser (in the strategy's stop groups) and LR schedule: (engine, optimizer, scheduler).
+    with its optimiser (in the strategy's stop groups) and LR schedule: (engine, optimizer, scheduler,
+    the parameter names of each optimiser group).
 
     `train.compile`: DeepSpeed's `engine.compile`, after `deepspeed.initialize`, which compiles the
     module in place (`nn.Module.compile`): its state-dict keys, and so every checkpoint, stay as they
@@ -288,6 +287,8 @@ def make_engine(model: nn.Module, cfg, stop_groups: list[list[str]], world: int 
     import deepspeed
 
     optimizer = make_optimizer(model, cfg, stop_groups)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]  # before DeepSpeed flattens them
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                            config=deepspeed_config(cfg, world))
@@ -299,7 +300,7 @@ def make_engine(model: nn.Module, cfg, stop_groups: list[list[str]], world: int 
         engine.enable_backward_allreduce = False
     if cfg.compile:
         engine.compile(backend=COMPILE_BACKEND)
-    return engine, optimizer, scheduler
+    return engine, optimizer, scheduler, groups
 
 
 def eager(compiled: bool):

@@ -49,7 +49,7 @@ def test_the_compiled_lora_step_is_one_graph_holding_every_fused_op_and_gives_th
         torch._dynamo.reset()
         model, strategy = _model("lora", cfg)
         train_cfg = dataclasses.replace(cfg.train, compile=compiled, batch_size=8, warmup_steps=0)
-        engine, _, _ = make_engine(model, train_cfg, [g for g in strategy.param_groups(model) if g])
+        engine, *_ = make_engine(model, train_cfg, [g for g in strategy.param_groups(model) if g])
         per_step = []
         for step, batch in enumerate(batches, 1):
             device_loss = _DeviceLoss(torch.device("cpu"))
@@ -79,7 +79,7 @@ def test_zero_stage_0_on_one_process_reduces_no_gradient(monkeypatch):
     cfg = RunConfig()
     model, strategy = _model("linear", cfg)
     train_cfg = dataclasses.replace(cfg.train, zero_stage=0, batch_size=8)
-    engine, _, _ = make_engine(model, train_cfg, [g for g in strategy.param_groups(model) if g])
+    engine, *_ = make_engine(model, train_cfg, [g for g in strategy.param_groups(model) if g])
     head = model.head.weight.detach().clone()
     batch = (torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
     reduced.clear()
