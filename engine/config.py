@@ -92,6 +92,7 @@ class TrainConfig:
     kernels: str = "auto"             # the fused LoRA op's backend: auto | triton | torch | reference
     cache_features: bool | None = None  # linear probing over features computed once (engine.feature_cache);
                                         # None = on for linear with augmentation off
+    compile: bool = False             # the training forward under torch.compile (inductor); evaluation stays eager
 
 
 @dataclass
@@ -158,6 +159,7 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--deepspeed-config", "train.deepspeed_config", "a DeepSpeed JSON merged over the generated one (theirs wins; "
                                                      "contradicted keys are reported)"),
     ("--kernels", "train.kernels", "backend of the fused LoRA op (auto: Triton on CUDA, torch elsewhere)"),
+    ("--compile", "train.compile", "run the training forward under torch.compile (inductor); evaluation stays eager"),
     ("--top-k", "adapter.top_k", "top_k: the last K blocks train"),
     ("--lora-rank", "adapter.lora_rank", "LoRA rank r"),
     ("--lora-alpha", "adapter.lora_alpha", "LoRA alpha; scale = alpha / rank (default: the rank, scale 1)"),

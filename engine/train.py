@@ -23,6 +23,7 @@ nothing had happened: the same batches, the same random draws, the same metrics.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import time
@@ -42,6 +43,8 @@ from .precision import PRECISIONS, autocast
 from .progress import progress_bar, say
 from .stop import StopRequest, TrainingStopped
 
+# train.compile's backend (tests may choose the cheaper aot_eager)
+COMPILE_BACKEND = "inductor"
 # metrics.csv, one row per log point; eval-only columns are empty on the other rows. `source_knn` is
 # the forgetting curve (engine.curve), filled at eval.knn_steps; its step 0 row has no training loss.
 METRICS_COLUMNS = ("step", "train_loss", "lr", "skipped_steps", "train_img_per_s", "elapsed_s", "val_top1",
@@ -155,8 +158,6 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
     writes checkpoints/<tag> (adapter form), `checkpoints` the full ones, `resume` names the full
     checkpoint to continue from, `curve` (an engine.curve.ForgettingCurve, or None) is measured at
     its steps. `val_loader` reads this rank's shard of the validation split."""
-    import deepspeed
-
     params = dict(model.named_parameters())
     stop_groups = [g for g in strategy.param_groups(model) if g]
     if sorted(sum(stop_groups, [])) != sorted(n for n, p in params.items() if p.requires_grad):
@@ -165,14 +166,7 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
         raise RuntimeError("the strategy left no trainable parameter")
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)  # timm's: each block's forward again in backward, same modules and kernels
-    optimizer = make_optimizer(model, cfg, stop_groups)
-    names = {id(p): n for n, p in params.items()}
-    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]  # before DeepSpeed flattens them
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                           config=deepspeed_config(cfg, world))
-    if cfg.zero_stage == 3:
-        register_container_parameters(engine.module)
+    engine, optimizer, scheduler, groups = make_engine(model, cfg, stop_groups, world)
     if rank == 0:
         print(f"global batch {engine.train_batch_size()} = micro-batch {engine.train_micro_batch_size_per_gpu()} "
               f"x accumulation {engine.gradient_accumulation_steps()} x {world} rank(s)")
@@ -201,7 +195,8 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
                 "elapsed_s": result.train_seconds, "val_top1": None, "source_knn": None}
 
     if curve is not None and resume is None and curve.due(0):
-        untouched = dict(row(0, None), source_knn=curve.measure(engine.module))
+        with eager(cfg.compile):
+            untouched = dict(row(0, None), source_knn=curve.measure(engine.module))
         if rank == 0:
             _append_csv(metrics_path, untouched)
 
@@ -213,25 +208,17 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
                "loss": losses.state()}
         return checkpoints.save(engine, step, trainer, own)
 
+    def next_batch() -> tuple[torch.Tensor, torch.Tensor]:
+        wait = time.perf_counter()
+        images, labels = next(batches)
+        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        result.data_wait_seconds += time.perf_counter() - wait
+        return images, labels
+
     with StopRequest(world) as stop_request:
         for step in range(start + 1, cfg.steps + 1):
-            engine.train()
             began = time.perf_counter()
-            for _ in range(cfg.grad_accum):
-                wait = time.perf_counter()
-                images, labels = next(batches)
-                images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-                result.data_wait_seconds += time.perf_counter() - wait
-                with autocast(device, amp):
-                    logits = engine(images)
-                    loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
-                    extra = strategy.extra_loss(engine.module, step, cfg.steps)
-                    if extra is not None:
-                        loss = loss + extra
-                losses.add(loss, step)
-                engine.backward(loss)
-                engine.step()
-                result.train_images += len(labels) * world
+            result.train_images += optimiser_step(engine, strategy, next_batch, cfg, device, step, losses) * world
             strategy.on_step(engine.module, step, cfg.steps, gather=lambda: gathered(engine.module, cfg.zero_stage))
             _freeze_finished_groups(optimizer, scheduler, groups, params)
             result.steps = step
@@ -256,8 +243,10 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{max(scheduler.get_last_lr()):.3g}")
                 metrics = row(step, mean_loss)
                 if evaluating:
-                    metrics["val_top1"] = val_top1 = top1_accuracy(engine.module, val_loader, device, amp, desc="val",
-                                                                   progress=progress and rank == 0, sharded=True)
+                    with eager(cfg.compile):
+                        metrics["val_top1"] = val_top1 = top1_accuracy(engine.module, val_loader, device, amp,
+                                                                       desc="val", progress=progress and rank == 0,
+                                                                       sharded=True)
                     result.history.append(metrics)
                     info = {"step": step, "val_top1": val_top1}
                     never_saved = step == cfg.steps and result.best_step == 0
@@ -267,7 +256,8 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
                     save_checkpoint(engine.module, "last", info)
                     last_good = step
                 if curving:
-                    metrics["source_knn"] = curve.measure(engine.module)
+                    with eager(cfg.compile):
+                        metrics["source_knn"] = curve.measure(engine.module)
                 if rank == 0:
                     _append_csv(metrics_path, metrics)
                     if evaluating:
@@ -283,6 +273,62 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
                 raise TrainingStopped(signum, step, saved)
     bar.close()
     return result
+
+
+def make_engine(model: nn.Module, cfg, stop_groups: list[list[str]], world: int = 1):
+    """The DeepSpeed engine that trains `model`'s trainable parameters for the TrainConfig `cfg`,
+    with its optimiser (in the strategy's stop groups) and LR schedule: (engine, optimizer, scheduler,
+    the parameter names of each optimiser group).
+
+    `train.compile`: DeepSpeed's `engine.compile`, after `deepspeed.initialize`, which compiles the
+    module in place (`nn.Module.compile`): its state-dict keys, and so every checkpoint, stay as they
+    are (torch.compile before `initialize` would wrap it and prefix every key with `_orig_mod.`),
+    and under ZeRO-3 the compiled module is the one DeepSpeed's hooks gather for."""
+    import deepspeed
+
+    optimizer = make_optimizer(model, cfg, stop_groups)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]  # before DeepSpeed flattens them
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                           config=deepspeed_config(cfg, world))
+    if cfg.zero_stage == 3:
+        register_container_parameters(engine.module)
+    if cfg.zero_stage == 0 and world == 1:
+        # Nothing to reduce: DeepSpeed would still flatten every gradient, all-reduce it over the one
+        # rank and copy it back, each step (bench.engine_overhead).
+        engine.enable_backward_allreduce = False
+    if cfg.compile:
+        engine.compile(backend=COMPILE_BACKEND)
+    return engine, optimizer, scheduler, groups
+
+
+def eager(compiled: bool):
+    """Where a compiled model runs eagerly: evaluation and the forgetting curve during a compiled
+    training (a graph for eval mode and each new batch size would cost more than they take)."""
+    return torch.compiler.set_stance("force_eager") if compiled else contextlib.nullcontext()
+
+
+def optimiser_step(engine, strategy, next_batch, cfg, device: torch.device, step: int, losses: _DeviceLoss) -> int:
+    """One optimiser step of the loop (bench.engine_overhead times this very function): `cfg.grad_accum`
+    micro-batches from `next_batch()` forward and backward under the run's autocast, with the
+    strategy's extra loss, each loss added to `losses` on the device. Returns the images this rank
+    trained on; reads nothing back from the device."""
+    engine.train()
+    amp, trained = PRECISIONS[cfg.precision], 0
+    for _ in range(cfg.grad_accum):
+        images, labels = next_batch()
+        with autocast(device, amp):
+            logits = engine(images)
+            loss = F.cross_entropy(logits.float(), labels, label_smoothing=cfg.label_smoothing)
+            extra = strategy.extra_loss(engine.module, step, cfg.steps)
+            if extra is not None:
+                loss = loss + extra
+        losses.add(loss, step)
+        engine.backward(loss)
+        engine.step()
+        trained += len(labels)
+    return trained
 
 
 def _resume(engine, strategy, path: Path, rank: int, train_loader, losses: _DeviceLoss):
