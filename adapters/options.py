@@ -24,7 +24,7 @@ class AdapterConfig:
     blocks: int = 3                   # block_expansion: P new blocks
     gate_threshold: float = 0.1       # selective_lora (TAPS defaults)
     gate_init: float = 0.15
-    sparsity_lambda: float = 0.05     # tuned on the embedded default: 0.5 switched every block off in 150 steps
+    sparsity_lambda: float = 0.1      # the embedded default ends with 3 of 12 blocks active (README: the study)
     penalty_warmup: float = 0.1       # fraction of steps before the sparsity penalty starts
     active_blocks: int | None = None  # budget mode: exactly K LoRA blocks active at the end
     active_fraction: float | None = None  # budget mode: a fraction of the LoRA blocks

@@ -113,18 +113,20 @@ EMBEDDED = Preset(
     rows=_rows(paper=False), lrs=PAPER_LRS, quick_rows=_QUICK, quick_lr=0.05)
 
 # Selective LoRA's own curve on the embedded default: TAPS' sparsity lambda, and the budget, swept at the
-# default learning rate; plain LoRA (same rank) is the reference.
+# default learning rate; plain LoRA r=8 (the embedded preset's row) is the reference. Its runs have the
+# embedded preset's arguments (forgetting curve included), so both can share one folder
+# (`--out runs/sweep-embedded`) and the LoRA run is not redone.
 _LAMBDAS = ("0.05", "0.075", "0.1", "0.125", "0.15")  # measured: 0.05 keeps 11 of 12 blocks, 0.15 none
 _FRACTIONS = ("0.05", "0.17", "0.25", "0.5", "0.75", "1")
 SELECTIVE = Preset(
     name="selective",
     description="selective LoRA's active fraction against target accuracy and forgetting (embedded default)",
-    rows=(Row("lora-r8", "LoRA r=8", "LoRA", "lora"),
+    rows=(EMBEDDED.row("lora-r8"),
           *(Row(f"taps-l{v}", f"TAPS lambda={v}", "Selective LoRA", "selective_lora", ("--sparsity-lambda", v))
             for v in _LAMBDAS),
           *(Row(f"budget-{v}", f"budget {float(v):.0%}", "Selective LoRA", "selective_lora",
                 ("--active-fraction", v)) for v in _FRACTIONS)),
-    lrs=(0.05,), base_args=("eval.knn_curve_limit=0",))
+    lrs=(0.05,))
 
 PRESETS = {p.name: p for p in (PAPER, EMBEDDED, SELECTIVE)}
 
