@@ -277,10 +277,9 @@ def measure_peaks(configs: list[dict], steps: int = 2) -> list[float]:
 
 
 def measure_in_child(configs: list[dict]) -> list[float]:
-    # A fresh single process: not the caller's torch.distributed rendezvous (a caller that ran a model
-    # in-process holds a store on its MASTER_PORT, which the child would then fail to bind).
-    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    env = {**{k: v for k, v in os.environ.items() if k not in launcher}, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    from engine.distributed import LAUNCHER_ENV
+
+    env = {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}, "MALLOC_MMAP_THRESHOLD_": "65536"}
     cmd = [sys.executable, "-m", "bench.memory", "--measure", json.dumps(configs)]
     done = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if done.returncode != 0:

@@ -24,6 +24,10 @@ from .dotted import flatten
 from .errors import UserError
 
 ZERO_STAGES = (0, 1, 2, 3)
+# What a launcher (torchrun, deepspeed) tells each rank. A process that starts single runs of its own
+# (a sweep, a bench) leaves these out of their environment: after an in-process run it holds a store
+# on its MASTER_PORT, which the child would fail to bind.
+LAUNCHER_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def init_distributed(verbose: bool = False) -> tuple[int, int]:

@@ -22,6 +22,7 @@ def progress_bar(iterable=None, *, desc: str, total: int | None = None, leave: b
 def say(line: str) -> None:
     """Print a line on stdout above any live bar (which is redrawn below it)."""
     tqdm.write(line, file=sys.stdout)
+    sys.stdout.flush()  # piped into a log, each line is there as it happens (and survives a kill)
 
 
 def close_bars() -> None:

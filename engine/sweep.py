@@ -37,6 +37,7 @@ from pathlib import Path
 
 from .checkpoint import checkpoint_dirs
 from .config import FLAG_KEYS, parse_args
+from .distributed import LAUNCHER_ENV
 from .errors import UserError
 from .io import atomic_write_json
 from .presets import PRESETS, Row, default_rows, get_preset
@@ -104,7 +105,8 @@ def state(point: Point, sweep_dir: Path, outcomes: dict[str, int]) -> str:
 # -- launchers ------------------------------------------------------------------------------------------
 
 def _child_env(gpu: int | None, threads: int | None) -> dict[str, str]:
-    env = dict(os.environ)
+    """A local run's environment: ours, without a launcher's rank variables (each run is one process)."""
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}
     env["PYTHONPATH"] = os.pathsep.join([_CODE_ROOT, *filter(None, [env.get("PYTHONPATH")])])
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = str(gpu)

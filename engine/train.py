@@ -261,8 +261,8 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
                 if rank == 0:
                     _append_csv(metrics_path, metrics)
                     if evaluating:
-                        bar.write(f"step {step}: loss {mean_loss:.4f}  val top-1 {val_top1:.2f}%"
-                                  + ("  (best)" if result.best_step == step else ""))
+                        say(f"step {step}: loss {mean_loss:.4f}  val top-1 {val_top1:.2f}%"
+                            + ("  (best)" if result.best_step == step else ""))
             else:
                 result.train_seconds += time.perf_counter() - began
             signum = stop_request.agreed()

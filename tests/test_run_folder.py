@@ -82,7 +82,8 @@ def interrupted_run(tmp_path_factory):
     proc = start_run(root / "runs", root / "kill9.log", "--name", "kill9", "--steps", "500", "--eval-every", "1")
     try:
         assert wait_until(lambda: (run_dir / "checkpoints/best/adapter.json").is_file()
-                          and (run_dir / "metrics.csv").is_file(), [proc]), (root / "kill9.log").read_text()
+                          and (run_dir / "metrics.csv").is_file()
+                          and "step 1:" in (root / "kill9.log").read_text(), [proc]), (root / "kill9.log").read_text()
     finally:
         kill([proc])
     return run_dir, (root / "kill9.log").read_text()
