@@ -30,7 +30,7 @@ from adapters.selective_lora import budget_size
 from engine.config import TrainConfig
 from engine.metrics import explicit_attention, gflops_per_image, sync
 from engine.models import features
-from engine.optim import lr_lambda, make_optimizer
+from engine.optim import make_optimizer
 
 from .strategy_memory import rss_kib
 
@@ -119,31 +119,18 @@ def peft_provider(label: str, target_regex: str, model: nn.Module, x, y) -> Prov
 
 
 def engine_full_provider(model: nn.Module, x, y, batch: int) -> Provider:
-    """`full` through DeepSpeed's engine, built and stepped as engine.train does."""
-    import deepspeed
+    """`full` through DeepSpeed's engine: the loop's own step (bench.engine_overhead.engine_step, which
+    calls engine.train's make_engine and optimiser_step)."""
+    from engine.distributed import init_distributed
 
-    from engine.distributed import deepspeed_config, init_distributed
+    from .engine_overhead import engine_step
 
     init_distributed()
     # counted before DeepSpeed hooks the gradients (a backward outside the engine would confuse ZeRO)
     flops = round(gflops_per_image(model, x.shape[-1], train=True, batch=1) * 1e9)
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
-    cfg = TrainConfig(batch_size=batch)
-    optimizer = make_optimizer(model, cfg)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    ds, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                       config=deepspeed_config(cfg, 1))
-    loss_sum = torch.zeros((), dtype=torch.float64, device=x.device)
-    first_bad = torch.full((), -1, dtype=torch.int64, device=x.device)
-
-    def step():
-        nonlocal first_bad
-        loss = F.cross_entropy(ds(x).float(), y)
-        loss_sum.add_(loss.detach().double())
-        first_bad = torch.where(~torch.isfinite(loss.detach()) & (first_bad < 0), 0, first_bad)
-        ds.backward(loss)
-        ds.step()
-        _ = ds.skipped_steps  # the train loop reads this host counter every step
+    step = engine_step(model, adapters.get_strategy("full", AdapterConfig()), TrainConfig(batch_size=batch), (x, y),
+                       x.device)
     return Provider("engine_full", "engine", model, step, note="DeepSpeed ZeRO-2, engine.train's step",
                     trainable_params=trainable, train_flops=flops)
 
