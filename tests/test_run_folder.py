@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from engine.distributed import LAUNCHER_ENV
 from engine.errors import UserError
 from engine.run import main
 
@@ -21,8 +22,7 @@ SMALL = ["--strategy", "linear", "--source", "digits", "--loader", "torch", "--b
 
 def user_env() -> dict:
     """This environment without what an in-process run (or a launcher) set: a fresh process, as a user starts it."""
-    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    return {**{k: v for k, v in os.environ.items() if k not in launcher}, "PYTHONPATH": str(ROOT)}
+    return {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}, "PYTHONPATH": str(ROOT)}
 
 
 def start_run(out: Path, log: Path, *args) -> subprocess.Popen:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from engine.distributed import LAUNCHER_ENV
 from engine.errors import UserError
 from engine.run import main
 
@@ -121,8 +122,7 @@ def test_an_error_under_a_progress_bar_starts_on_a_fresh_line_and_stays_last(tmp
 
 
 def user_env() -> dict:
-    launcher = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-    return {**{k: v for k, v in os.environ.items() if k not in launcher}, "PYTHONPATH": str(ROOT)}
+    return {**{k: v for k, v in os.environ.items() if k not in LAUNCHER_ENV}, "PYTHONPATH": str(ROOT)}
 
 
 def test_deepspeeds_log_lines_show_with_verbose(tmp_path):
