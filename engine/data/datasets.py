@@ -83,18 +83,37 @@ def load_domain(spec: str, data_root: str | Path = "data", seed: int = 0, role: 
     return imagefolder_domain(Path(spec[len(IMAGEFOLDER):]).expanduser(), bad_images)
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (1797, 8, 8) float64 images in 0..16 and (1797,) int64 labels:
+    `sklearn.datasets.load_digits()`'s arrays, read from the CSV file scikit-learn ships. Importing
+    scikit-learn costs about 2 s, a large share of a short run's start; a layout where that file is
+    not found falls back to `load_digits`."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.find_spec("sklearn")  # finds the package without importing it
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            with gzip.open(path, "rt") as f:
+                table = np.loadtxt(f, delimiter=",")
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
+    from sklearn.datasets import load_digits
+    bunch = load_digits()
+    return bunch.images, bunch.target
+
+
 def digits_domain(size: int = 32) -> Domain:
     """scikit-learn's digits, grey 0..16 upscaled bilinearly to `size` x `size` RGB uint8."""
     import torch
     import torch.nn.functional as F
-    from sklearn.datasets import load_digits
 
-    bunch = load_digits()
-    grey = torch.from_numpy(bunch.images.astype(np.float32) / 16.0)[:, None]        # (N, 1, 8, 8)
+    digits, labels = digits_arrays()
+    grey = torch.from_numpy(digits.astype(np.float32) / 16.0)[:, None]               # (N, 1, 8, 8)
     big = F.interpolate(grey, size=(size, size), mode="bilinear", align_corners=False)
     rgb = (big.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1)      # (N, 3, S, S)
     images = rgb.permute(0, 2, 3, 1).contiguous().numpy()                              # (N, S, S, 3)
-    full = Split(labels=bunch.target, images=images)
+    full = Split(labels=labels, images=images)
     train, test = stratified_split(full, 0.2, SPLIT_SEED)
     return Domain("digits", [str(i) for i in range(10)], train, test, crop_scale_min=0.35, hflip=0.0)
 
