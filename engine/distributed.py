@@ -42,10 +42,11 @@ def init_distributed(verbose: bool = False) -> tuple[int, int]:
         os.environ.setdefault(key, value)
     if "MASTER_PORT" not in os.environ:  # no launcher: a port no other run on this machine holds
         os.environ["MASTER_PORT"] = str(_free_port())
-    if int(os.environ["WORLD_SIZE"]) == 1:
-        # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce on first use (about a
-        # minute here); one process has nothing to reduce, so skip it.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # DeepSpeed's CPU accelerator JIT-compiles a shared-memory all-reduce when it starts its
+    # communication backend (about a minute on first use, and it needs a compiler); only
+    # `inference_all_reduce` (tensor-parallel inference) uses it, while training's all-reduce and
+    # ZeRO's collectives go through torch.distributed, so it is never built.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     if not torch.distributed.is_initialized():
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         # it prints (not logs) a line when it has built its shared-memory all-reduce

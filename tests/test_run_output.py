@@ -136,13 +136,18 @@ def test_deepspeeds_log_lines_show_with_verbose(tmp_path):
 
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="no torchrun")
 def test_under_torchrun_only_rank_0_prints(tmp_path):
-    """Two ranks on a small image folder (the whole run is a few seconds of work after start-up)."""
+    """Two ranks on a small image folder (the whole run is a few seconds of work after start-up).
+    DeepSpeed's shared-memory all-reduce, which only its tensor-parallel inference uses, is not
+    compiled (about a minute on first use)."""
     folder, _ = image_folder(tmp_path / "data", corrupt=False)
+    extensions = tmp_path / "torch_extensions"
     proc = subprocess.run(["torchrun", "--nproc_per_node", "2", "-m", "engine.run", *TINY, "--loader", "torch",
                            "--target", f"imagefolder:{folder}", "data.knn_train_limit=20", "data.knn_test_limit=10",
-                           "--out", str(tmp_path / "runs"), "--name", "two"], cwd=ROOT, env=user_env(),
+                           "--out", str(tmp_path / "runs"), "--name", "two"], cwd=ROOT,
+                          env={**user_env(), "TORCH_EXTENSIONS_DIR": str(extensions)},
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not list(extensions.rglob("*shm_comm*"))
     lines = proc.stdout.splitlines()
     assert [line.split(":")[0] for line in lines if line.startswith("step ")] == ["step 1", "step 2"]
     assert sum(line.startswith("linear on embedded") for line in lines) == 1
