@@ -5,10 +5,11 @@ from pathlib import Path
 from bench.processes import read_rows
 
 # Small and complete: selective LoRA's budget mode fixes its gates at step 3 of 6 (so a resume can
-# start before or after the fix), a full checkpoint every 2 steps, a metrics row every step.
+# start before or after the fix), a full checkpoint every 2 steps, a metrics row every step, the
+# forgetting curve on a small subset (its rows are resumed too).
 DURABLE = ["--strategy", "selective_lora", "--active-blocks", "4", "--steps", "6", "--eval-every", "3",
            "--checkpoint-every", "2", "--batch-size", "8", "--loader", "torch", "train.log_every=1",
-           "data.knn_train_limit=100", "data.knn_test_limit=40", "data.workers=0"]
+           "data.knn_train_limit=100", "data.knn_test_limit=40", "data.workers=0", "eval.knn_curve_limit=40"]
 
 
 def run_here(args: list[str]) -> int:

@@ -15,7 +15,7 @@ from engine.run import main
 
 from test_run import GOLDEN_LINEAR_LOSSES, QUICK
 
-CURVE = ["--knn-steps", "0,1,2,3,4", "eval.knn_curve_limit=200"]  # after QUICK: the curve on, every step
+CURVE = ["--knn-steps", "0,1,2,3,4", "eval.knn_curve_limit=60"]  # after QUICK: the curve on, every step
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from engine.run import main
 
 ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--steps", "2", "--eval-every", "2", "--batch-size", "16", "data.knn_train_limit=300",
-         "data.knn_test_limit=100", "data.workers=0", "train.log_every=1"]
+         "data.knn_test_limit=100", "data.workers=0", "train.log_every=1", "eval.knn_curve_limit=0"]
 
 
 def run_cli(tmp_path, name, *args):

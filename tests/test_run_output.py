@@ -20,7 +20,7 @@ from engine.run import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--strategy", "linear", "--source", "digits", "--steps", "2", "--eval-every", "1", "--batch-size", "8",
-        "data.workers=0", "data.knn_train_limit=100", "data.knn_test_limit=50"]
+        "data.workers=0", "data.knn_train_limit=100", "data.knn_test_limit=50", "eval.knn_curve_limit=0"]
 
 
 def corrupt_mid_file(path: Path) -> None:
