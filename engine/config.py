@@ -105,7 +105,7 @@ class EvalConfig:
     batch_size: int = 256
     # The forgetting curve (engine.curve): source k-NN during training, in metrics.csv's source_knn.
     knn_steps: list[int] | None = None  # steps it is measured at; None = 0, 1, 2, 5, 10, 20, 50, ... and the last
-    knn_curve_limit: int = 250          # bank images and query images (each) it extracts per step; 0 = no curve
+    knn_curve_limit: int = 200          # bank images and query images (each) it extracts per step; 0 = no curve
 
 
 @dataclass
