@@ -30,6 +30,18 @@ def test_digits_are_scikit_learns_load_digits_read_without_importing_it(monkeypa
     assert np.array_equal(labels, bunch.target) and labels.dtype == np.int64
 
 
+def test_digits_fall_back_to_load_digits_where_the_shipped_file_is_not_found(monkeypatch):
+    import importlib.util
+
+    from sklearn.datasets import load_digits
+
+    from engine.data.datasets import digits_arrays
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    images, labels = digits_arrays()
+    bunch = load_digits()
+    assert np.array_equal(images, bunch.images) and np.array_equal(labels, bunch.target)
+
+
 def test_stratified_split_holds_out_every_class():
     d = load_domain("digits")
     train, val = stratified_split(d.train, 0.1, seed=3)
