@@ -12,6 +12,7 @@ An image that cannot be read is dropped from its batch and recorded in the loade
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 import random
 from typing import NamedTuple
 
@@ -109,6 +110,7 @@ class TorchLoader:
             # a split smaller than one batch still trains, on one partial batch
             drop_last=train and len(self.sampler) >= batch_size,
             num_workers=workers, persistent_workers=workers > 0, pin_memory=device.type == "cuda",
+            multiprocessing_context=_worker_context() if workers > 0 else None,
             # its own generator: drawing worker seeds must not move the global RNG the model uses
             generator=torch.Generator().manual_seed(seed + 7919 * rank))
 
@@ -132,6 +134,19 @@ class TorchLoader:
             images, labels = batch
             yield (images.to(self.device, self.dtype, non_blocking=True),   # (B, 3, S, S)
                    labels.to(self.device, non_blocking=True))               # (B,) int64
+
+
+def _worker_context():
+    """Workers start from a forkserver that imported this module once, not as forks of this process.
+
+    A fork copies the locks other threads hold at that moment (DALI's pipeline threads, gloo's,
+    a progress bar's monitor) and a worker that needs one waits forever: the suite hung exactly so
+    on CI, the workers in a futex and the parent waiting on their pipe. The server pays the imports
+    once per process; each worker is then a cheap fork of a process with no other threads.
+    """
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
 
 
 @contextlib.contextmanager

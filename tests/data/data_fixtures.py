@@ -1,6 +1,7 @@
 """Helpers that write small image folders with PIL: good images of mixed sizes and every kind of bad file."""
 import io
 import struct
+import threading
 import zlib
 from pathlib import Path
 
@@ -11,6 +12,24 @@ from engine.data import Preprocess
 
 # 32 px at crop_pct 0.875: every image is resized (short side 36) and centre-cropped.
 PRE = Preprocess(input_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875)
+# A lock the test holds while a loader's workers start: a worker forked from the test process
+# would inherit it held (what hung CI), one started from a clean process finds it free.
+HELD_IN_PARENT = threading.Lock()
+
+
+class NeedsTheLock:
+    """A transform that takes `HELD_IN_PARENT` for a moment before applying `transform`."""
+
+    def __init__(self, transform) -> None:
+        self.transform = transform
+
+    def __call__(self, img):
+        if not HELD_IN_PARENT.acquire(timeout=5):
+            raise RuntimeError("this worker inherited the lock its parent held when it started")
+        HELD_IN_PARENT.release()
+        return self.transform(img)
+
+
 SIZES = [(40, 30), (64, 48), (50, 70), (33, 33), (90, 41), (36, 37)]  # (width, height)
 
 

@@ -13,7 +13,7 @@ from engine.data.bad_images import BadImages
 from engine.data.imagefolder import check_image, open_rgb, scan_split
 from engine.data.sharding import shard_indices
 
-from data_fixtures import PRE, photo, write_good_folder
+from data_fixtures import HELD_IN_PARENT, PRE, NeedsTheLock, photo, write_good_folder
 
 dali_works = resolve_loader("auto") == "dali"
 needs_dali = pytest.mark.skipif(not dali_works, reason="NVIDIA DALI is not installed or does not run here")
@@ -378,3 +378,12 @@ def test_torch_training_pass_leaves_the_global_random_streams_alone():
     torch.manual_seed(0)
     all_batches(loader)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_torch_workers_do_not_inherit_a_lock_the_parent_holds():
+    """Forked workers copy whatever locks other threads hold (DALI's, gloo's) and wait on them forever."""
+    loader = make_loader(array_split(8), PRE, train=False, batch_size=4, loader="torch", workers=2)
+    loader.loader.dataset.transform = NeedsTheLock(PRE.torch_transform(False))
+    with HELD_IN_PARENT:
+        images, labels = all_batches(loader)
+    assert images.shape == (8, 3, 32, 32) and labels.shape == (8,)
