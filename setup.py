@@ -25,7 +25,9 @@ setup(
         "matplotlib>=3.7,<4",          # forgetting.png, the sweep's figures
     ],
     extras_require={
-        "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "peft>=0.13,<1", "submitit>=1.5,<2"],
+        # pytest-timeout: a test that hangs fails with every thread's stack instead of stalling CI
+        "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "pytest-timeout>=2.3,<3", "peft>=0.13,<1",
+                 "submitit>=1.5,<2"],
         "cluster": ["submitit>=1.5,<2"],  # python -m engine.sweep --launcher submitit (SLURM)
     },
 )
