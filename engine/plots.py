@@ -29,10 +29,12 @@ def plot_curves(curves: dict[str, Sequence[tuple[int, float]]], out: str | Path,
     plt = _pyplot()
     from matplotlib.ticker import FuncFormatter
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, points in curves.items():
+    for i, (label, points) in enumerate(curves.items()):
         if points:
             steps, values = zip(*points)
-            ax.plot(steps, values, marker="o", markersize=3, label=label)
+            # the colour cycle has 10 entries: lines past it change dash and marker, so none share a look
+            ax.plot(steps, values, color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3],
+                    marker="os^"[i // 10 % 3], markersize=3, label=label)
     ax.set_xscale("symlog", linthresh=1)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 0, 1, 10, 100 (not 10^2)
     ax.set_xlabel("training step (log scale; 0 = untouched backbone)")
