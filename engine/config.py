@@ -106,6 +106,8 @@ class EvalConfig:
     # The forgetting curve (engine.curve): source k-NN during training, in metrics.csv's source_knn.
     knn_steps: list[int] | None = None  # steps it is measured at; None = 0, 1, 2, 5, 10, 20, 50, ... and the last
     knn_curve_limit: int = 200          # bank images and query images (each) it extracts per step; 0 = no curve
+    throughput_iters: int = 5           # timed forward passes of a 64-image batch for infer_img_per_s; 0 = not
+                                        # measured (null in results.json: runs that only need the accuracies)
 
 
 @dataclass
@@ -234,6 +236,7 @@ _RANGES = {
     "eval.knn_crop_pct": ("in (0, 1]", lambda v: 0 < v <= 1),
     "eval.batch_size": _POSITIVE,
     "eval.knn_curve_limit": _NON_NEGATIVE,
+    "eval.throughput_iters": _NON_NEGATIVE,
 }
 
 # Keys that older versions wrote into config.yaml under another name.

@@ -5,6 +5,7 @@ Accuracies are percentages; `forgetting` = source_knn_before - source_knn_after 
 `mean` = (target_top1 + source_knn_after) / 2, as in the paper. The measures are rounded to 4
 decimals; the run's facts (`RUN_FACTS`: lr, ...) are kept as given, and the package versions
 (`VERSION_KEYS`, `<package>_version`) are added here.
+`infer_img_per_s` is null when the run did not measure it (`eval.throughput_iters=0`).
 """
 from __future__ import annotations
 
@@ -84,6 +85,8 @@ def format_table(results: dict, knn: dict | None = None) -> str:
 
 
 def _fmt(value) -> str:
+    if value is None:
+        return "not measured"
     if isinstance(value, int):
         return f"{value:,}"
     if isinstance(value, float):

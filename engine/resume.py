@@ -24,7 +24,7 @@ from .io import atomic_write_text
 # data, where things are. (A changed eval cadence or loader gives a different, not a wrong, run.)
 MAY_CHANGE = ("name", "out", "resume", "data.loader", "data.workers", "data.dali_resize", "data.data_root",
               "train.eval_every", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints",
-              "train.kernels", "train.compile", "eval.batch_size")
+              "train.kernels", "train.compile", "eval.batch_size", "eval.throughput_iters")
 
 
 def check_config(cfg: RunConfig) -> None:

@@ -367,7 +367,9 @@ def measure(model, strategy, loaders: Loaders, cfg: RunConfig, num_source_classe
     amp = PRECISIONS[cfg.train.precision]
     target_top1 = top1_accuracy(model, loaders.test, rt.device, amp, desc="test", progress=rt.main, sharded=True)
     knn_after = measure_source(model, loaders, cfg, num_source_classes, rt)
-    cost = {"infer_img_per_s": inference_throughput(model, pre.input_size, autocast_dtype=amp),
+    iters = cfg.eval.throughput_iters
+    cost = {"infer_img_per_s": inference_throughput(model, pre.input_size, iters=iters, autocast_dtype=amp)
+            if iters else None,
             "infer_gflops_per_img": gflops_per_image(model, pre.input_size), **strategy.metrics(model)}
     return target_top1, knn_after, cost
 

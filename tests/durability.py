@@ -9,7 +9,8 @@ from bench.processes import read_rows
 # forgetting curve on a small subset (its rows are resumed too).
 DURABLE = ["--strategy", "selective_lora", "--active-blocks", "4", "--steps", "6", "--eval-every", "3",
            "--checkpoint-every", "2", "--batch-size", "8", "--loader", "torch", "train.log_every=1",
-           "data.knn_train_limit=100", "data.knn_test_limit=40", "data.workers=0", "eval.knn_curve_limit=40"]
+           "data.knn_train_limit=100", "data.knn_test_limit=40", "data.workers=0", "eval.knn_curve_limit=40",
+           "eval.throughput_iters=0"]
 
 
 def run_here(args: list[str]) -> int:

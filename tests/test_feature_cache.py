@@ -15,7 +15,7 @@ from engine.feature_cache import FeatureLoader
 from engine.run import main
 
 QUICK = ["--strategy", "linear", "--steps", "6", "--eval-every", "3", "--batch-size", "16", "train.log_every=1",
-         "data.knn_train_limit=300", "data.knn_test_limit=100", "data.workers=0", "eval.knn_curve_limit=0",
+         "data.knn_train_limit=300", "data.knn_test_limit=100", "data.workers=0", "eval.knn_curve_limit=0", "eval.throughput_iters=0",
          "data.loader=torch", "data.crop_scale_min=1", "data.hflip=0"]
 
 

@@ -10,11 +10,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from bench.processes import free_port
 from engine.run import main
 
 ROOT = Path(__file__).resolve().parents[1]
-QUICK = ["--steps", "2", "--eval-every", "2", "--batch-size", "16", "data.knn_train_limit=300",
-         "data.knn_test_limit=100", "data.workers=0", "train.log_every=1", "eval.knn_curve_limit=0"]
+QUICK = ["--steps", "2", "--eval-every", "2", "--batch-size", "16", "data.knn_train_limit=100",
+         "data.knn_test_limit=50", "data.workers=0", "train.log_every=1", "eval.knn_curve_limit=0", "eval.throughput_iters=0"]
 
 
 def run_cli(tmp_path, name, *args):
@@ -53,7 +54,7 @@ def test_zero3_with_checkpointing_on_two_cpu_ranks_gives_the_plain_gradients(tmp
     checkpoint saw shape [0]. Here: selective LoRA and block expansion, full gradients compared."""
     out = tmp_path / "report.json"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29613",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
            str(ROOT / "tests" / "zero3_checkpointing.py"), str(out)]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

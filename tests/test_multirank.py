@@ -20,7 +20,7 @@ from durability import DURABLE, losses, run_here
 LOSS_RTOL = 1e-5
 # Four steps, tiny k-NN banks and no forgetting curve: only the losses are compared.
 EQUIVALENCE = ["--steps", "4", "--eval-every", "4", "--batch-size", "8", "--loader", "torch", "train.log_every=1",
-               "data.knn_train_limit=20", "data.knn_test_limit=10", "data.workers=0", "eval.knn_curve_limit=0"]
+               "data.knn_train_limit=20", "data.knn_test_limit=10", "data.workers=0", "eval.knn_curve_limit=0", "eval.throughput_iters=0"]
 
 
 @pytest.fixture(scope="module")

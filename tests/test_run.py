@@ -9,10 +9,10 @@ from safetensors.torch import save_file
 from engine.report import RESULT_KEYS
 from engine.run import main
 
-# A few steps on the embedded default, with a small k-NN bank and no forgetting curve (tests/test_curve.py
-# has it), so each run takes seconds.
+# A few steps on the embedded default, with a small k-NN bank, no forgetting curve (tests/test_curve.py
+# has it) and no inference timing (linear_run has it), so each run takes seconds.
 QUICK = ["--steps", "4", "--eval-every", "2", "--batch-size", "16", "data.knn_train_limit=300",
-         "data.knn_test_limit=100", "data.workers=0", "eval.knn_curve_limit=0"]
+         "data.knn_test_limit=100", "data.workers=0", "eval.knn_curve_limit=0", "eval.throughput_iters=0"]
 TIMING_KEYS = {"train_img_per_s", "infer_img_per_s", "peak_mem_mb", "wall_s"}
 
 
@@ -24,7 +24,7 @@ def run_cli(tmp_path, name, *args):
 @pytest.fixture(scope="module")
 def linear_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    code, run_dir = run_cli(out, "linear", "--strategy", "linear", "--eval-every", "1")
+    code, run_dir = run_cli(out, "linear", "--strategy", "linear", "--eval-every", "1", "eval.throughput_iters=2")
     assert code == 0
     return run_dir
 
@@ -47,6 +47,7 @@ def test_saved_config_holds_the_targets_augmentation(linear_run):
 def test_results_json_has_exactly_the_contract_keys(linear_run):
     results = json.loads((linear_run / "results.json").read_text())
     assert tuple(results) == RESULT_KEYS
+    assert results["infer_img_per_s"] > 0
     assert results["forgetting"] == pytest.approx(results["source_knn_before"] - results["source_knn_after"], abs=1e-3)
     assert results["mean"] == pytest.approx((results["target_top1"] + results["source_knn_after"]) / 2, abs=1e-3)
     with open(linear_run / "results.csv") as f:
@@ -74,11 +75,15 @@ def test_first_losses_match_the_golden_values(linear_run):
     assert losses == pytest.approx(GOLDEN_LINEAR_LOSSES, rel=1e-4)
 
 
-def test_same_seed_gives_identical_metrics(tmp_path, linear_run):
+def test_same_seed_gives_identical_metrics(tmp_path, capsys, linear_run):
+    """The same run again, without the inference timing (eval.throughput_iters=0): null, and said so."""
     code, again = run_cli(tmp_path, "again", "--strategy", "linear", "--eval-every", "1")
     assert code == 0
     first = json.loads((linear_run / "results.json").read_text())
     second = json.loads((again / "results.json").read_text())
+    assert second["infer_img_per_s"] is None
+    assert [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("infer img/s")] == \
+           [["infer", "img/s", "not", "measured"]]
     assert {k: v for k, v in first.items() if k not in TIMING_KEYS} == \
            {k: v for k, v in second.items() if k not in TIMING_KEYS}
 

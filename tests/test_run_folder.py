@@ -17,7 +17,7 @@ from engine.run import main
 ROOT = Path(__file__).resolve().parents[1]
 # digits as the source too: reading it takes a moment, generating the shapes domain longer
 SMALL = ["--strategy", "linear", "--source", "digits", "--loader", "torch", "--batch-size", "16", "data.workers=0",
-         "data.knn_train_limit=100", "data.knn_test_limit=50", "eval.knn_curve_limit=0"]
+         "data.knn_train_limit=100", "data.knn_test_limit=50", "eval.knn_curve_limit=0", "eval.throughput_iters=0"]
 
 
 def user_env() -> dict:

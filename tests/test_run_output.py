@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from bench.processes import free_port
 from engine.distributed import LAUNCHER_ENV
 from engine.errors import UserError
 from engine.run import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--strategy", "linear", "--source", "digits", "--steps", "2", "--eval-every", "1", "--batch-size", "8",
-        "data.workers=0", "data.knn_train_limit=100", "data.knn_test_limit=50", "eval.knn_curve_limit=0"]
+        "data.workers=0", "data.knn_train_limit=100", "data.knn_test_limit=50", "eval.knn_curve_limit=0", "eval.throughput_iters=0"]
 
 
 def corrupt_mid_file(path: Path) -> None:
@@ -141,7 +142,7 @@ def test_under_torchrun_only_rank_0_prints(tmp_path):
     compiled (about a minute on first use)."""
     folder, _ = image_folder(tmp_path / "data", corrupt=False)
     extensions = tmp_path / "torch_extensions"
-    proc = subprocess.run(["torchrun", "--nproc_per_node", "2", "-m", "engine.run", *TINY, "--loader", "torch",
+    proc = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "engine.run", *TINY, "--loader", "torch",
                            "--target", f"imagefolder:{folder}", "data.knn_train_limit=20", "data.knn_test_limit=10",
                            "--out", str(tmp_path / "runs"), "--name", "two"], cwd=ROOT,
                           env={**user_env(), "TORCH_EXTENSIONS_DIR": str(extensions)},

@@ -19,7 +19,7 @@ from engine.sweep_report import write_report
 ROOT = Path(__file__).resolve().parents[1]
 # Each run: 2 steps of the embedded default, small k-NN banks, no curve.
 TINY = ["--steps", "2", "--eval-every", "2", "--batch-size", "16", "data.knn_train_limit=100",
-        "data.knn_test_limit=50", "data.workers=0", "eval.knn_curve_limit=0"]
+        "data.knn_test_limit=50", "data.workers=0", "eval.knn_curve_limit=0", "eval.throughput_iters=0"]
 
 
 def dry_run(capsys, *args):
@@ -108,9 +108,9 @@ def sweep_command(out, *extra):
             *TINY, *extra]
 
 
-def test_an_interrupted_sweep_continues_without_redoing_finished_runs(tmp_path):
-    """The sweep is killed (SIGKILL) while its second run trains; run again, it keeps the first run and
-    restarts the second."""
+def test_an_interrupted_sweep_continues_without_redoing_finished_runs(tmp_path, capsys, monkeypatch):
+    """The sweep is killed (SIGKILL) while its second run trains; run again (in this process: its runs
+    are processes either way), it keeps the first run and restarts the second."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     sweep = subprocess.Popen(sweep_command(tmp_path), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, start_new_session=True)
@@ -129,9 +129,12 @@ def test_an_interrupted_sweep_continues_without_redoing_finished_runs(tmp_path):
         time.sleep(0.1)
     assert not (second / "results.json").exists()
 
-    again = subprocess.run(sweep_command(tmp_path), cwd=ROOT, env=env, capture_output=True, text=True)
-    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
-    assert "2 runs, 1 finished before, 1 to run" in again.stdout
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.chdir(ROOT)
+    code = main(sweep_command(tmp_path)[3:])
+    out = capsys.readouterr().out
+    assert code == 0, out[-2000:]
+    assert "2 runs, 1 finished before, 1 to run" in out
     assert (first / "results.json").stat().st_mtime_ns == finished_at
     assert json.loads((second / "results.json").read_text())["strategy"] == "lora"
     assert "| LoRA | lora | 0.05 |" in (tmp_path / "table.md").read_text()

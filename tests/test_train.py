@@ -10,8 +10,8 @@ from engine.run import main
 
 from host_reads import spy_on_host_reads
 
-QUICK = ["--batch-size", "16", "data.knn_train_limit=300", "data.knn_test_limit=100", "data.workers=0",
-         "eval.knn_curve_limit=0"]  # the curve's own rows: tests/test_curve.py
+QUICK = ["--batch-size", "16", "data.knn_train_limit=100", "data.knn_test_limit=50", "data.workers=0",
+         "eval.knn_curve_limit=0", "eval.throughput_iters=0"]  # the curve's own rows: tests/test_curve.py
 
 
 def run_cli(tmp_path, name, *args):
