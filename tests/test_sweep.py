@@ -109,12 +109,14 @@ def sweep_command(out, *extra):
 
 
 def test_an_interrupted_sweep_continues_without_redoing_finished_runs(tmp_path, capsys, monkeypatch):
-    """The sweep is killed (SIGKILL) while its second run trains; run again (in this process: its runs
-    are processes either way), it keeps the first run and restarts the second."""
+    """The first run is finished (its contract files, as engine.run leaves them); the sweep is killed
+    (SIGKILL) while the second run trains; run again (in this process: its runs are processes either
+    way), it keeps the first run and restarts the second."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    first, second = tmp_path / "linear-lr0.05-s0", tmp_path / "lora-lr0.05-s0"
+    fake_run(first, "linear", 50.0, 55.0, 88.0, 1290)
     sweep = subprocess.Popen(sweep_command(tmp_path), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, start_new_session=True)
-    first, second = tmp_path / "linear-lr0.05-s0", tmp_path / "lora-lr0.05-s0"
     deadline = time.monotonic() + 900
     while not (second / "config.yaml").exists() and sweep.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
