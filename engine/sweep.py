@@ -209,7 +209,10 @@ def launch_submitit(jobs: list[tuple[Point, list[str], list[str]]], folder: Path
         job = executor.submit(SweepJob(argv, restart_argv))
         started[job.job_id] = (point, job, time.perf_counter())
         print(f"submitted {point.name}: job {job.job_id}", flush=True)
-    for job in submitit.helpers.as_completed([j for _, j, _ in started.values()]):
+    # SLURM's state comes from sacct, which clusters ask you not to hammer: submitit's 10 s. Local and
+    # debug jobs are processes here: a finished one is seen within half a second.
+    poll = 10.0 if executor.cluster == "slurm" else 0.5
+    for job in submitit.helpers.as_completed([j for _, j, _ in started.values()], poll_frequency=poll):
         point, _, start = started[job.job_id]
         try:
             code = job.results()[0]

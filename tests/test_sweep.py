@@ -143,11 +143,15 @@ def test_an_interrupted_sweep_continues_without_redoing_finished_runs(tmp_path, 
 
 
 def test_the_submitit_launcher_runs_the_grid_through_submitits_local_executor(tmp_path, monkeypatch):
-    pytest.importorskip("submitit")
+    submitit = pytest.importorskip("submitit")
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    polls, as_completed = [], submitit.helpers.as_completed
+    monkeypatch.setattr(submitit.helpers, "as_completed",
+                        lambda jobs, **kw: polls.append(kw.get("poll_frequency", 10)) or as_completed(jobs, **kw))
     code = main(["--strategies", "linear", "--lrs", "0.05", "--out", str(tmp_path), "--launcher", "submitit",
                  "--cluster", "local", "--gpus", "0", *TINY])
     assert code == 0
     assert json.loads((tmp_path / "linear-lr0.05-s0" / "results.json").read_text())["strategy"] == "linear"
     assert list((tmp_path / "submitit").glob("*_log.out"))  # submitit's own job logs
     assert "| Standard | linear | 0.05 |" in (tmp_path / "table.md").read_text()
+    assert polls == [0.5]  # a local job's end is seen at once, not at submitit's 10 s SLURM cadence
