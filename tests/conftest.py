@@ -1,7 +1,11 @@
 """Fixtures shared across test modules."""
+import random
+import signal
+
 import pytest
 
-from durability import DURABLE, run_here
+from bench.processes import signal_tree, start, wait_for_row
+from durability import DURABLE, EQUIVALENCE, run_here
 
 
 @pytest.fixture(scope="session")
@@ -10,3 +14,21 @@ def durable_reference(tmp_path_factory):
     out = tmp_path_factory.mktemp("reference")
     assert run_here([*DURABLE, "--out", str(out), "--name", "one-rank"]) == 0
     return out / "one-rank"
+
+
+@pytest.fixture(scope="session")
+def two_rank_runs(tmp_path_factory):
+    """One torchrun launch for every two-rank check (each launch costs a start of two processes): the
+    durability run uninterrupted (ZeRO 2), the equivalence runs under ZeRO 0 and 3, ZeRO-3 with
+    activation checkpointing (tests/zero3_checkpointing.py, read by tests/test_large_batch.py), then
+    the durability run again, SIGKILLed with torchrun and both workers at a random step after its
+    first full checkpoint. Returns the folder and that step."""
+    runs = tmp_path_factory.mktemp("multirank")
+    step = random.choice([3, 4, 5])
+    job = ["two-ranks", *DURABLE, "--", "zero0", *EQUIVALENCE, "--zero-stage", "0",
+           "--", "zero3", *EQUIVALENCE, "--zero-stage", "3", "--", "zero3-checkpointing",
+           "--", "killed", *DURABLE]
+    proc = start([str(runs), *job], ranks=2, log=runs / "two-ranks.log", module="tests.multirank_job")
+    wait_for_row(proc, runs / "killed" / "metrics.csv", step)
+    assert signal_tree(proc, signal.SIGKILL) == -signal.SIGKILL
+    return runs, step

@@ -11,6 +11,9 @@ DURABLE = ["--strategy", "selective_lora", "--active-blocks", "4", "--steps", "6
            "--checkpoint-every", "2", "--batch-size", "8", "--loader", "torch", "train.log_every=1",
            "data.knn_train_limit=100", "data.knn_test_limit=40", "data.workers=0", "eval.knn_curve_limit=40",
            "eval.throughput_iters=0"]
+# Four steps, tiny k-NN banks and no forgetting curve: only the losses are compared.
+EQUIVALENCE = ["--steps", "4", "--eval-every", "4", "--batch-size", "8", "--loader", "torch", "train.log_every=1",
+               "data.knn_train_limit=20", "data.knn_test_limit=10", "data.workers=0", "eval.knn_curve_limit=0", "eval.throughput_iters=0"]
 
 
 def run_here(args: list[str]) -> int:

@@ -2,18 +2,12 @@
 checkpointing end to end; the refusals; ZeRO-3 with checkpointing on two CPU ranks."""
 import csv
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-from bench.processes import free_port
 from engine.run import main
 
-ROOT = Path(__file__).resolve().parents[1]
 QUICK = ["--steps", "2", "--eval-every", "2", "--batch-size", "16", "data.knn_train_limit=100",
          "data.knn_test_limit=50", "data.workers=0", "train.log_every=1", "eval.knn_curve_limit=0", "eval.throughput_iters=0"]
 
@@ -49,15 +43,11 @@ def test_settings_that_cannot_work_are_one_line_before_any_work(tmp_path, capsys
     assert not run_dir.exists()
 
 
-def test_zero3_with_checkpointing_on_two_cpu_ranks_gives_the_plain_gradients(tmp_path):
+def test_zero3_with_checkpointing_on_two_cpu_ranks_gives_the_plain_gradients(two_rank_runs):
     """DeepSpeed PR #8130: ZeRO-3 partitioned frozen weights during a non-reentrant recompute and the
-    checkpoint saw shape [0]. Here: selective LoRA and block expansion, full gradients compared."""
-    out = tmp_path / "report.json"
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           str(ROOT / "tests" / "zero3_checkpointing.py"), str(out)]
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint saw shape [0]. Here: selective LoRA and block expansion, full gradients compared (on the
+    two ranks of the shared launch, tests/conftest.py)."""
+    out = two_rank_runs[0] / "zero3-checkpointing.json"
     report = json.loads(out.read_text())
     assert set(report) == {"selective_lora", "block_expansion"}
     for name, r in report.items():

@@ -9,39 +9,13 @@ sample gets another crop on another rank layout.) What remains is the order of f
 the gradient all-reduce and in batch-size-dependent kernels: losses agree to LOSS_RTOL.
 """
 import json
-import random
-import signal
 
 import pytest
 
-from bench.processes import finish, metric_rows, results, signal_tree, start, wait_for_row
-from durability import DURABLE, losses, run_here
+from bench.processes import finish, metric_rows, results
+from durability import EQUIVALENCE, losses, run_here
 
 LOSS_RTOL = 1e-5
-# Four steps, tiny k-NN banks and no forgetting curve: only the losses are compared.
-EQUIVALENCE = ["--steps", "4", "--eval-every", "4", "--batch-size", "8", "--loader", "torch", "train.log_every=1",
-               "data.knn_train_limit=20", "data.knn_test_limit=10", "data.workers=0", "eval.knn_curve_limit=0", "eval.throughput_iters=0"]
-
-
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    return tmp_path_factory.mktemp("multirank")
-
-
-@pytest.fixture(scope="module")
-def two_rank_runs(runs):
-    """One torchrun launch (each costs a start of two processes): the durability run uninterrupted
-    (ZeRO 2), the equivalence runs under ZeRO 0 and 3, then the durability run again, SIGKILLed with
-    torchrun and both workers at a random step after its first full checkpoint."""
-    step = random.choice([3, 4, 5])
-    job = ["two-ranks", *DURABLE, "--", "zero0", *EQUIVALENCE, "--zero-stage", "0",
-           "--", "zero3", *EQUIVALENCE, "--zero-stage", "3", "--", "killed", *DURABLE]
-    proc = start([str(runs), *job], ranks=2, log=runs / "two-ranks.log", module="tests.multirank_job")
-    wait_for_row(proc, runs / "killed" / "metrics.csv", step)
-    assert signal_tree(proc, signal.SIGKILL) == -signal.SIGKILL
-    return runs, step
-
-
 @pytest.fixture(scope="module")
 def two_ranks(two_rank_runs):
     return two_rank_runs[0] / "two-ranks"

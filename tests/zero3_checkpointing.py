@@ -1,4 +1,5 @@
-"""Run by tests/test_large_batch.py as `torchrun --nproc_per_node 2 tests/zero3_checkpointing.py OUT`:
+"""Run on two ranks inside the shared launch (tests/conftest.py `two_rank_runs`, read by
+tests/test_large_batch.py), or alone as `torchrun --nproc_per_node 2 tests/zero3_checkpointing.py OUT`:
 ZeRO-3 with activation checkpointing and frozen parameters (the combination DeepSpeed PR #8130
 saw crash in the recompute) on two CPU ranks, built as engine.train builds it. For each strategy,
 the full gradients of one step with checkpointing and of the same step without it; rank 0 writes
