@@ -55,7 +55,10 @@ def wait_for_row(proc: subprocess.Popen, metrics: Path, step: int, timeout: floa
     the run ends first or time runs out."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if metrics.is_file() and any(r["step"] and int(r["step"]) >= step for r in read_rows(metrics)):
+        # the run appends as this reads: a read that finds no step column (seen once, in a fresh clone's
+        # suite: KeyError 'step') is tried again, as a row cut short is
+        if metrics.is_file() and any((r.get("step") or "").isdigit() and int(r["step"]) >= step
+                                     for r in read_rows(metrics)):
             return
         if proc.poll() is not None:
             raise AssertionError(f"the run ended (exit {proc.returncode}) before step {step}")

@@ -29,6 +29,10 @@ def two_rank_runs(tmp_path_factory):
            "--", "zero3", *EQUIVALENCE, "--zero-stage", "3", "--", "zero3-checkpointing",
            "--", "killed", *DURABLE]
     proc = start([str(runs), *job], ranks=2, log=runs / "two-ranks.log", module="tests.multirank_job")
-    wait_for_row(proc, runs / "killed" / "metrics.csv", step)
+    try:
+        wait_for_row(proc, runs / "killed" / "metrics.csv", step)
+    except BaseException:
+        signal_tree(proc, signal.SIGKILL)  # a failed wait leaves no job running on behind the suite
+        raise
     assert signal_tree(proc, signal.SIGKILL) == -signal.SIGKILL
     return runs, step
