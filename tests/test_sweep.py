@@ -103,9 +103,8 @@ def test_the_table_picks_each_rows_learning_rate_by_validation_and_bolds_the_bes
         assert (tmp_path / figure).stat().st_size > 0
 
 
-def sweep_command(out, *extra):
-    return [sys.executable, "-m", "engine.sweep", "--strategies", "linear,lora", "--lrs", "0.05", "--out", str(out),
-            *TINY, *extra]
+def sweep_args(out, *extra):
+    return ["--strategies", "linear,lora", "--lrs", "0.05", "--out", str(out), *TINY, *extra]
 
 
 def test_an_interrupted_sweep_continues_without_redoing_finished_runs(tmp_path, capsys, monkeypatch):
@@ -115,8 +114,8 @@ def test_an_interrupted_sweep_continues_without_redoing_finished_runs(tmp_path, 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     first, second = tmp_path / "linear-lr0.05-s0", tmp_path / "lora-lr0.05-s0"
     fake_run(first, "linear", 50.0, 55.0, 88.0, 1290)
-    sweep = subprocess.Popen(sweep_command(tmp_path), cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, start_new_session=True)
+    sweep = subprocess.Popen([sys.executable, "-m", "engine.sweep", *sweep_args(tmp_path)], cwd=ROOT, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 900
     while not (second / "config.yaml").exists() and sweep.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -133,7 +132,7 @@ def test_an_interrupted_sweep_continues_without_redoing_finished_runs(tmp_path, 
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.chdir(ROOT)
-    code = main(sweep_command(tmp_path)[3:])
+    code = main(sweep_args(tmp_path))
     out = capsys.readouterr().out
     assert code == 0, out[-2000:]
     assert "2 runs, 1 finished before, 1 to run" in out
