@@ -221,7 +221,12 @@ class Plan:
 
 def plan(params: Parameters, activations: Activations, optimizer_bytes: float, zero_stage: int, world: int,
          checkpointing: bool, device: str = "cuda") -> Plan:
-    """The terms of the module docstring for one device of `world` under ZeRO `zero_stage`."""
+    """The terms of the module docstring for one device of `world` under ZeRO `zero_stage` (the stage
+    DeepSpeed runs: one process runs 1 and 2 as 0, `engine.distributed.zero_stage_run`)."""
+    from engine.config import TrainConfig
+    from engine.distributed import zero_stage_run
+
+    zero_stage = zero_stage_run(TrainConfig(zero_stage=zero_stage), world)
     total = params.frozen + params.trainable
     if zero_stage == 3:
         whole = params.persistent
@@ -310,8 +315,8 @@ CHECK_KEYS = ("model", "strategy", "batch", "zero_stage", "checkpointing", "opti
 
 
 def check_configs(models: list[str], batches: list[int], strategies: list[str]) -> list[dict]:
-    """Every strategy at every batch under ZeRO-2 with SGD; with checkpointing and without ZeRO
-    (AdamW) at the largest batch for full and lora."""
+    """Every strategy at every batch under ZeRO-2 (stage 0 on this one process) with SGD; with
+    checkpointing and without ZeRO (AdamW) at the largest batch for full and lora."""
     base = dict(num_classes=100, optimizer="sgd", precision="fp32", zero_stage=2, checkpointing=False)
     top, configs = max(batches), []
     for m in models:

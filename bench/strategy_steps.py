@@ -131,7 +131,8 @@ def engine_full_provider(model: nn.Module, x, y, batch: int) -> Provider:
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
     step = engine_step(model, adapters.get_strategy("full", AdapterConfig()), TrainConfig(batch_size=batch), (x, y),
                        x.device)
-    return Provider("engine_full", "engine", model, step, note="DeepSpeed ZeRO-2, engine.train's step",
+    return Provider("engine_full", "engine", model, step,
+                    note="DeepSpeed, default ZeRO 2 (stage 0 on one process), engine.train's step",
                     trainable_params=trainable, train_flops=flops)
 
 

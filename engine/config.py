@@ -81,6 +81,7 @@ class TrainConfig:
     grad_checkpointing: bool = False  # recompute each block's forward in backward (timm's set_grad_checkpointing)
     grad_accum: int = 1
     zero_stage: int = 2               # ZeRO-2: optimiser state + gradients sharded; frozen weights left alone
+                                      # (one process runs 1 and 2 as stage 0: engine.distributed.zero_stage_run)
     precision: str = "fp32"           # fp32 | bf16 (autocast) | fp16 (autocast, CUDA only)
     grad_clip: float | None = None
     label_smoothing: float = 0.0
@@ -89,6 +90,7 @@ class TrainConfig:
     deepspeed_config: str | None = None  # a DeepSpeed JSON merged over ours (theirs wins)
     log_every: int = 10               # a metrics.csv row (training loss, lr, throughput) every N steps, and at evals
     max_skipped_steps: int = 0        # steps DeepSpeed may skip for non-finite gradients before the run stops
+                                      # (ZeRO 1-3; under stage 0 nothing skips: they stop the run)
     kernels: str = "auto"             # the fused LoRA op's backend: auto | triton | torch | reference
     cache_features: bool | None = None  # linear probing over features computed once (engine.feature_cache);
                                         # None = on for linear with augmentation off

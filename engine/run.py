@@ -41,7 +41,8 @@ from .adapter_files import save_adapter
 from .checkpoint import FullCheckpoints, identity
 from .config import RunConfig, parse_args, resolved_for_target, save_yaml
 from .curve import ForgettingCurve, curve_steps, read_curve
-from .distributed import adopt_deepspeed_config, gathered, init_distributed, micro_batch, sum_over_ranks
+from .distributed import (adopt_deepspeed_config, gathered, init_distributed, micro_batch, sum_over_ranks,
+                          zero_stage_run)
 from .errors import UserError
 from .evaluate import extract_features, top1_accuracy
 from .io import atomic_write_json
@@ -405,7 +406,7 @@ def run(cfg: RunConfig) -> dict:
     cfg = run_data.cfg
     trainable_names = check_run(run_data, rt)
     ident = identity(cfg.model.name, cfg.strategy, run_data.num_classes, trainable_names, rt.world,
-                     cfg.train.zero_stage)
+                     zero_stage_run(cfg.train, rt.world))
     point = resume_point(cfg, ident, rt)
 
     torch.manual_seed(cfg.seed)  # the same backbone again at restore time, even from a random init

@@ -10,10 +10,13 @@ finiteness recorded there, and both are read at the log points (every `log_every
 every eval), where each point appends a row to metrics.csv. The forgetting curve's steps
 (`engine.curve`) are log points too: its k-NN is measured there (step 0 before the first step).
 A non-finite loss stops the run at the next log point, naming the step it first appeared at,
-without overwriting the last good checkpoint; so do non-finite gradients, which DeepSpeed's ZeRO
-optimiser reports by skipping the step (`engine.skipped_steps`, a host counter, checked every
-step). On several ranks the log point averages the loss over them (the global batch's loss) and
-the validation accuracy is summed over their shards of the validation split.
+without overwriting the last good checkpoint; so do non-finite gradients. Under ZeRO 1-3 DeepSpeed's
+optimiser reports them by skipping the step (`engine.skipped_steps`, a host counter, checked every
+step); under ZeRO 0 (what one process runs, `engine.distributed.zero_stage_run`) nothing skips, so
+the step records on the device whether its gradients were finite, read at the log points and before
+a full checkpoint: the weights such a step reached are never saved. On several ranks the log point
+averages the loss over them (the global batch's loss) and the validation accuracy is summed over
+their shards of the validation split.
 
 Full checkpoints (`engine.checkpoint`) every `checkpoint_every` steps (None: at every eval) and on a
 clean stop (`engine.stop`) hold everything an uninterrupted run would carry on with: DeepSpeed's
@@ -113,42 +116,62 @@ class BatchStream:
 
 
 class _DeviceLoss:
-    """The training loss summed on the device since the last log point, and the first step whose
-    loss was not finite (-1: none), so that a step needs no host read."""
+    """The training loss summed on the device since the last log point, and the first steps whose
+    loss and whose gradients were not finite (-1: none), so that a step needs no host read."""
 
     def __init__(self, device: torch.device) -> None:
         self.sum = torch.zeros((), dtype=torch.float64, device=device)
         self.count = 0
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.first_bad_grad = torch.full((), -1, dtype=torch.int64, device=device)
 
     def add(self, loss: torch.Tensor, step: int) -> None:
         loss = loss.detach()
         self.sum += loss.double()
         self.count += 1
-        bad = ~torch.isfinite(loss)
-        self.first_bad = torch.where(bad & (self.first_bad < 0), torch.full_like(self.first_bad, step), self.first_bad)
+        self.first_bad = _first(self.first_bad, ~torch.isfinite(loss), step)
+
+    def add_gradients(self, grads: list[torch.Tensor], step: int) -> None:
+        """Record `step` if any of `grads` holds a NaN or an infinity (their largest magnitudes, on the device)."""
+        if grads:
+            peaks = torch.stack([g.float() for g in torch._foreach_norm(grads, float("inf"))])
+            self.first_bad_grad = _first(self.first_bad_grad, ~torch.isfinite(peaks).all(), step)
 
     def read(self, world: int = 1) -> tuple[float, int | None]:
         """(mean loss since the last read over all ranks, the first step whose loss was not finite on
         any rank or None); resets the sum. Collective when world > 1."""
         total = torch.stack([self.sum, torch.full_like(self.sum, self.count)])
-        never = torch.iinfo(torch.int64).max
-        bad = torch.where(self.first_bad < 0, torch.full_like(self.first_bad, never), self.first_bad)
         if world > 1:
             torch.distributed.all_reduce(total)
-            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
-        mean, first_bad = (total[0] / total[1].clamp(min=1)).item(), int(bad)
+        mean = (total[0] / total[1].clamp(min=1)).item()
         self.sum.zero_()
         self.count = 0
-        return mean, (first_bad if first_bad != never else None)
+        return mean, self.first_bad_steps(world)[0]
+
+    def first_bad_steps(self, world: int = 1) -> tuple[int | None, int | None]:
+        """The first steps whose loss and whose gradients were not finite on any rank (None: none).
+        Collective when world > 1."""
+        never = torch.iinfo(torch.int64).max
+        bad = torch.stack([self.first_bad, self.first_bad_grad])
+        bad = torch.where(bad < 0, torch.full_like(bad, never), bad)
+        if world > 1:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MIN)
+        return tuple(None if b == never else b for b in bad.tolist())
 
     def state(self) -> dict:
-        return {"sum": self.sum.item(), "count": self.count, "first_bad": int(self.first_bad)}
+        return {"sum": self.sum.item(), "count": self.count, "first_bad": int(self.first_bad),
+                "first_bad_grad": int(self.first_bad_grad)}
 
     def load(self, state: dict) -> None:
         self.sum.fill_(state["sum"])
         self.count = state["count"]
         self.first_bad.fill_(state["first_bad"])
+        self.first_bad_grad.fill_(state.get("first_bad_grad", -1))  # checkpoints from before ZeRO 0's check
+
+
+def _first(first: torch.Tensor, bad: torch.Tensor, step: int) -> torch.Tensor:
+    """`first` (a step, -1: none yet), or `step` where it is still -1 and `bad` holds: on the device."""
+    return torch.where(bad & (first < 0), torch.full_like(first, step), first)
 
 
 def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: torch.device,
@@ -158,6 +181,26 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
     writes checkpoints/<tag> (adapter form), `checkpoints` the full ones, `resume` names the full
     checkpoint to continue from, `curve` (an engine.curve.ForgettingCurve, or None) is measured at
     its steps. `val_loader` reads this rank's shard of the validation split."""
+    with torch_linear_kept():
+        return _train(model, strategy, train_loader, val_loader, cfg, device, run_dir, save_checkpoint, rank, world,
+                      progress, checkpoints, resume, curve)
+
+
+@contextlib.contextmanager
+def torch_linear_kept():
+    """torch.nn.functional.linear as it was before the block. A ZeRO-3 engine replaces it process-wide
+    with DeepSpeed's memory-efficient linear ("this will persist unless manually reset"), which
+    would change the arithmetic of every later run in the same process (a sweep's, a notebook's,
+    the test suite's)."""
+    linear = F.linear
+    try:
+        yield
+    finally:
+        F.linear = linear
+
+
+def _train(model, strategy, train_loader, val_loader, cfg, device, run_dir, save_checkpoint, rank, world, progress,
+           checkpoints, resume, curve) -> TrainResult:
     params = dict(model.named_parameters())
     stop_groups = [g for g in strategy.param_groups(model) if g]
     if sorted(sum(stop_groups, [])) != sorted(n for n, p in params.items() if p.requires_grad):
@@ -187,6 +230,15 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
     def stop(step: int, what: str) -> TrainingDiverged:
         bar.close()
         return TrainingDiverged(step, what, last_good)
+
+    def check_finite(first_bad_loss: int | None, mean_loss: float | None) -> None:
+        """Stop at the first non-finite loss or gradients (ZeRO 0's device record), the earlier first;
+        at the same step the loss is the better explanation."""
+        grads_bad = losses.first_bad_steps(world)[1]
+        if grads_bad is not None and (first_bad_loss is None or grads_bad < first_bad_loss):
+            raise stop(grads_bad, "gradients were not finite")
+        if first_bad_loss is not None:
+            raise stop(first_bad_loss, f"loss became {mean_loss}")
 
     def row(step: int, mean_loss: float) -> dict:
         # With layer decay the groups' rates differ: the top layer's (the highest) is the run's rate.
@@ -238,8 +290,7 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
                 sync(device)  # the step's work is done before its time is counted (asynchronous on a GPU)
                 result.train_seconds += time.perf_counter() - began
                 mean_loss, first_bad = losses.read(world)
-                if first_bad is not None:
-                    raise stop(first_bad, f"loss became {mean_loss}")
+                check_finite(first_bad, mean_loss)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{max(scheduler.get_last_lr()):.3g}")
                 metrics = row(step, mean_loss)
                 if evaluating:
@@ -267,6 +318,9 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
                 result.train_seconds += time.perf_counter() - began
             signum = stop_request.agreed()
             due = step % cfg.checkpoint_every == 0 if cfg.checkpoint_every else evaluating
+            if checkpoints is not None and (due or signum):
+                first_bad = losses.first_bad_steps(world)[0]  # a full checkpoint holds only finite weights
+                check_finite(first_bad, losses.read(world)[0] if first_bad is not None else None)
             saved = save_full(step) if checkpoints is not None and (due or signum) else None
             if signum:
                 bar.close()
@@ -294,7 +348,7 @@ def make_engine(model: nn.Module, cfg, stop_groups: list[list[str]], world: int 
                                            config=deepspeed_config(cfg, world))
     if cfg.zero_stage == 3:
         register_container_parameters(engine.module)
-    if cfg.zero_stage == 0 and world == 1:
+    if engine.zero_optimization_stage() == 0 and world == 1:
         # Nothing to reduce: DeepSpeed would still flatten every gradient, all-reduce it over the one
         # rank and copy it back, each step (bench.engine_overhead).
         engine.enable_backward_allreduce = False
@@ -326,6 +380,9 @@ def optimiser_step(engine, strategy, next_batch, cfg, device: torch.device, step
                 loss = loss + extra
         losses.add(loss, step)
         engine.backward(loss)
+        if engine.zero_optimization_stage() == 0 and engine.is_gradient_accumulation_boundary():
+            # nothing in DeepSpeed checks them at ZeRO 0 (the one-process default): recorded on the device
+            losses.add_gradients([p.grad for p in engine.module.parameters() if p.grad is not None], step)
         engine.step()
         trained += len(labels)
     return trained

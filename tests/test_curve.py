@@ -3,6 +3,7 @@ import csv
 import json
 
 import pytest
+import torch
 
 from engine.curve import curve_steps, log_steps
 from engine.run import main
@@ -32,6 +33,7 @@ def curve_run_under_zero3(tmp_path_factory):
     """LoRA under ZeRO-3 (the curve reads parameters inside `gathered`), 6 steps, curve at its default steps,
     with a spy on every host read the project's code makes during training."""
     out = tmp_path_factory.mktemp("curve")
+    linear = torch.nn.functional.linear
     patch = pytest.MonkeyPatch()
     reads = spy_on_host_reads(patch)
     try:
@@ -40,6 +42,9 @@ def curve_run_under_zero3(tmp_path_factory):
     finally:
         patch.undo()
     assert code == 0
+    # DeepSpeed's ZeRO-3 replaces torch's linear process-wide; the run puts it back (tests/test_resume.py
+    # compares a run in this process, made after this one, with one in a fresh process)
+    assert torch.nn.functional.linear is linear
     with open(out / "z3" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     return out / "z3", rows, {step for step, _, _ in reads}

@@ -48,3 +48,21 @@ def test_a_bad_deepspeed_config_is_one_line_and_exit_2(tmp_path, capsys, config,
 def test_a_missing_deepspeed_config_is_named():
     with pytest.raises(UserError, match="DeepSpeed config /nonexistent.json does not exist"):
         adopt_deepspeed_config(TrainConfig(deepspeed_config="/nonexistent.json"), world=1)
+
+
+@pytest.mark.parametrize("stage, world, theirs, runs", [
+    (2, 1, None, 0),                                          # one process: nothing to shard
+    (1, 1, None, 0),
+    (3, 1, None, 3),                                          # ZeRO-3's gathering stays
+    (0, 1, None, 0),
+    (2, 2, None, 2),                                          # two ranks shard
+    (2, 1, {"zero_optimization": {"stage": 2, "offload_optimizer": {"device": "cpu"}}}, 2),  # theirs, as written
+    (2, 1, {"gradient_clipping": 1.0}, 0),                    # their JSON without a ZeRO section
+])
+def test_one_process_runs_zero_1_and_2_as_stage_0(tmp_path, stage, world, theirs, runs):
+    from engine.distributed import zero_stage_run
+
+    path = user_config(tmp_path, theirs) if theirs else None
+    cfg, _ = adopt_deepspeed_config(TrainConfig(batch_size=8, zero_stage=stage, deepspeed_config=path), world)
+    assert zero_stage_run(cfg, world) == runs
+    assert deepspeed_config(cfg, world)["zero_optimization"]["stage"] == runs

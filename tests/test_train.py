@@ -33,9 +33,10 @@ def test_metrics_csv_has_a_row_every_log_every_steps_and_at_each_eval(tmp_path):
 
 
 def test_non_finite_gradients_stop_the_run_name_the_step_and_are_counted(tmp_path, capsys):
-    """DeepSpeed skips a step whose gradients overflow; a run that only skips must not end as a success."""
+    """DeepSpeed's ZeRO optimiser (here stage 3 on one process) skips a step whose gradients overflow;
+    a run that only skips must not end as a success."""
     code, run_dir = run_cli(tmp_path, "overflow", "--strategy", "lora", "--lr", "1e9", "--steps", "20",
-                            "--eval-every", "1")
+                            "--eval-every", "1", "--zero-stage", "3")
     err = capsys.readouterr().err
     assert code == 3
     assert "gradients were not finite (DeepSpeed skipped the optimiser step) at step" in err
@@ -43,6 +44,34 @@ def test_non_finite_gradients_stop_the_run_name_the_step_and_are_counted(tmp_pat
     last = rows(run_dir)[-1]
     assert (int(last["step"]), last["skipped_steps"]) == (step, "1")
     assert json.loads((run_dir / "checkpoints/last/trainer.json").read_text())["step"] == step - 1
+    assert not (run_dir / "results.json").exists()
+
+
+@pytest.mark.parametrize("checkpoint_every", [None, 1])
+def test_under_zero_0_non_finite_gradients_stop_the_run_before_any_checkpoint_holds_them(tmp_path, capsys,
+                                                                                         checkpoint_every):
+    """One process runs ZeRO 2 as stage 0, where nothing in DeepSpeed checks the gradients: the step
+    records their finiteness on the device, and the run stops at the next log point or full
+    checkpoint (every step here, and with the log points 5 steps apart), naming the step; no saved
+    checkpoint holds the weights that step reached."""
+    from safetensors.torch import load_file
+
+    every = [] if checkpoint_every is None else ["--checkpoint-every", "1", "train.log_every=5", "--eval-every", "5"]
+    code, run_dir = run_cli(tmp_path, "overflow", "--strategy", "lora", "--lr", "1e9", "--steps", "20",
+                            "--eval-every", "1", *every)
+    err = capsys.readouterr().err
+    assert code == 3
+    assert "error: gradients were not finite at step " in err
+    step = int(err.split("not finite at step ")[1].split(";")[0])
+    logged = rows(run_dir) if (run_dir / "metrics.csv").exists() else []
+    assert all(int(r["step"]) < step and r["skipped_steps"] == "0" for r in logged)
+    saved = [load_file(path) for path in run_dir.glob("checkpoints/*/adapter.safetensors")]
+    saved += [torch.load(path, map_location="cpu", weights_only=False)["module"]
+              for path in run_dir.glob("checkpoints/full/*/deepspeed/mp_rank_00_model_states.pt")]
+    assert saved and all(torch.isfinite(t).all() for state in saved for t in state.values())
+    if checkpoint_every:
+        steps = [json.loads(p.read_text())["step"] for p in run_dir.glob("checkpoints/full/*/manifest.json")]
+        assert steps and max(steps) == step - 1
     assert not (run_dir / "results.json").exists()
 
 
