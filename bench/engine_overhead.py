@@ -54,15 +54,20 @@ def _stop_groups(model, strategy):
 
 
 def plain_step(model, strategy, train_cfg, batch):
-    """A plain torch loop's step over `model` (its own copy), engine.optim's optimiser and schedule."""
+    """A plain torch loop's step over `model` (its own copy), engine.optim's optimiser and schedule, clipping as
+    train.grad_clip says."""
     optimizer = make_optimizer(model, train_cfg, _stop_groups(model, strategy))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(train_cfg))
     images, labels = batch
     model.train()
 
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
     def step():
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(images), labels).backward()
+        if train_cfg.grad_clip:  # the engine clips too (train.grad_clip, 1.0 by default): the same work
+            torch.nn.utils.clip_grad_norm_(trainable, train_cfg.grad_clip)
         optimizer.step()
         scheduler.step()
     return step

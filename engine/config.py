@@ -83,7 +83,8 @@ class TrainConfig:
     zero_stage: int = 2               # ZeRO-2: optimiser state + gradients sharded; frozen weights left alone
                                       # (one process runs 1 and 2 as stage 0: engine.distributed.zero_stage_run)
     precision: str = "fp32"           # fp32 | bf16 (autocast) | fp16 (autocast, CUDA only)
-    grad_clip: float | None = None
+    grad_clip: float | None = 1.0     # max gradient norm; none turns clipping off (1.0: DeepSpeed's own default,
+                                      # which every run had before it was stated here)
     label_smoothing: float = 0.0
     checkpoint_every: int | None = None  # a full checkpoint (for --resume) every N steps; None = at every eval
     keep_checkpoints: int = 1         # full checkpoints kept (the newest); checkpoints/best stays in adapter form

@@ -103,8 +103,8 @@ def _our_deepspeed_config(cfg, world: int) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    if cfg.grad_clip:
-        config["gradient_clipping"] = cfg.grad_clip
+    # always written: left out, DeepSpeed clips at its default of 1.0 (0.0 turns it off)
+    config["gradient_clipping"] = cfg.grad_clip or 0.0
     return config
 
 

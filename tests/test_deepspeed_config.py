@@ -66,3 +66,20 @@ def test_one_process_runs_zero_1_and_2_as_stage_0(tmp_path, stage, world, theirs
     cfg, _ = adopt_deepspeed_config(TrainConfig(batch_size=8, zero_stage=stage, deepspeed_config=path), world)
     assert zero_stage_run(cfg, world) == runs
     assert deepspeed_config(cfg, world)["zero_optimization"]["stage"] == runs
+
+
+@pytest.mark.parametrize("grad_clip, engine_clips_at", [(None, 0.0), (1.0, 1.0), (0.5, 0.5)])
+def test_gradient_clipping_is_what_the_config_says(grad_clip, engine_clips_at):
+    """train.grad_clip=none is no clipping: left out of DeepSpeed's config, DeepSpeed clips at 1.0."""
+    import adapters
+    from engine.distributed import init_distributed
+    from engine.embedded import create_embedded_vit
+    from engine.train import make_engine
+
+    init_distributed()
+    strategy = adapters.get_strategy("linear", adapters.AdapterConfig())
+    model = strategy.apply(create_embedded_vit(pretrained=False, num_classes=0), 10)
+    groups = [g for g in strategy.param_groups(model) if g]
+    engine, *_ = make_engine(model, TrainConfig(batch_size=8, grad_clip=grad_clip), groups)
+    assert engine.gradient_clipping() == engine_clips_at
+    assert TrainConfig().grad_clip == 1.0  # the default, as every run had it
