@@ -234,8 +234,8 @@ def step_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
     return 0
 
 
-def ratio_rows(rows: list[dict], train_times: dict, infer_times: dict, providers, precision: str = "fp32",
-               peaks: dict | None = None) -> list[dict]:
+def ratio_rows(rows: list[dict], train_times: dict, infer_times: dict, providers, precision: str,
+               peaks: dict) -> list[dict]:
     """The issue's ratios, each with its goal: per-round medians of time ratios (speed-ups as a / b).
     Full fine-tuning's fraction of peak is against the GEMM peak of the run's precision where measured."""
     from . import strategy_steps as st
@@ -271,8 +271,8 @@ def ratio_rows(rows: list[dict], train_times: dict, infer_times: dict, providers
         add("selective_lora 50% / 10% time", t[1] / t[0], "", "linear in active blocks", "",
             "gates fixed; 100% / 10%: " + f"{t[2] / t[0]:.3f}")
     if "full" in by:
-        name = precision if precision in (peaks or {}) else "fp32"
-        frac = by["full"]["achieved_gflops"] / peaks[name] if peaks else by["full"]["frac_fp32_peak"]
+        name = precision if precision in peaks else "fp32"
+        frac = by["full"]["achieved_gflops"] / peaks[name]
         add(f"full: fraction of {name} GEMM peak", frac, "", ">= 0.70", frac >= 0.70,
             f"achieved train GFLOP/s over the measured {name} GEMM peak")
     for r in rows:

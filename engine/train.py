@@ -176,18 +176,6 @@ def _first(first: torch.Tensor, bad: torch.Tensor, step: int) -> torch.Tensor:
     return torch.where(bad & (first < 0), torch.full_like(first, step), first)
 
 
-def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: torch.device,
-          run_dir: Path, save_checkpoint, rank: int = 0, world: int = 1, progress: bool = True,
-          checkpoints: FullCheckpoints | None = None, resume: Path | None = None, curve=None) -> TrainResult:
-    """Fine-tune `model` in place for the TrainConfig `cfg`; `save_checkpoint(model, tag, info)`
-    writes checkpoints/<tag> (adapter form), `checkpoints` the full ones, `resume` names the full
-    checkpoint to continue from, `curve` (an engine.curve.ForgettingCurve, or None) is measured at
-    its steps. `val_loader` reads this rank's shard of the validation split."""
-    with torch_linear_kept():
-        return _train(model, strategy, train_loader, val_loader, cfg, device, run_dir, save_checkpoint, rank, world,
-                      progress, checkpoints, resume, curve)
-
-
 @contextlib.contextmanager
 def torch_linear_kept():
     """torch.nn.functional.linear as it was before the block. A ZeRO-3 engine replaces it process-wide
@@ -201,8 +189,14 @@ def torch_linear_kept():
         F.linear = linear
 
 
-def _train(model, strategy, train_loader, val_loader, cfg, device, run_dir, save_checkpoint, rank, world, progress,
-           checkpoints, resume, curve) -> TrainResult:
+@torch_linear_kept()
+def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: torch.device,
+          run_dir: Path, save_checkpoint, rank: int = 0, world: int = 1, progress: bool = True,
+          checkpoints: FullCheckpoints | None = None, resume: Path | None = None, curve=None) -> TrainResult:
+    """Fine-tune `model` in place for the TrainConfig `cfg`; `save_checkpoint(model, tag, info)`
+    writes checkpoints/<tag> (adapter form), `checkpoints` the full ones, `resume` names the full
+    checkpoint to continue from, `curve` (an engine.curve.ForgettingCurve, or None) is measured at
+    its steps. `val_loader` reads this rank's shard of the validation split."""
     params = dict(model.named_parameters())
     stop_groups = [g for g in strategy.param_groups(model) if g]
     if sorted(sum(stop_groups, [])) != sorted(n for n, p in params.items() if p.requires_grad):
@@ -233,14 +227,14 @@ def _train(model, strategy, train_loader, val_loader, cfg, device, run_dir, save
         bar.close()
         return TrainingDiverged(step, what, last_good)
 
-    def check_finite(first_bad_loss: int | None, mean_loss: float | None) -> None:
+    def check_finite(mean_loss: float | None = None) -> None:
         """Stop at the first non-finite loss or gradients (ZeRO 0's device record), the earlier first;
-        at the same step the loss is the better explanation."""
-        grads_bad = losses.first_bad_steps(world)[1]
-        if grads_bad is not None and (first_bad_loss is None or grads_bad < first_bad_loss):
+        at the same step the loss is the better explanation. `mean_loss`: the log point's, if read."""
+        loss_bad, grads_bad = losses.first_bad_steps(world)
+        if grads_bad is not None and (loss_bad is None or grads_bad < loss_bad):
             raise stop(grads_bad, "gradients were not finite")
-        if first_bad_loss is not None:
-            raise stop(first_bad_loss, f"loss became {mean_loss}")
+        if loss_bad is not None:
+            raise stop(loss_bad, f"loss became {losses.read(world)[0] if mean_loss is None else mean_loss}")
 
     def row(step: int, mean_loss: float) -> dict:
         # With layer decay the groups' rates differ: the top layer's (the highest) is the run's rate.
@@ -288,11 +282,12 @@ def _train(model, strategy, train_loader, val_loader, cfg, device, run_dir, save
                     raise stop(step, "gradients were not finite (DeepSpeed skipped the optimiser step)")
             evaluating = step % cfg.eval_every == 0 or step == cfg.steps
             curving = curve is not None and curve.due(step)
-            if evaluating or curving or step % cfg.log_every == 0:
+            log_point = evaluating or curving or step % cfg.log_every == 0
+            if log_point:
                 sync(device)  # the step's work is done before its time is counted (asynchronous on a GPU)
                 result.train_seconds += time.perf_counter() - began
-                mean_loss, first_bad = losses.read(world)
-                check_finite(first_bad, mean_loss)
+                mean_loss, _ = losses.read(world)
+                check_finite(mean_loss)
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{max(scheduler.get_last_lr()):.3g}")
                 metrics = row(step, mean_loss)
                 if evaluating:
@@ -320,10 +315,10 @@ def _train(model, strategy, train_loader, val_loader, cfg, device, run_dir, save
                 result.train_seconds += time.perf_counter() - began
             signum = stop_request.agreed()
             due = step % cfg.checkpoint_every == 0 if cfg.checkpoint_every else evaluating
-            if checkpoints is not None and (due or signum):
-                first_bad = losses.first_bad_steps(world)[0]  # a full checkpoint holds only finite weights
-                check_finite(first_bad, losses.read(world)[0] if first_bad is not None else None)
-            saved = save_full(step) if checkpoints is not None and (due or signum) else None
+            saving = checkpoints is not None and (due or signum)
+            if saving and not log_point:
+                check_finite()  # a full checkpoint holds only finite weights (a log point has checked already)
+            saved = save_full(step) if saving else None
             if signum:
                 bar.close()
                 raise TrainingStopped(signum, step, saved)
