@@ -23,18 +23,23 @@ def _save(fig, out: str | Path) -> Path:
     return out
 
 
-def plot_curves(curves: dict[str, Sequence[tuple[int, float]]], out: str | Path, title: str,
+def plot_curves(curves: dict[str, Sequence[tuple]], out: str | Path, title: str,
                 ylabel: str = "source k-NN accuracy %") -> Path:
-    """Forgetting curves, one line per label: step (symmetric log, so step 0 shows) against source k-NN."""
+    """Forgetting curves, one line per label: step (symmetric log, so step 0 shows) against source k-NN.
+    Points are (step, value) or (step, mean, sd): a band of mean +- sd is drawn where any sd is above 0."""
     plt = _pyplot()
     from matplotlib.ticker import FuncFormatter
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, (label, points) in enumerate(curves.items()):
         if points:
-            steps, values = zip(*points)
+            steps, values, *spread = zip(*points)
             # the colour cycle has 10 entries: lines past it change dash and marker, so none share a look
             ax.plot(steps, values, color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3],
                     marker="os^"[i // 10 % 3], markersize=3, label=label)
+            if spread and any(sd > 0 for sd in spread[0]):
+                ax.fill_between(steps, [v - sd for v, sd in zip(values, spread[0])],
+                                [v + sd for v, sd in zip(values, spread[0])], color=f"C{i % 10}", alpha=0.15,
+                                linewidth=0)
     ax.set_xscale("symlog", linthresh=1)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))  # 0, 1, 10, 100 (not 10^2)
     ax.set_xlabel("training step (log scale; 0 = untouched backbone)")
@@ -48,7 +53,8 @@ def plot_curves(curves: dict[str, Sequence[tuple[int, float]]], out: str | Path,
 
 def plot_tradeoff(rows: Sequence[dict], out: str | Path, title: str) -> Path:
     """The paper's picture: target top-1 against source k-NN, one marker per row (`label`, `group`,
-    `target_top1`, `source_knn`, `trainable_params`), marker area growing with log trainable params."""
+    `target_top1`, `source_knn`, `trainable_params`), marker area growing with log trainable params;
+    error bars of +- `target_top1_sd` / `source_knn_sd` where a row has them (two or more seeds)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     logs = [math.log10(max(r["trainable_params"], 1)) for r in rows]
@@ -59,6 +65,9 @@ def plot_tradeoff(rows: Sequence[dict], out: str | Path, title: str) -> Path:
         size = 40 + 460 * ((lg - low) / (high - low) if high > low else 0.5)
         ax.scatter(r["source_knn"], r["target_top1"], s=size, color=colours[r["group"]], alpha=0.6,
                    edgecolors="black", linewidths=0.5)
+        if r.get("target_top1_sd") is not None:
+            ax.errorbar(r["source_knn"], r["target_top1"], xerr=r["source_knn_sd"], yerr=r["target_top1_sd"],
+                        fmt="none", ecolor=colours[r["group"]], elinewidth=1, capsize=3)
         ax.annotate(r["label"], (r["source_knn"], r["target_top1"]), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
     for g in groups:

@@ -1,21 +1,32 @@
-"""A sweep's report: each row's learning rate chosen by validation accuracy, the paper's table, the figures.
+"""A sweep's report: each row's learning rate chosen by validation accuracy, the paper's table with its
+spread over seeds, the figures.
 
 Reads only the run folders' contract files: results.json (target top-1 on the *test* split, source
 k-NN before and after), source_knn.json (`best_val_top1`, the validation accuracy that chose the
-checkpoint) and config.yaml. Per row, the learning rate with the best mean validation accuracy over
-its finished seeds wins (never the test accuracy); its runs' test figures are averaged.
+checkpoint), config.yaml and metrics.csv (the forgetting curve). Per row, the learning rate with the
+best mean validation accuracy over its finished seeds wins (never the test accuracy); its runs' test
+figures are summarised over those seeds: mean, sample standard deviation and the mean's 95% t interval.
+
+Seed s of every row trains on the same data order, so rows are compared seed by seed: a column's
+highest mean is the best (bold) only where it beats every other row's by more than the paired 95%
+interval of the difference (`separated`); otherwise it and the rows within that noise of it are
+marked tied. With one seed no row is marked at all.
 
 Writes into the sweep folder: `runs.csv` (every run), `table.md` / `table.csv` (the paper's layout:
 groups Standard / LoRA / Block Expansion / Selective LoRA; trainable params, target top-1, source
-k-NN, mean; the best mean in bold; the paper's own figures beside ours for the `paper` preset),
-`figure.png` (target against source, marker area by trainable params), `forgetting.png` (each row's
-forgetting curve) and, with two or more selective LoRA rows, `selective.png`.
+k-NN, mean, each as mean +- sd over n seeds, and the mean's interval; the paper's own figures beside
+ours for the `paper` preset), `figure.png` (target against source, marker area by trainable params,
+bars +- 1 sd), `forgetting.png` (each row's forgetting curve, the mean over seeds in a +- 1 sd band)
+and, with two or more selective LoRA rows, `selective.png`.
 """
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import json
+import math
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,9 +40,16 @@ from .presets import GROUPS
 RUN_COLUMNS = ("name", "row", "label", "lr", "seed", "status", "val_top1", "target_top1", "source_knn_before",
                "source_knn_after", "forgetting", "mean", "trainable_params", "active_blocks", "total_blocks",
                "wall_s")
-TABLE_COLUMNS = ("group", "row", "label", "strategy", "best_lr", "seeds", "trainable_params", "target_top1",
-                 "source_knn", "mean", "forgetting", "source_knn_before", "val_top1", "active_blocks",
-                 "total_blocks", "paper_trainable", "paper_target", "paper_source", "paper_mean")
+# Summarised over a row's seeds: (table key, the runs' results.json key; None: source_knn.json's best_val_top1).
+STATS = (("target_top1", "target_top1"), ("source_knn", "source_knn_after"), ("mean", "mean"),
+         ("forgetting", "forgetting"), ("source_knn_before", "source_knn_before"), ("val_top1", None))
+# The columns that get the best / tied marks, higher being better in each. Source k-NN after
+# fine-tuning ranks the rows as forgetting does (every row starts from the same backbone's features).
+COMPARED = ("target_top1", "source_knn", "mean")
+TABLE_COLUMNS = ("group", "row", "label", "strategy", "best_lr", "seeds", "trainable_params",
+                 *(f"{key}{suffix}" for key, _ in STATS for suffix in ("", "_sd", "_ci95_low", "_ci95_high")),
+                 *(f"{key}_mark" for key in COMPARED), "active_blocks", "total_blocks",
+                 "paper_trainable", "paper_target", "paper_source", "paper_mean")
 
 
 @dataclass
@@ -42,6 +60,48 @@ class Finished:
     val_top1: float
     config: dict
     curve: list = field(default_factory=list)
+
+    def value(self, results_key: str | None) -> float:
+        return self.val_top1 if results_key is None else float(self.results[results_key])
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Values over n seeds: their mean, sample standard deviation and the mean's 95% t interval
+    (mean +- t(0.975, n - 1) sd / sqrt(n)); sd and interval are None for one value."""
+    n: int
+    mean: float
+    sd: float | None = None
+    low: float | None = None
+    high: float | None = None
+
+
+@functools.lru_cache(maxsize=None)
+def t975(df: int) -> float:
+    """The t distribution's 97.5% quantile with `df` degrees of freedom (a two-sided 95% interval)."""
+    from scipy.stats import t
+    return float(t.ppf(0.975, df))
+
+
+def spread(values) -> Spread:
+    values = [float(v) for v in values]
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return Spread(len(values), mean)
+    sd = statistics.stdev(values)
+    half = t975(len(values) - 1) * sd / math.sqrt(len(values))
+    return Spread(len(values), mean, sd, mean - half, mean + half)
+
+
+def paired_difference(best: dict[int, float], other: dict[int, float]) -> Spread:
+    """best - other over the seeds both have (seed s of each trained on the same data order)."""
+    return spread(best[s] - other[s] for s in sorted(set(best) & set(other)))
+
+
+def separated(difference: Spread) -> bool:
+    """The best is ahead by more than the paired 95% interval: its lower end is above 0 (never with
+    fewer than two seeds in common)."""
+    return difference.low is not None and difference.low > 0
 
 
 def _load(point, sweep_dir: Path) -> Finished | None:
@@ -54,13 +114,21 @@ def _load(point, sweep_dir: Path) -> Finished | None:
                     yaml.safe_load((run_dir / "config.yaml").read_text()), curve)
 
 
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
+def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float, float]]:
+    """(step, mean, sd) over the seeds' forgetting curves at the steps every curve has (sd 0 for one)."""
+    by_step = [dict(c) for c in curves if c]
+    steps = sorted(set.intersection(*(set(c) for c in by_step))) if by_step else []
+    out = []
+    for step in steps:
+        s = spread(c[step] for c in by_step)
+        out.append((step, s.mean, s.sd or 0.0))
+    return out
 
 
 def select(grid, sweep_dir: Path) -> tuple[list[dict], list[Finished]]:
-    """Table rows (one per grid row, best learning rate by validation) and every finished run."""
+    """Table rows (one per grid row, best learning rate by mean validation accuracy over its seeds) and
+    every finished run. A row's `values[key]` maps each seed to its run's figure; `key`, `key_sd`,
+    `key_ci95_low` / `_high` summarise them; `key_mark` is 'best', 'tied' or '' (see `mark`)."""
     finished = {p.name: f for p in grid if (f := _load(p, sweep_dir)) is not None}
     rows = []
     for row in dict.fromkeys(p.row for p in grid):
@@ -71,20 +139,46 @@ def select(grid, sweep_dir: Path) -> tuple[list[dict], list[Finished]]:
         entry = {"group": row.group, "row": row.key, "label": row.label, "strategy": row.strategy,
                  "paper": row.paper, "runs": []}
         if by_lr:
-            best_lr = max(by_lr, key=lambda lr: _mean(f.val_top1 for f in by_lr[lr]))  # first of equals wins
+            best_lr = max(by_lr, key=lambda lr: statistics.fmean(f.val_top1 for f in by_lr[lr]))  # first of equals
             runs = by_lr[best_lr]
             r = [f.results for f in runs]
             entry.update(best_lr=best_lr, seeds=len(runs), runs=runs, trainable_params=r[0]["trainable_params"],
-                         target_top1=_mean(x["target_top1"] for x in r), source_knn=_mean(x["source_knn_after"] for x in r),
-                         mean=_mean(x["mean"] for x in r), forgetting=_mean(x["forgetting"] for x in r),
-                         source_knn_before=_mean(x["source_knn_before"] for x in r),
-                         val_top1=_mean(f.val_top1 for f in runs))
+                         values={})
+            for key, results_key in STATS:
+                entry["values"][key] = {f.point.seed: f.value(results_key) for f in runs}
+                s = spread(entry["values"][key].values())
+                entry.update({key: s.mean, f"{key}_sd": s.sd, f"{key}_ci95_low": s.low, f"{key}_ci95_high": s.high})
             if "active_blocks" in r[0]:
-                entry.update(active_blocks=_mean(x["active_blocks"] for x in r), total_blocks=r[0]["total_blocks"])
+                entry.update(active_blocks=statistics.fmean(x["active_blocks"] for x in r),
+                             total_blocks=r[0]["total_blocks"])
         rows.append(entry)
     order = {g: i for i, g in enumerate(GROUPS)}
     rows.sort(key=lambda e: order.get(e["group"], len(GROUPS)))  # stable: preset order within a group
+    for key in COMPARED:
+        mark(rows, key)
     return rows, list(finished.values())
+
+
+def mark(rows: list[dict], key: str) -> None:
+    """Set each row's `key_mark`: 'best' for the highest mean where `separated` from every other row
+    (paired over common seeds); else 'tied' for the highest and each row not separated from it. No
+    marks with one seed per row or fewer than two rows. Each row's `key_vs_top` holds the paired
+    difference (top - row) the decision used."""
+    done = [r for r in rows if r["runs"]]
+    for r in rows:
+        r[f"{key}_mark"] = ""
+    if len(done) < 2 or all(r["seeds"] == 1 for r in done):
+        return
+    top = max(done, key=lambda r: r[key])  # first of equals
+    ties = []
+    for r in done:
+        if r is not top:
+            r[f"{key}_vs_top"] = paired_difference(top["values"][key], r["values"][key])
+            if not separated(r[f"{key}_vs_top"]):
+                ties.append(r)
+    top[f"{key}_mark"] = "tied" if ties else "best"
+    for r in ties:
+        r[f"{key}_mark"] = "tied"
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -109,16 +203,47 @@ def _data_name(spec: str, role: str) -> str:
     return Path(spec[len(IMAGEFOLDER):]).name if spec.startswith(IMAGEFOLDER) else spec
 
 
+def _cell(r: dict, key: str) -> str:
+    """mean +- sd (the mean alone for one seed), bold where best, '(tied)' where tied for best."""
+    text = _fmt(r[key]) + (f" +- {_fmt(r[key + '_sd'])}" if r.get(key + "_sd") is not None else "")
+    mark = r.get(f"{key}_mark")
+    return f"**{text}**" if mark == "best" else f"{text} (tied)" if mark == "tied" else text
+
+
+def _interval(r: dict, key: str) -> str:
+    return f"{_fmt(r[key + '_ci95_low'])} to {_fmt(r[key + '_ci95_high'])}" if r.get(key + "_ci95_low") is not None \
+        else "-"
+
+
+def _ties_note(rows: list[dict], key: str, name: str) -> str | None:
+    """'Mean: no row is best. ...' for a column whose highest mean is within noise of another row's."""
+    done = [r for r in rows if r["runs"]]
+    top = max(done, key=lambda r: r[key], default=None)  # as `mark` chose it
+    if top is None or top[f"{key}_mark"] != "tied":
+        return None
+    within = []
+    for r in done:
+        d = r.get(f"{key}_vs_top")
+        if r[f"{key}_mark"] == "tied" and d is not None:
+            within.append(f"{r['label']} ({_fmt(d.mean)}, 95% interval {_fmt(d.low)} to {_fmt(d.high)} over "
+                          f"{d.n} seeds)" if d.low is not None else f"{r['label']} (fewer than two seeds in common)")
+    return (f"{name}: no row is best. {top['label']} has the highest ({_fmt(top[key])}); within noise of it, "
+            f"{top['label']} minus each: " + "; ".join(within) + ".")
+
+
 def format_markdown(rows: list[dict], finished: list[Finished], preset) -> str:
-    """The paper's layout: one section per group, the best mean (ours, and the paper's) in bold."""
+    """The paper's layout: one section per group, each cell mean +- sd over the row's seeds, the best
+    (where separated from every other row) in bold, rows within noise of the highest marked tied."""
     if not finished:
         return "no run has finished yet"
     target, source, k = _describe(finished)
     with_paper = any(r["paper"] for r in rows)
     done = [r for r in rows if r["runs"]]
-    best = max(r["mean"] for r in done) if done else None
+    seeds = max((r["seeds"] for r in done), default=0)
     best_paper = max((r["paper"].mean for r in rows if r["paper"]), default=None)
-    head = ["Group", "Strategy", "best LR", "Trainable params", f"{target} top-1", f"{source} {k}-NN", "Mean"]
+    names = {"target_top1": f"{target} top-1", "source_knn": f"{source} {k}-NN", "mean": "Mean"}
+    head = ["Group", "Strategy", "best LR", "n", "Trainable params", *names.values(),
+            *(["Mean 95% CI"] if seeds > 1 else [])]
     if with_paper:
         head += ["paper: params", "paper: CIFAR-100", "paper: IN-1K", "paper: Mean"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -128,22 +253,35 @@ def format_markdown(rows: list[dict], finished: list[Finished], preset) -> str:
         previous = r["group"]
         label = r["label"] + (f" ({r['active_blocks']:.3g}/{r['total_blocks']} blocks)" if "active_blocks" in r else "")
         if r["runs"]:
-            mean = _fmt(r["mean"])
-            cells = [f"{r['best_lr']:g}", _fmt(r["trainable_params"]), _fmt(r["target_top1"]), _fmt(r["source_knn"]),
-                     f"**{mean}**" if r["mean"] == best else mean]
+            cells = [f"{r['best_lr']:g}", str(r["seeds"]), _fmt(r["trainable_params"]),
+                     *(_cell(r, key) for key in names), *([_interval(r, "mean")] if seeds > 1 else [])]
         else:
-            cells = ["-", "-", "not run", "-", "-"]
+            cells = ["-", "0", "-", "not run", "-", "-", *(["-"] if seeds > 1 else [])]
         if with_paper:
             p = r["paper"]
             cells += ([p.trainable, _fmt(p.target), _fmt(p.source), f"**{_fmt(p.mean)}**" if p.mean == best_paper
                        else _fmt(p.mean)] if p else ["", "", "", ""])
         lines.append("| " + " | ".join([group, label, *cells]) + " |")
-    before = _mean(f.results["source_knn_before"] for f in finished)
-    seeds = max((r.get("seeds", 0) for r in rows), default=0)
+    before = statistics.fmean(f.results["source_knn_before"] for f in finished)
     notes = [f"Target top-1 on the {target} test split and source weighted {k}-NN accuracy ({source}) after "
              f"fine-tuning, in %; mean = their average. The untouched backbone's source {k}-NN: {before:.2f}%. "
-             f"Each row's learning rate was chosen by validation accuracy"
-             + (f"; figures are means over {seeds} seeds." if seeds > 1 else ".")]
+             f"Each row's learning rate was chosen by its mean validation accuracy over its seeds (never test)."]
+    if seeds > 1:
+        notes.append(
+            "Each cell: mean +- sample standard deviation over the row's n seeds (the value alone for n = 1); "
+            "Mean 95% CI: mean +- "
+            "t(0.975, n-1) sd / sqrt(n). Seed s of every row trains on the same data order, so rows are compared "
+            "seed by seed: in each of the target, source and mean columns the highest mean is bold only where it "
+            "beats every other row's by more than the paired 95% interval of the difference (d_s = best_s - "
+            "other_s over the seeds both have: mean(d) - t(0.975, n-1) sd(d) / sqrt(n) > 0). Where it does not, "
+            "no row is best: the highest and the rows not separated from it are marked (tied). The highest "
+            f"source {k}-NN is the least forgetting (every row starts from the same backbone).")
+        notes += [n for key, name in names.items() if (n := _ties_note(rows, key, name))]
+    elif done:
+        notes.append("One seed per row: no row is marked best, since one run per row cannot tell a difference "
+                     "between rows from seed noise; give --seeds 0,1,2 to compare them.")
+    if with_paper:
+        notes.append("The paper's columns are its Table 1 as printed (its best mean in bold).")
     if preset is not None and preset.note:
         notes.append(preset.note)
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
@@ -218,10 +356,13 @@ def write_report(sweep_dir: Path, grid, preset, outcomes: dict[str, int] | None 
         return table
     target, source, k = _describe(finished)
     title = f"{preset.name if preset else 'sweep'}: {target} (target) vs {source} (source)"
-    plot_tradeoff([dict(r) for r in done], sweep_dir / "figure.png", title)
-    curves = {r["label"]: r["runs"][0].curve for r in done if r["runs"][0].curve}
+    seeds = max(r["seeds"] for r in done)
+    plot_tradeoff([dict(r) for r in done], sweep_dir / "figure.png",
+                  title + (f"\nbars: +- 1 sd over each row's seeds (up to {seeds})" if seeds > 1 else ""))
+    curves = {r["label"]: curve for r in done if (curve := mean_curve([f.curve for f in r["runs"]]))}
     if curves:
-        plot_curves(curves, sweep_dir / "forgetting.png", f"forgetting curves ({source} {k}-NN, each row's best LR)")
+        plot_curves(curves, sweep_dir / "forgetting.png", f"forgetting curves ({source} {k}-NN, each row's best LR"
+                    + (f"; mean over seeds, band +- 1 sd)" if seeds > 1 else ")"))
     points, reference = selective_points(rows)
     if len(points) >= 2:
         plot_selective(points, sweep_dir / "selective.png",
