@@ -1,13 +1,28 @@
 """Kernel-optimised fine-tuning of pre-trained ViTs without catastrophic forgetting."""
-from setuptools import find_packages, setup
+import os
+import sys
+
+# This folder off sys.path: setuptools runs other distributions' plugins (Hugging Face's `kernels`
+# registers an egg_info writer), and our kernels/ would answer their imports (pip --no-build-isolation).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+from setuptools import find_packages, setup  # noqa: E402
+
+# Hugging Face's `kernels` (a dependency of transformers) and AdapterHub's `adapters` install
+# top-level packages named as two of ours. A wheel of this project never writes a file there: our
+# `kernels` and `adapters` go under _vit_forget_not/, where engine finds them (engine/own_packages.py).
+WHEEL_HOME = "_vit_forget_not"
+TOP_LEVEL = find_packages(include=["engine", "engine.*", "bench", "bench.*"])
+OWN = find_packages(include=["kernels", "kernels.*", "adapters", "adapters.*"])
 
 setup(
     name="vit-forget-not",
     version="0.1.0",
     description=__doc__,
     python_requires=">=3.10",
-    packages=find_packages(include=["engine", "engine.*", "adapters", "adapters.*", "kernels", "kernels.*",
-                                    "bench", "bench.*"]),
+    packages=[*TOP_LEVEL, *(f"{WHEEL_HOME}.{p}" for p in OWN)],
+    package_dir={f"{WHEEL_HOME}.{p}": p.replace(".", "/") for p in OWN},
     package_data={"engine": ["assets/*.safetensors", "assets/*.json"]},
     install_requires=[
         "torch>=2.4,<2.16",
