@@ -38,6 +38,7 @@ setup(
         "pillow>=10,<14",
         "tqdm>=4.66,<5",
         "matplotlib>=3.7,<4",          # forgetting.png, the sweep's figures
+        "scipy>=1.5,<2",               # the sweep report's t intervals (scikit-learn needs it too)
     ],
     extras_require={
         # pytest-timeout: a test that hangs fails with every thread's stack instead of stalling CI
