@@ -7,8 +7,9 @@
 
 Providers (bench/lora_problems.py): `reference`, `peft-style` (a module computing as HF peft does,
 with q/v zero-padded to the qkv width), `hf-peft` (HF peft's own LoRA Linear; on qkv it wraps the
-whole layer, different work), `torch`, `triton`, `triton-xa-buffer` (CUDA only), and the gated-skip
-baselines `linear` and `torch-g0`. Modes: forward, backward (of a retained graph), full (both).
+whole layer, different work; built and timed in a worker process, bench/peers.py), `torch`,
+`triton`, `triton-xa-buffer` (CUDA only), and the gated-skip baselines `linear` and `torch-g0`.
+Modes: forward, backward (of a retained graph), full (both).
 
 Timing runs on pytest-benchmark (this file is also its test module: `test_kernel` below), with
 triton.testing.do_bench as the timer on CUDA. Each row has the time (min over rounds, the least
@@ -33,8 +34,9 @@ from pathlib import Path
 import torch
 
 from .device import device_name
-from .lora_problems import (DTYPES, MODES, PROVIDERS, SHAPES, available_providers, bench_fn, build_problem,
-                            min_bytes, useful_flops, work_note, xa_buffer)
+from . import peers
+from .lora_problems import (DTYPES, MODES, PEER_PROVIDERS, PROVIDERS, SHAPES, available_providers, bench_fn,
+                            build_problem, hf_peft_layer, min_bytes, useful_flops, work_note, xa_buffer)
 from .report import add_output_options, format_table, parse_args, save_or_skip
 from .roofline import measure_peaks, roofline_prediction, roofline_seconds
 from .timing import CLOCKS, best_time
@@ -55,7 +57,7 @@ def _config():
 
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
-        cases = _config().get("cases", [])
+        cases = [c for c in _config().get("cases", []) if c["provider"] not in PEER_PROVIDERS]
         metafunc.parametrize("case", cases, ids=["-".join(str(v) for v in c.values()) for c in cases])
 
 
@@ -77,10 +79,12 @@ def test_kernel(benchmark, case):
 
 
 def run_cases(cfg: dict) -> tuple[int, list[dict]]:
-    """Time cfg["cases"] with pytest-benchmark in this process; (pytest's exit code, its benchmarks)."""
+    """Time cfg["cases"] with pytest-benchmark in this process, the peer's in its worker
+    (`peer_benchmarks`); (pytest's exit code, the benchmarks in the order of the cases)."""
     import pytest
 
     os.environ[CONFIG_ENV] = json.dumps(cfg)
+    ours = [c for c in cfg["cases"] if c["provider"] not in PEER_PROVIDERS]
     with tempfile.TemporaryDirectory() as tmp:
         json_path = Path(tmp) / "bench.json"
         code = pytest.main([__file__, "-q", "-p", "no:cacheprovider", "--benchmark-enable",  # pytest.ini disables it
@@ -88,7 +92,26 @@ def run_cases(cfg: dict) -> tuple[int, list[dict]]:
                             "--benchmark-sort=name", "--benchmark-disable-gc"]
                            + ([f"--benchmark-timer=time.{CLOCKS['cpu'].__name__}"] if cfg["clock"] == "cpu" else []))
         benchmarks = json.loads(json_path.read_text())["benchmarks"] if code == 0 else []
-    return int(code), benchmarks
+    if code == pytest.ExitCode.NO_TESTS_COLLECTED and not ours:  # only the peer's cases
+        code = 0
+    if code != 0:
+        return int(code), []
+    keys = list(cfg["cases"][0]) if cfg["cases"] else []
+    return 0, sorted(benchmarks + peer_benchmarks(cfg),
+                     key=lambda b: cfg["cases"].index({k: b["extra_info"][k] for k in keys}))
+
+
+def peer_benchmarks(cfg: dict) -> list[dict]:
+    """cfg["cases"] of the peer (hf-peft), timed in its worker as pytest-benchmark times the others
+    here (one untimed call, then one call a round, by the run's clock: the worker's own CPU time
+    with --clock cpu), in pytest-benchmark's form (extra_info: the case; stats: min, median)."""
+    out = []
+    for case in cfg["cases"]:
+        if case["provider"] in PEER_PROVIDERS:
+            p = build_problem(case["shape"], cfg["batch"], cfg["rank"], case["dtype"], cfg["device"])
+            times = peers.shared().lora_times(hf_peft_layer(p), case["mode"], cfg["rounds"], CLOCKS[cfg["clock"]])
+            out.append({"extra_info": dict(case), "stats": {"min": min(times), "median": statistics.median(times)}})
+    return out
 
 
 def kernel_rows(benchmarks: list[dict], cfg: dict, peaks: dict, device_label: str) -> list[dict]:
@@ -126,16 +149,26 @@ def interleaved_ratios(device, batch, rank, dtypes, shapes, rounds, clock, provi
         for shape in shapes:
             p = build_problem(shape, batch, rank, dtype_name, device)
             print(f"ratios {shape} {dtype_name}: {rounds} rounds of {', '.join(providers)} ...", flush=True)
-            fns = {prov: bench_fn(p, prov, "full") for prov in providers}
-            times = {prov: [] for prov in fns}
-            for fn in fns.values():
-                fn()  # warm-up
-            order = list(fns)
+            one_round = {prov: round_timer(p, prov, device, clock) for prov in providers}
+            times = {prov: [] for prov in providers}
+            order = list(providers)
             for i in range(rounds):
                 for prov in order[i % len(order):] + order[:i % len(order)]:
-                    times[prov].append(best_time(fns[prov], device, 1, clock))
+                    times[prov].append(one_round[prov]())
             results.append(dict(problem=p, dtype=dtype_name, times=times))
     return results
+
+
+def round_timer(p, provider: str, device: str, clock):
+    """After a warm-up call, a callable timing one round of fwd + bwd (`best_time` of one call: one
+    untimed call, one timed) and returning its seconds; the peer's (hf-peft) in its worker, by its clock."""
+    if provider in PEER_PROVIDERS:
+        key = hf_peft_layer(p)
+        peers.shared().lora_times(key, "full", 0, clock)  # the warm-up call
+        return lambda: peers.shared().lora_times(key, "full", 1, clock)[0]
+    fn = bench_fn(p, provider, "full")
+    fn()  # warm-up
+    return lambda: best_time(fn, device, 1, clock)
 
 
 RATIOS = (("torch", "hf-peft"), ("torch", "peft-style"), ("torch-g0", "linear"))  # (measured, against)

@@ -1,6 +1,6 @@
 """What the kernel benchmark computes: ViT-B layers as LoRA-linear problems, the providers that
-compute them (our backends, a module written the way HF peft computes, HF peft itself, the
-gated-skip baselines), and the work each provider does (FLOPs, bytes).
+compute them (our backends, a module written the way HF peft computes, HF peft itself in the
+peer worker of bench/peers.py, the gated-skip baselines), and the work each provider does (FLOPs, bytes).
 
 A problem is `y = x W^T + b + s (x A_i^T) B_i^T` on the columns of each segment i, W frozen, at
 M = batch x 197 tokens. Every provider of a problem gets the same tensors, so outputs compare.
@@ -19,6 +19,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import kernels
 
+from . import peers
+from .step_measures import mode_fn
+
 TOKENS = 197  # ViT-B/16 at 224 px: 196 patches + CLS
 # ViT-B/16 layers: (K, N, segments as (start, width)). qkv carries LoRA on q and v only.
 SHAPES = {
@@ -33,6 +36,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, 
 # M x R buffer instead of inside the GEMM loop; linear, torch-g0: the gated skip's baselines (plain
 # F.linear, and our op with every gate 0).
 PROVIDERS = ("reference", "peft-style", "hf-peft", "torch", "triton", "triton-xa-buffer", "linear", "torch-g0")
+PEER_PROVIDERS = ("hf-peft",)  # built and timed in the peer worker (bench/peers.py), not in this process
 MODES = ("forward", "backward", "full")
 GATED_OFF = ("linear", "torch-g0")  # providers that compute no LoRA term
 DIFFERENT_WORK = "different: LoRA on all of q, k, v (peft#1705)"
@@ -108,38 +112,16 @@ class PeftStyleLoRA(nn.Module):
 def peft_can_express(p: Problem) -> bool:
     """True when HF peft does the problem's own work: one LoRA over the whole output. It cannot put
     LoRA on only q and v of timm's fused qkv (huggingface/peft#1705)."""
-    return p.segments == ((0, p.n),)
+    return peers.peft_can_express(p.segments, p.n)
 
 
-def hf_peft_lora(p: Problem) -> nn.Module:
-    """HF peft's LoRA layer (`peft.tuners.lora.Linear`) on the problem's frozen Linear, built as a
-    user builds it: `get_peft_model` with a `LoraConfig` on a module holding the Linear. A and B are
-    the problem's (shared storage), so outputs compare with ours where `peft_can_express`; elsewhere
-    (qkv) peft wraps the whole layer: A of the first segment, B with the segments' rows and zeros
-    between (different work). peft would keep 16-bit adapters in fp32 by default
-    (autocast_adapter_dtype); here they hold the problem's dtype, as in every other provider."""
-    from peft import LoraConfig, get_peft_model
-
-    class Holder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.layer = _frozen_linear(p.weight, p.bias)
-
-        def forward(self, x):
-            return self.layer(x)
-
-    alpha = p.scale * p.r  # peft's scaling is lora_alpha / r
-    config = LoraConfig(r=p.r, lora_alpha=int(alpha) if alpha == int(alpha) else alpha, target_modules=["layer"])
-    layer = get_peft_model(Holder(), config, autocast_adapter_dtype=False).base_model.model.layer
-    if peft_can_express(p):
-        a, b = p.lora_a[0], p.lora_b[0]
-    else:
-        a, b = p.lora_a[0], torch.zeros(p.n, p.r, device=p.x.device, dtype=p.dtype)
-        for (start, width), b_i in zip(p.segments, p.lora_b):
-            b[start:start + width] = b_i.detach()
-    layer.lora_A["default"].weight = nn.Parameter(a.detach())
-    layer.lora_B["default"].weight = nn.Parameter(b.detach())
-    return layer
+def hf_peft_layer(p: Problem) -> str:
+    """HF peft's LoRA Linear on the problem's tensors (bench/peers.py's `lora_layer`: peft's own
+    layer, built with `get_peft_model` as a user builds it), in this process's peer worker: peft
+    cannot be imported beside this project's `kernels`. Its key there, for `lora_times` and
+    `lora_outputs`."""
+    key = f"{p.shape}-{p.m}-{p.r}-{p.dtype}-{p.x.device}"
+    return peers.shared().lora_layer(key, p.x, p.weight, p.bias, p.lora_a, p.lora_b, p.starts, p.dy, p.scale)
 
 
 def _frozen_linear(weight, bias):
@@ -170,9 +152,8 @@ def forward_fn(p: Problem, provider: str):
     if provider == "peft-style":
         module = PeftStyleLoRA(p.weight, p.bias, p.lora_a, p.lora_b, p.starts, p.scale)
         return lambda: module(p.x)
-    if provider == "hf-peft":
-        module = hf_peft_lora(p)
-        return lambda: module(p.x)
+    if provider in PEER_PROVIDERS:
+        raise ValueError(f"{provider} runs in the peer worker (hf_peft_layer), not in this process")
     if provider == "linear":
         return lambda: F.linear(p.x, p.weight, p.bias)
     backend = {"torch-g0": "torch", "triton-xa-buffer": "triton"}.get(provider, provider)
@@ -183,13 +164,7 @@ def forward_fn(p: Problem, provider: str):
 
 def bench_fn(p: Problem, provider: str, mode: str):
     """The callable to time: forward, backward of a retained graph, or both."""
-    fwd = forward_fn(p, provider)
-    if mode == "forward":
-        return fwd
-    if mode == "full":
-        return lambda: fwd().backward(p.dy)
-    y = fwd()
-    return lambda: y.backward(p.dy, retain_graph=True)
+    return mode_fn(forward_fn(p, provider), p.dy, mode)
 
 
 @contextlib.contextmanager

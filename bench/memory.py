@@ -56,7 +56,7 @@ from pathlib import Path
 import torch
 
 from .report import add_output_options, format_table, parse_args, save_or_skip
-from .strategy_memory import rss_kib
+from .step_measures import rss_kib
 
 FP32 = 4
 REDUCE_BUCKET_ELEMENTS = 5e8       # DeepSpeed's reduce_bucket_size default (engine.distributed leaves it)

@@ -12,8 +12,11 @@ are medians of the per-round ratios (min..max beside). Each row: trainable param
 finalised-inference GFLOPs per image (FlopCounterMode; GMACs = GFLOPs / 2, every counted op is a
 matmul), achieved GFLOP/s and its fraction of the fp32 GEMM peak measured in the same run, time
 against the frozen lower bound, peak memory of a step (RSS on the CPU, max allocated on CUDA) and
-the activations autograd saves. It writes bench/results/strategies-<device>.{csv,json,png} on a
-full run or with --save.
+the activations autograd saves. HF peft's rows live in a worker process (bench/peers.py: peft's
+transformers cannot be imported beside this project's `kernels`): built, counted, measured and timed
+there, by the same code (bench/step_measures.py), their rounds taking turns with the others all the
+same; their peak memory is the worker's. It writes bench/results/strategies-<device>.{csv,json,png}
+on a full run or with --save.
 
 `--engine-runs` runs `engine.run` once per strategy (its own process, same seed and options) and
 tabulates the runs' results.json: accuracy, forgetting and cost through the whole protocol
@@ -32,6 +35,7 @@ from pathlib import Path
 from adapters import STRATEGIES
 
 from .device import device_name
+from . import peers
 from .report import add_output_options, format_table, parse_args, save_or_skip
 
 TABLE_COLUMNS = ("strategy", "trainable_params", "target_top1", "source_knn_before", "source_knn_after",
@@ -73,14 +77,32 @@ STEP_COLUMNS = ("label", "kind", "note", "trainable_params", "train_img_per_s", 
 RATIO_COLUMNS = ("ratio", "value", "range", "goal", "met", "what")
 
 
-def build_providers(args, device: str) -> list:
-    """Every provider, in the order they take turns; `--only` keeps those labels."""
+def only_rows(text: str | None, labels: tuple[str, ...]) -> list[str]:
+    """`--only`'s comma list as row labels (all of `labels` when None). A label may hold commas
+    itself (lora_r8_fc1,fc2): at each place the longest label that the next items spell is taken.
+    ValueError naming the first item that starts no label."""
+    if text is None:
+        return list(labels)
+    items, rows, i = text.split(","), [], 0
+    while i < len(items):
+        ends = [j for j in range(len(items), i, -1) if ",".join(items[i:j]) in labels]
+        if not ends:
+            raise ValueError(f"unknown row {items[i]!r}; choose from {', '.join(labels)}")
+        rows.append(",".join(items[i:ends[0]]))
+        i = ends[0]
+    return rows
+
+
+def build_providers(args, device: str, amp, worker) -> list:
+    """Every provider of `args.only` (labels), in that order, the order they take turns. HF peft's
+    are built in the peer worker `worker` (bench/peers.py), which they train under autocast `amp` in."""
+    from . import step_measures as sm
     from . import strategy_steps as st
 
-    x, y = st.make_batch(args.batch, args.img_size, args.num_classes, device)
+    x, y = sm.make_batch(args.batch, args.img_size, args.num_classes, device)
 
     def base():
-        return st.base_model(args.model, args.img_size, args.num_classes, device)
+        return sm.base_model(args.model, args.img_size, args.num_classes, device)
 
     makers = {label: (lambda label=label, spec=spec: st.strategy_provider(label, *spec, base(), x, y, "torch"))
               for label, spec in st.STRATEGY_ROWS.items()}
@@ -88,7 +110,8 @@ def build_providers(args, device: str) -> list:
         makers[label] = lambda label=label, targets=targets: st.strategy_provider(
             label, "lora", {"lora_rank": st.PEER_RANK, "lora_targets": targets}, targets, base(), x, y, "torch")
     for label, regex in st.PEFT_TARGETS.items():
-        makers[label] = lambda label=label, regex=regex: st.peft_provider(label, regex, base(), x, y)
+        makers[label] = lambda label=label, regex=regex: st.peft_provider(
+            label, regex, worker, args.model, args.img_size, args.num_classes, args.batch, device, amp)
 
     def plain():
         model = base()
@@ -100,27 +123,75 @@ def build_providers(args, device: str) -> list:
     makers["engine_full"] = lambda: st.engine_full_provider(base(), x, y, args.batch)
     makers[st.BOUND] = lambda: st.bound_provider(base(), x, y)
     makers[st.CACHED] = lambda: st.cached_provider(base(), x, y)
-    only = args.only.split(",") if args.only else list(makers)
-    unknown = [label for label in only if label not in makers]
-    if unknown:
-        raise SystemExit(f"error: unknown row {unknown[0]!r}; choose from {', '.join(makers)}")
+    assert tuple(makers) == st.ROW_LABELS, "strategy_steps.ROW_LABELS names every row built here"
     providers = []
-    for label in only:
+    for label in args.only:
         print(f"building {label} ...", flush=True)
         providers.append(st.finish(makers[label](), args.img_size, args.batch))
     return providers
 
 
-def run_rounds(providers, fns: dict, rounds: int, steps: int, device: str) -> dict:
-    """label -> list of seconds per round for `steps` calls, the labels taking turns every round."""
-    from .strategy_steps import timed
-
-    times = {label: [] for label in fns}
+def run_rounds(rounds_of: dict, rounds: int) -> dict:
+    """label -> list of seconds per round, the labels taking turns every round; `rounds_of[label]()`
+    runs one round and returns its seconds (a peer's is timed inside its worker)."""
+    times = {label: [] for label in rounds_of}
     for r in range(rounds):
-        for label, fn in fns.items():
-            times[label].append(timed(fn, steps, device))
+        for label, one_round in rounds_of.items():
+            times[label].append(one_round())
         print(f"round {r + 1}/{rounds} done", flush=True)
     return times
+
+
+def warm_up(providers, args, device: str, amp) -> tuple[dict, dict, dict]:
+    """Each provider's warm-up step, measured for peak memory (its optimiser state is new) and the
+    activations autograd saves (in p.extra["saved_mb"]), and one finalised forward; then label ->
+    peak memory, and label -> one round of `args.steps` train steps / finalised forwards (`run_rounds`)."""
+    import torch
+
+    from engine.precision import autocast
+    from . import step_measures as sm
+
+    x, _ = sm.make_batch(args.batch, args.img_size, args.num_classes, device)
+
+    def under_amp(fn):
+        def run():
+            with autocast(torch.device(device), amp):
+                fn()
+        return run
+
+    def forward(model):
+        @torch.no_grad()
+        def run():
+            with autocast(torch.device(device), amp):
+                model.eval()(x)
+        return run
+
+    def rounds_here(fn, warm: bool = False):
+        if warm:
+            fn()
+        return lambda: sm.timed(fn, args.steps, device)
+
+    def rounds_there(p, what):
+        return lambda: p.worker.call("peft_timed", label=p.label, what=what, steps=args.steps)
+
+    memory, train, infer = {}, {}, {}
+    for p in providers:
+        if p.worker is not None:
+            measured = p.worker.call("peft_warmup", label=p.label)
+            memory[p.label], p.extra["saved_mb"] = measured["peak_mem_mb"], measured["saved_activations_mb"]
+            train[p.label], infer[p.label] = rounds_there(p, "train"), rounds_there(p, "infer")
+            continue
+        step = under_amp(p.step)
+        with sm.saved_activations(p.model) as saved:
+            memory[p.label] = sm.step_memory_mb(step, device)
+        p.extra["saved_mb"] = saved["mb"]
+        train[p.label] = rounds_here(step)
+        if p.infer_model is not None:
+            infer[p.label] = rounds_here(forward(p.infer_model), warm=True)
+    lora = next((p for p in providers if p.label == "lora_r8"), None)
+    if lora is not None:
+        infer["lora_r8_unmerged"] = rounds_here(forward(lora.model), warm=True)
+    return memory, train, infer
 
 
 def per_round_ratio(times: dict, a: str, b: str) -> tuple[float, float, float] | None:
@@ -134,10 +205,14 @@ def per_round_ratio(times: dict, a: str, b: str) -> tuple[float, float, float] |
 def step_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import torch
 
-    from engine.precision import autocast
+    from . import step_measures as sm
     from . import strategy_steps as st
     from .roofline import measure_peaks
 
+    try:
+        args.only = only_rows(args.only, st.ROW_LABELS)
+    except ValueError as e:
+        parser.error(str(e))
     args.batch = args.batch or (8 if args.quick else 16)
     args.img_size = args.img_size or (160 if args.quick else 224)
     rounds = args.rounds or (3 if args.quick else 7)
@@ -152,39 +227,16 @@ def step_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         peaks["bf16"] = measure_peaks(device, torch.bfloat16, 1 if device == "cpu" else 3)[0]
     print("GEMM peak here: " + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in peaks.items())
           + ("" if "bf16" in peaks else " (bf16 not measured: --quick in fp32 on a CPU)"), flush=True)
-    providers = build_providers(args, device)
-
-    def under_amp(fn):
-        def run():
-            with autocast(torch.device(device), amp):
-                fn()
-        return run
-
-    train = {p.label: under_amp(p.step) for p in providers}
-    infer_models = {p.label: p.infer_model for p in providers if p.infer_model is not None}
-    if "lora_r8" in {p.label for p in providers}:
-        infer_models["lora_r8_unmerged"] = next(p for p in providers if p.label == "lora_r8").model
-    x, _ = st.make_batch(args.batch, args.img_size, args.num_classes, device)
-
-    def forward(model):
-        @torch.no_grad()
-        def run():
-            with autocast(torch.device(device), amp):
-                model.eval()(x)
-        return run
-    infer = {label: forward(m) for label, m in infer_models.items()}
-    memory = {}
-    for p in providers:  # the warm-up call, measured for memory (its optimiser state is new) and saved activations
-        with st.saved_activations(p.model) as saved:
-            memory[p.label] = st.step_memory_mb(train[p.label], device)
-        p.extra["saved_mb"] = saved["mb"]
-    for fn in infer.values():
-        fn()
+    worker = peers.shared()  # this process's peer worker: it starts with the first peft row, if any is asked for
+    providers = build_providers(args, device, amp, worker)
+    memory, train, infer = warm_up(providers, args, device, amp)
     print(f"warm-up done ({time.perf_counter() - started:.0f} s); {rounds} rounds of {len(train)} train steps",
           flush=True)
-    train_times = run_rounds(providers, train, rounds, args.steps, device)
+    train_times = run_rounds(train, rounds)
     print(f"{rounds} rounds of {len(infer)} finalised forwards", flush=True)
-    infer_times = run_rounds(providers, infer, rounds, args.steps, device)
+    infer_times = run_rounds(infer, rounds)
+    if any(p.worker for p in providers):
+        worker.call("drop", keys=[p.label for p in providers if p.worker])
 
     images = args.batch * args.steps
     rows = []
@@ -207,7 +259,7 @@ def step_bench(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int
         if row is None:  # the un-merged LoRA's forward: a row of its own
             lora = next(p for p in providers if p.label == "lora_r8")
             unmerged = row = {"label": label, "kind": "inference", "note": "LoRA r 8 q,v, not merged",
-                              "infer_gflops_per_img": st.gflops_per_image(lora.model, args.img_size, batch=1)}
+                              "infer_gflops_per_img": sm.flops_per_image(lora.model, args.img_size) / 1e9}
             rows.append(row)
         row["infer_img_per_s"] = images / statistics.median(infer_times[label])
         vs = per_round_ratio(infer_times, label, "timm_full_plain")
@@ -335,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-classes", type=int, default=100)
     p.add_argument("--threads", type=int,
                    help="torch intra-op threads (default: torch's; --quick 1, steadier on a shared machine)")
-    p.add_argument("--only", help="comma list of row labels (default: all)")
+    p.add_argument("--only", help="comma list of row labels, e.g. lora_r8_fc1,fc2,peft_r8_fc1,fc2 (default: all)")
     p.add_argument("--quick", action="store_true",
                    help="160 px, batch 8, 3 rounds, 1 thread, no bf16 GEMM peak on a CPU unless --precision bf16; "
                         "prints only")

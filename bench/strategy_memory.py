@@ -30,13 +30,6 @@ CONFIGS = {  # label -> (strategy, AdapterConfig options)
 }
 
 
-def rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
 def measure(label: str, model_name: str, batch: int, num_classes: int) -> dict:
     """One configuration, in this process: build, apply, then one measured forward + backward."""
     import timm
@@ -44,6 +37,8 @@ def measure(label: str, model_name: str, batch: int, num_classes: int) -> dict:
 
     import adapters
     from adapters import AdapterConfig
+
+    from .step_measures import rss_kib
 
     torch.manual_seed(0)
     strategy_name, options = CONFIGS[label]

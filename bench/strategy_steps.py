@@ -3,7 +3,9 @@ strategy, of the peers doing the same work, and of the bounds, on random images.
 
 A provider is a model with its train step: the strategies through `adapters` in a plain torch loop
 (the optimiser the engine makes, `engine.optim.make_optimizer`); HF peft's LoRA on timm
-(`get_peft_model`, a `LoraConfig`, the new head in `modules_to_save`); plain timm full fine-tuning;
+(`get_peft_model`, a `LoraConfig`, the new head in `modules_to_save`, the same optimiser), built and
+timed in the peer worker (bench/peers.py: peft cannot be imported beside this project's `kernels`);
+plain timm full fine-tuning;
 the engine's own step for `full` (DeepSpeed's engine built as `engine.train` builds it: forward,
 backward and step through it, the loss summed and checked on the device); the frozen lower bound
 (the frozen model's forward and the backward to its input: what every LoRA pays at least); and the
@@ -11,28 +13,23 @@ cached linear probe (the head's step over the backbone's features, `engine.featu
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 import adapters
 from adapters import AdapterConfig
 from adapters.selective_lora import budget_size
 from engine.config import TrainConfig
-from engine.metrics import explicit_attention, gflops_per_image, sync
 from engine.models import features
-from engine.optim import make_optimizer
+from engine.optim import _TIMM_NAME, make_optimizer, resolved_lr
 
-from .strategy_memory import rss_kib
+from .peers import PeerWorker
+from .step_measures import counted_flops, flops_per_image
 
 # label -> (strategy, adapter options, note); selective LoRA's gates are fixed at the fraction given.
 STRATEGY_ROWS = {
@@ -58,32 +55,23 @@ PEER_PAIRS = (("lora_r8_fc1,fc2", "peft_r8_fc1,fc2", "identical work"),
               ("engine_full", "timm_full_plain", "the engine's overhead on full fine-tuning"))
 BOUND = "frozen_lower_bound"
 CACHED = "linear_cached"
+# every row, in the order they take turns (bench.strategies builds them)
+ROW_LABELS = (*STRATEGY_ROWS, *OUR_LORA_TARGETS, *PEFT_TARGETS, "timm_full_plain", "engine_full", BOUND, CACHED)
 
 
 @dataclass
 class Provider:
     label: str
     kind: str                                 # strategy | lora-target | peer | engine | bound | cached
-    model: nn.Module
-    step: Callable[[], None]                  # one training step on the bench batch
+    model: nn.Module | None                   # None: the provider lives in `worker` under its label
+    step: Callable[[], None] | None           # one training step on the bench batch (None: in `worker`)
     infer_model: nn.Module | None = None      # what inference runs (finalised); None: no inference row
     note: str = ""
     trainable_params: int = 0
     train_flops: int = 0                      # per image, one forward + backward
     infer_flops: int | None = None            # per image, the finalised forward
+    worker: PeerWorker | None = None          # the peer worker that builds, measures and times it
     extra: dict = field(default_factory=dict)
-
-
-def make_batch(batch: int, size: int, num_classes: int, device: str):
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(batch, 3, size, size, generator=g).to(device)
-    return x, torch.randint(0, num_classes, (batch,), generator=g).to(device)
-
-
-def base_model(name: str, size: int, num_classes: int, device: str) -> nn.Module:
-    """The timm ViT the strategies start from, the same random weights every time (seeded)."""
-    torch.manual_seed(0)
-    return timm.create_model(name, pretrained=False, num_classes=num_classes, img_size=size).to(device)
 
 
 def optimiser_step(model: nn.Module, x, y) -> Callable[[], None]:
@@ -108,14 +96,24 @@ def strategy_provider(label, strategy_name, options, note, model, x, y, kernels_
     return p
 
 
-def peft_provider(label: str, target_regex: str, model: nn.Module, x, y) -> Provider:
-    from peft import LoraConfig, get_peft_model
+def optimiser_spec(cfg: TrainConfig) -> dict:
+    """What `make_optimizer` builds for `cfg` without layer decay, as timm's factory takes it: the
+    peer worker builds the same optimiser over timm's parameter groups (bench/peers.py)."""
+    assert cfg.layer_decay is None, "the peer worker builds no layer-decay groups"
+    return {"opt": _TIMM_NAME.get(cfg.optimizer, cfg.optimizer), "lr": resolved_lr(cfg), "momentum": cfg.momentum,
+            "weight_decay": cfg.weight_decay}
 
-    config = LoraConfig(r=PEER_RANK, lora_alpha=PEER_RANK, target_modules=target_regex, modules_to_save=["head"])
-    peft_model = get_peft_model(model, config).train()
-    p = Provider(label, "peer", peft_model, optimiser_step(peft_model, x, y), note=f"HF peft {_peft_version()}")
-    p.extra["finalize"] = lambda m: m.merge_and_unload()
-    return p
+
+def peft_provider(label: str, target_regex: str, worker: PeerWorker, model: str, size: int, num_classes: int,
+                  batch: int, device: str, amp: torch.dtype | None) -> Provider:
+    """HF peft's LoRA r 8 on `target_regex` of the bench model, built in `worker` with the bench batch
+    and the engine's optimiser; its counts come from there."""
+    info = worker.call("peft_vit", label=label, model=model, img_size=size, num_classes=num_classes, batch=batch,
+                       device=device, target_modules=target_regex, rank=PEER_RANK,
+                       optimizer=optimiser_spec(TrainConfig()), amp=str(amp).removeprefix("torch.") if amp else None)
+    return Provider(label, "peer", None, None, note=f"HF peft {info['peft']}, in a worker process",
+                    trainable_params=info["trainable_params"], train_flops=info["train_flops"],
+                    infer_flops=info["infer_flops"], worker=worker, extra={"optimizer": info["optimizer"]})
 
 
 def engine_full_provider(model: nn.Module, x, y, batch: int) -> Provider:
@@ -127,7 +125,7 @@ def engine_full_provider(model: nn.Module, x, y, batch: int) -> Provider:
 
     init_distributed()
     # counted before DeepSpeed hooks the gradients (a backward outside the engine would confuse ZeRO)
-    flops = round(gflops_per_image(model, x.shape[-1], train=True, batch=1) * 1e9)
+    flops = flops_per_image(model, x.shape[-1], train=True)
     trainable = sum(q.numel() for q in model.parameters() if q.requires_grad)
     # without clipping (the engine's default clips at 1.0): the plain loop's work exactly
     cfg = TrainConfig(batch_size=batch, grad_clip=None)
@@ -147,7 +145,7 @@ def bound_provider(model: nn.Module, x, y) -> Provider:
         x_in.grad = None
         F.cross_entropy(model(x_in), y).backward()
     p = Provider(BOUND, "bound", model, step, note="forward + backward to the input")
-    p.train_flops = _counted(lambda: step(), model)
+    p.train_flops = counted_flops(step, model)
     return p
 
 
@@ -160,77 +158,22 @@ def cached_provider(model: nn.Module, x, y) -> Provider:
     head_step = optimiser_step(model.head, feats, y)
     p = Provider(CACHED, "cached", model.head, head_step, note="engine.feature_cache: the head over features")
     p.trainable_params = adapters.trainable_parameter_count(model)
-    p.train_flops = _counted(head_step, model.head)
+    p.train_flops = counted_flops(head_step, model.head)
     return p
 
 
-def _counted(fn: Callable[[], None], model: nn.Module) -> int:
-    """FLOPs of one call of fn (FlopCounterMode, explicit attention), per image of the bench batch."""
-    counter = FlopCounterMode(display=False)
-    with explicit_attention(model), counter:
-        fn()
-    return counter.get_total_flops()
-
-
 def finish(p: Provider, size: int, batch: int) -> Provider:
-    """Fill in the counts: trainable parameters, train FLOPs per image, the finalised model and its FLOPs."""
+    """Fill in the counts: trainable parameters, train FLOPs per image, the finalised model and its FLOPs
+    (a provider in the peer worker has them already)."""
+    if p.worker is not None:
+        return p
     if p.kind in ("bound", "cached"):  # counted over the bench batch
         p.train_flops //= batch
     elif p.kind != "engine":
         p.trainable_params = sum(q.numel() for q in p.model.parameters() if q.requires_grad)
-        p.train_flops = round(gflops_per_image(p.model, size, train=True, batch=1) * 1e9)
+        p.train_flops = flops_per_image(p.model, size, train=True)
     finalize = p.extra.pop("finalize", None)
     if finalize is not None:  # on a copy: the model keeps training in the timed rounds
         p.infer_model = finalize(copy.deepcopy(p.model)).eval()
-        p.infer_flops = round(gflops_per_image(p.infer_model, size, batch=1) * 1e9)
+        p.infer_flops = flops_per_image(p.infer_model, size)
     return p
-
-
-def timed(fn: Callable[[], None], steps: int, device: str) -> float:
-    """Seconds of `steps` calls of fn."""
-    sync(torch.device(device))
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    sync(torch.device(device))
-    return time.perf_counter() - t0
-
-
-def step_memory_mb(fn: Callable[[], None], device: str) -> float:
-    """Peak memory of one call of fn above the memory before it: RSS on the CPU (Linux: the peak is
-    reset through /proc/self/clear_refs), max allocated on CUDA."""
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        fn()
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    Path("/proc/self/clear_refs").write_text("5")
-    before = rss_kib("VmRSS")
-    fn()
-    return (rss_kib("VmHWM") - before) / 1024
-
-
-@contextlib.contextmanager
-def saved_activations(model: nn.Module):
-    """Inside the block, count the bytes of the tensors autograd keeps for backward (unique storages,
-    parameters excluded); yields a dict whose "mb" holds the total on the way out."""
-    params = {q.untyped_storage().data_ptr() for q in model.parameters()}
-    seen: dict[int, int] = {}
-    total = {"mb": 0.0}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield total
-    total["mb"] = sum(seen.values()) / 2**20
-
-
-def _peft_version() -> str:
-    import peft
-    return peft.__version__

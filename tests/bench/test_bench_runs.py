@@ -2,6 +2,7 @@
 the rows the tables promise. No timing is asserted (timings belong in bench/, not in tests)."""
 import csv
 import json
+import sys
 
 import pytest
 
@@ -37,6 +38,7 @@ def test_kernels_quick_run_on_the_cpu_providers(results_dir, capsys):
     ratio = {r["provider"]: r for r in rows if r["section"] == "ratio"}
     assert sorted(ratio) == ["torch-g0/linear", "torch/hf-peft", "torch/peft-style"]
     assert all(float(r["ratio"]) > 0 for r in ratio.values())
+    assert "peft" not in sys.modules and "transformers" not in sys.modules  # hf-peft ran in its worker
 
 
 def test_loaders_on_a_few_generated_jpegs(tmp_path, results_dir):
@@ -88,8 +90,13 @@ def test_strategies_step_bench_on_a_tiny_vit(results_dir, tmp_path, capsys):
     assert int(by["lora_r8_proj"]["trainable_params"]) == int(by["peft_r8_proj"]["trainable_params"]) \
         == 12 * 8 * (192 + 192) + head
     assert int(by["peft_r8_qkv"]["trainable_params"]) == 12 * 8 * (192 + 3 * 192) + head
+    # peft's rows, measured in its worker: the same counted work as ours on proj, merged to timm's forward
+    assert by["peft_r8_proj"]["note"].startswith("HF peft ") and "peft" not in sys.modules
+    assert by["peft_r8_proj"]["train_gflops_per_img"] == by["lora_r8_proj"]["train_gflops_per_img"]
+    assert float(by["peft_r8_proj"]["saved_activations_mb"]) > 0 and by["peft_r8_proj"]["peak_mem_mb"] != ""
     assert int(by["linear"]["trainable_params"]) == int(by["linear_cached"]["trainable_params"]) == head
     base = float(by["timm_full_plain"]["infer_gflops_per_img"])
+    assert float(by["peft_r8_proj"]["infer_gflops_per_img"]) == float(by["peft_r8_qkv"]["infer_gflops_per_img"]) == base
     assert float(by["selective_lora_10"]["infer_gflops_per_img"]) == float(by["selective_lora_100"][
         "infer_gflops_per_img"]) == float(by["lora_r8"]["infer_gflops_per_img"]) == base
     assert float(by["lora_r8_unmerged"]["infer_gflops_per_img"]) > base
@@ -102,3 +109,15 @@ def test_strategies_step_bench_on_a_tiny_vit(results_dir, tmp_path, capsys):
         assert f"ratio: {name}" in ratios, name
     assert stem.with_suffix(".png").stat().st_size > 0
     assert "different work" in out and not results_dir.exists()
+
+
+def test_strategies_only_takes_row_labels_that_hold_commas(capsys):
+    from bench import strategies
+    from bench.strategy_steps import ROW_LABELS
+
+    assert strategies.only_rows("lora_r8_fc1,fc2,peft_r8_fc1,fc2,lora_r8,lora_r8_q,k,v,peft_r8_qkv", ROW_LABELS) == [
+        "lora_r8_fc1,fc2", "peft_r8_fc1,fc2", "lora_r8", "lora_r8_q,k,v", "peft_r8_qkv"]
+    assert strategies.only_rows(None, ROW_LABELS) == list(ROW_LABELS)
+    with pytest.raises(SystemExit) as stop:  # refused before any measurement
+        strategies.main(["--quick", "--only", "lora_r8,fc2"])
+    assert stop.value.code == 2 and "error: unknown row 'fc2'; choose from full, " in capsys.readouterr().err

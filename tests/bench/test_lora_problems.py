@@ -1,33 +1,39 @@
-"""The kernel benchmark's providers compute what they claim: HF peft's LoRA Linear matches our op
-where the work is the same, and the FLOP counts are the closed forms of that work."""
+"""The kernel benchmark's providers compute what they claim: HF peft's LoRA Linear (in the peer
+worker) matches our op where the work is the same, and the FLOP counts are the closed forms of that work."""
+import importlib.util
+
 import pytest
 import torch
 
 from bench import lora_problems as lp
+from bench import peers
+
+needs_peft = pytest.mark.skipif(importlib.util.find_spec("peft") is None, reason="peft is not installed")
 
 
+@needs_peft
 @pytest.mark.parametrize("shape", ["proj", "fc1", "fc2"])
 def test_hf_peft_computes_our_forward_and_gradients(shape):
-    pytest.importorskip("peft")
     p = lp.build_problem(shape, 1, 4, "fp64", "cpu")
-    layer = lp.hf_peft_lora(p)
-    assert type(layer).__module__ == "peft.tuners.lora.layer" and type(layer).__name__ == "Linear"
-    peft_a, peft_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    y_peft = layer(p.x)
-    grads_peft = torch.autograd.grad(y_peft, [p.x, peft_a, peft_b], p.dy)
+    peft = peers.shared().lora_outputs(lp.hf_peft_layer(p))  # y and the gradients of x, A, B, from the worker
+    assert peft["class"] == "peft.tuners.lora.layer.Linear" and peft["base_frozen"]
     y_ours = lp.forward_fn(p, "torch")()
     grads_ours = torch.autograd.grad(y_ours, [p.x, p.lora_a[0], p.lora_b[0]], p.dy)
-    assert not any(t.requires_grad for t in (layer.base_layer.weight, layer.base_layer.bias))
-    torch.testing.assert_close(y_peft, y_ours, rtol=1e-12, atol=1e-12)
-    for got, want in zip(grads_peft, grads_ours):
+    torch.testing.assert_close(peft["y"], y_ours, rtol=1e-12, atol=1e-12)
+    for got, want in zip((peft["dx"], peft["da"], peft["db"]), grads_ours):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+@needs_peft
 def test_hf_peft_on_qkv_wraps_the_whole_layer():
-    pytest.importorskip("peft")
     p = lp.build_problem("qkv", 1, 4, "fp64", "cpu")
-    layer = lp.hf_peft_lora(p)
-    assert layer.lora_B["default"].weight.shape == (p.n, p.r)  # every column of q, k, v
+    peft = peers.shared().lora_outputs(lp.hf_peft_layer(p))
+    assert peft["lora_b_shape"] == [p.n, p.r]  # every column of q, k, v
+    b = torch.zeros(p.n, p.r, dtype=p.dtype)  # the segments' rows of B, zeros on k
+    for (start, width), b_i in zip(p.segments, p.lora_b):
+        b[start:start + width] = b_i.detach()
+    want = torch.nn.functional.linear(p.x, p.weight, p.bias) + p.scale * (p.x @ p.lora_a[0].T) @ b.T
+    torch.testing.assert_close(peft["y"], want, rtol=1e-12, atol=1e-12)
     assert lp.work_segments(p, "hf-peft") == ((0, p.n),) and lp.work_note(p, "hf-peft") == lp.DIFFERENT_WORK
     assert lp.work_note(p, "torch") == "" and lp.work_note(lp.build_problem("proj", 1, 4, "fp64", "cpu"), "hf-peft") == ""
 
