@@ -7,8 +7,11 @@ expanded blocks kept as ordinary blocks) and writes a plain timm state dict. Nex
 holds what timm needs (`engine.models.timm_spec`): the model name with its pretrained tag, the
 kwargs that rebuild the architecture (depth includes any expanded blocks; num_classes the head) and
 `pretrained_cfg`, the preprocessing the engine used; the same entries are in the safetensors
-metadata. Loading it needs nothing from this project (the README's "Load an exported model with
-timm" shows it, on an image):
+metadata. Both are written atomically. An existing OUT or OUT.json is replaced only with
+`--overwrite`, and a file of the run itself (its results.json, config.yaml, metrics.csv, anything
+under adapter/ or checkpoints/, its base weights) never is: each refused in one line before the
+model is built. Loading it needs nothing from this project (the README's "Load an exported model
+with timm" shows it, on an image):
 
     spec = json.load(open("OUT.json"))
     model = timm.create_model(spec["name"], pretrained=False, pretrained_cfg_overlay=spec["pretrained_cfg"],
@@ -32,16 +35,22 @@ from .io import atomic_write_json, atomic_write_safetensors, folder_problem
 from .models import restore_model, timm_spec
 
 CHECKPOINTS = ("best", "last")  # run_dir/checkpoints/<tag>, as engine.run's train loop writes them
+# What a run writes in its folder (DESIGN.md, "Run artefacts"; engine.run, engine.report, engine.train):
+# an export never replaces one of these, nor anything under the folders, --overwrite or not.
+RUN_FILES = ("config.yaml", "results.json", "results.csv", "metrics.csv", "source_knn.json", "forgetting.png",
+             "interpolation.csv", "interpolation.png")
+RUN_FOLDERS = ("adapter", "checkpoints")
 
 
-def write_merged(model: nn.Module, out: str | Path, strategy_name: str) -> dict:
-    """Write `model`'s state dict to `out` and its timm spec to `out` with a .json suffix; return the sidecar.
+def write_merged(model: nn.Module, out: str | Path, strategy_name: str, overwrite: bool = False) -> dict:
+    """Write `model`'s state dict to `out` and its timm spec to `out` with a .json suffix, each
+    atomically; return the sidecar. An existing file is replaced only with `overwrite`.
 
     The spec comes from the model itself (`timm_spec`), so expanded blocks and the new head are
     always described correctly.
     """
     out = Path(out)
-    check_destination(out)
+    check_destination(out, overwrite=overwrite)  # again: a file may have appeared while the model was merged
     spec = timm_spec(model)
     sidecar = {**spec, "strategy": strategy_name}
     metadata = {"timm_model": spec["name"], "timm_kwargs": json.dumps(spec["kwargs"]),
@@ -54,30 +63,58 @@ def write_merged(model: nn.Module, out: str | Path, strategy_name: str) -> dict:
     return sidecar
 
 
-def check_destination(out: Path) -> None:
-    """Refuse a --merged path that cannot be written, before the model is built."""
+def check_destination(out: Path, run_dir: Path | None = None, overwrite: bool = False,
+                      keep: tuple[Path, ...] = ()) -> None:
+    """Refuse, before the model is built, a --merged path that cannot or may not be written. For OUT
+    and the OUT.json beside it: a file of the run in `run_dir` (`RUN_FILES`, or under `RUN_FOLDERS`)
+    or in `keep` (its base weights) is refused always; an existing file unless `overwrite`."""
     if out.suffix != ".safetensors":
         raise UserError(f"--merged must name a .safetensors file, got {out}")
-    problem = folder_problem(out.parent) or (f"{out} is a folder" if out.is_dir() else None)
+    problem = folder_problem(out.parent)
     if problem:
         raise UserError(f"--merged {out}: {problem}")
+    for path in (out, out.with_suffix(".json")):
+        beside = "" if path == out else " (written beside it)"
+        if path.is_dir():
+            raise UserError(f"--merged {out}: {path}{beside} is a folder")
+        owned = _owned_by_run(path, run_dir, keep)
+        if owned:
+            raise UserError(f"--merged {out}: {path}{beside} is {owned}")
+        if path.exists() and not overwrite:
+            raise UserError(f"--merged {out}: {path}{beside} already exists; pass --overwrite to replace it, "
+                            f"or pick another name")
 
 
-def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | None = None) -> dict:
+def _owned_by_run(path: Path, run_dir: Path | None, keep: tuple[Path, ...]) -> str | None:
+    """What `path` is to the run and what to do instead (for the refusal), or None when the run does not own it."""
+    path = path.resolve()  # through symbolic links and `..`, as the write would go
+    if any(path == k.resolve() for k in keep):
+        return "the run's base weights (model.weights), which an export never replaces; pick another name"
+    if run_dir is None or not path.is_relative_to(run_dir.resolve()):
+        return None
+    inside = path.relative_to(run_dir.resolve()).parts
+    what = (f"inside the run's own {inside[0]}/" if inside[0] in RUN_FOLDERS else
+            f"the run's own {inside[0]}" if len(inside) == 1 and inside[0] in RUN_FILES else None)
+    return what and f"{what}, which an export never replaces; write it outside the run folder or under another name"
+
+
+def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | None = None, overwrite: bool = False) -> dict:
     """Export the run folder's adapter (the finished run's `adapter/`, or `checkpoints/<checkpoint>`)
-    merged into its base model; return the sidecar."""
+    merged into its base model; return the sidecar. An existing OUT or OUT.json is replaced only
+    with `overwrite`, and never a file of the run (`check_destination`)."""
     run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
         raise UserError(f"run folder {run_dir} does not exist")
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise UserError(f"{run_dir} is not a run folder: it has no config.yaml (written by python -m engine.run)")
-    check_destination(out)
+    cfg = build_config(config)
+    check_destination(out, run_dir, overwrite, keep=(Path(cfg.model.weights),) if cfg.model.weights else ())
     adapter_dir = run_dir / "adapter" if checkpoint is None else run_dir / "checkpoints" / checkpoint
     if not (adapter_dir / CONFIG).is_file():
         raise UserError(_no_adapter(run_dir, checkpoint))
-    model, strategy = restore_model(build_config(config), adapter_dir)
-    return write_merged(strategy.finalize(model).eval(), out, strategy.name)
+    model, strategy = restore_model(cfg, adapter_dir)
+    return write_merged(strategy.finalize(model).eval(), out, strategy.name, overwrite)
 
 
 def _no_adapter(run_dir: Path, checkpoint: str | None) -> str:
@@ -102,9 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--checkpoint", choices=CHECKPOINTS, default=None,
                    help="export checkpoints/best or checkpoints/last (a run that did not finish) instead of "
                         "the finished run's adapter/ (default)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUT.safetensors and OUT.json (never a file of the run itself)")
     args = p.parse_args(argv)
     try:
-        spec = export_run(args.run_dir, args.merged, args.checkpoint)
+        spec = export_run(args.run_dir, args.merged, args.checkpoint, args.overwrite)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

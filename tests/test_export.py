@@ -194,7 +194,7 @@ def test_a_run_that_did_not_finish_points_to_its_checkpoints_and_exports_them(tm
         f"error: {run_dir} has no adapter (adapter/adapter.json): the run did not finish; export one of its "
         f"checkpoints instead: --checkpoint best (step 2) or --checkpoint last (step 3)"]
     for tag in ("best", "last"):
-        assert main([str(run_dir), "--merged", str(out), "--checkpoint", tag]) == 0
+        assert main([str(run_dir), "--merged", str(out), "--checkpoint", tag, "--overwrite"]) == 0
         spec = json.loads(out.with_suffix(".json").read_text())
         model = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
         model.load_state_dict(load_file(str(out)))
@@ -237,3 +237,92 @@ def test_a_read_only_destination_is_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.strip().splitlines() == [
         f"error: --merged {ro / 'merged.safetensors'}: cannot create files in {ro} (a read-only file system)"]
+
+
+def test_an_existing_output_is_kept_unless_overwrite_and_replaced_atomically(tmp_path, capsys, monkeypatch):
+    import engine.export
+    import safetensors.torch
+
+    run_dir, fine_tuned = make_run(tmp_path, "lora")
+    out, sidecar = tmp_path / "merged.safetensors", tmp_path / "merged.json"
+    build = engine.export.restore_model
+
+    def not_before_the_check(*args, **kwargs):
+        raise AssertionError("the model was built before the destination was checked")
+
+    monkeypatch.setattr(engine.export, "restore_model", not_before_the_check)
+    for existing, named in ((out, out), (sidecar, f"{sidecar} (written beside it)")):
+        existing.write_text("the user's own")
+        assert main([str(run_dir), "--merged", str(out)]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: --merged {out}: {named} already exists; pass --overwrite to replace it, or pick another name"]
+        assert existing.read_text() == "the user's own"
+        existing.unlink()
+    monkeypatch.setattr(engine.export, "restore_model", build)
+
+    out.write_text("an earlier export")
+    sidecar.write_text("its spec")
+
+    def disk_full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half a file")
+        raise OSError(28, "No space left on device")
+
+    with monkeypatch.context() as m:  # --overwrite, and the write fails halfway: the old files stay whole
+        m.setattr(safetensors.torch, "save_file", disk_full)
+        assert main([str(run_dir), "--merged", str(out), "--overwrite"]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --merged {out}: cannot write it (No space left on device)"]
+    assert (out.read_text(), sidecar.read_text()) == ("an earlier export", "its spec")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base.safetensors", "merged.json", "merged.safetensors",
+                                                          "run"]  # no temporary file left behind
+
+    assert main([str(run_dir), "--merged", str(out), "--overwrite"]) == 0
+    spec = json.loads(sidecar.read_text())
+    model = timm.create_model(spec["name"], pretrained=False, **spec["kwargs"])
+    model.load_state_dict(load_file(str(out)))
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(model.eval()(x), fine_tuned(x), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("merged, owned, what", [
+    ("results.safetensors", "results.json", "the run's own results.json"),           # finished: results.json exists
+    ("source_knn.safetensors", "source_knn.json", "the run's own source_knn.json"),  # not written yet: still the run's
+    ("adapter/adapter.safetensors", "adapter/adapter.safetensors", "inside the run's own adapter/"),
+    ("checkpoints/best/merged.safetensors", "checkpoints/best/merged.safetensors", "inside the run's own checkpoints/"),
+    ("sub/../results.safetensors", "results.json", "the run's own results.json"),
+])
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_file_of_the_run_itself_is_never_an_exports_destination(tmp_path, capsys, merged, owned, what, overwrite):
+    run_dir = tmp_path / "run"
+    save_yaml(RunConfig(), run_dir / "config.yaml")
+    (run_dir / "results.json").write_text('{"target_top1": 90.0}')
+    (run_dir / "adapter").mkdir()
+    (run_dir / "adapter" / "adapter.safetensors").write_text("weights")
+    (run_dir / "sub").mkdir()
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    out = run_dir / merged
+    assert main([str(run_dir), "--merged", str(out)] + ["--overwrite"] * overwrite) == 2
+    named = run_dir / owned if owned.endswith(".safetensors") else f"{out.with_suffix('.json')} (written beside it)"
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: --merged {out}: {named} is {what}, which an export never replaces; write it outside the run "
+        f"folder or under another name"]
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+
+
+def test_the_runs_base_weights_are_never_an_exports_destination(tmp_path, capsys):
+    weights = tmp_path / "base.safetensors"
+    weights.write_text("the base model")
+    save_yaml(RunConfig(model=ModelConfig(weights=str(weights))), tmp_path / "run" / "config.yaml")
+    (tmp_path / "link.safetensors").symlink_to(weights)
+    for out in (weights, tmp_path / "link.safetensors"):
+        assert main([str(tmp_path / "run"), "--merged", str(out), "--overwrite"]) == 2
+        assert capsys.readouterr().err.strip().splitlines() == [
+            f"error: --merged {out}: {out} is the run's base weights (model.weights), which an export never "
+            f"replaces; pick another name"]
+    assert weights.read_text() == "the base model"
+
+
+def test_a_new_file_inside_the_run_folder_is_a_fine_destination(tmp_path):
+    run_dir, _ = make_run(tmp_path, "lora")
+    assert main([str(run_dir), "--merged", str(run_dir / "merged.safetensors")]) == 0
+    assert json.loads((run_dir / "merged.json").read_text())["strategy"] == "lora"
