@@ -329,33 +329,77 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"config file {path} does not exist")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"config file {path} cannot be read ({e.strerror or e})") from None
+    try:
+        tree = yaml.safe_load(data) or {}
     except yaml.YAMLError as e:
-        raise UserError(f"config file {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+        raise UserError(f"config file {path} is not valid YAML: {_yaml_problem(e, data)}") from None
     if not isinstance(tree, dict):
         raise UserError(f"config file {path} must hold a mapping of keys, got {type(tree).__name__}")
     return flatten(tree)
 
 
-def build_config(yaml_path: str | None = None, flags: dict | None = None, overrides: list[str] = ()) -> RunConfig:
+def _yaml_problem(e: yaml.YAMLError, data: bytes) -> str:
+    """Where (line and column, from 1 as editors count) and what yaml found wrong, in one line."""
+    def at(mark) -> str:
+        return f"line {mark.line + 1}, column {mark.column + 1}"
+
+    if isinstance(e, yaml.reader.ReaderError):  # not text: a byte that does not decode, or a control character
+        undecodable = e.encoding != "unicode"  # then yaml's position counts bytes, else characters
+        source = data if undecodable else data.decode("utf-8", "replace")
+        newline = b"\n" if undecodable else "\n"
+        start = source.rfind(newline, 0, e.position) + 1
+        where = f"line {source.count(newline, 0, e.position) + 1}, column {e.position - start + 1}"
+        what = f"byte 0x{e.character:02x} is not {e.encoding}" if undecodable else f"character #x{e.character:04x}"
+        return f"{where}: {what} ({e.reason})"
+    if not isinstance(e, yaml.MarkedYAMLError) or (e.problem_mark or e.context_mark) is None:
+        return str(e).splitlines()[0]
+    if e.problem_mark is None:
+        return f"{at(e.context_mark)}: {e.context}"
+    within = f" ({e.context} at {at(e.context_mark)})" if e.context and e.context_mark is not None else ""
+    return f"{at(e.problem_mark)}: {e.problem}{within}"
+
+
+def build_config(yaml_path: str | None = None, flags: dict | None = None, overrides: list[str] = (),
+                 user_yaml: bool = False) -> RunConfig:
     """Resolve a RunConfig: defaults < YAML file < flags < `key=value` overrides, then validate.
 
     `flags` maps argparse destinations (`lr`, `batch_size`: see FLAG_KEYS) to values; None = unset.
+    `user_yaml`: the YAML is the user's own (`--config`), so its keys count as chosen, as flags and
+    key=value always do; a run's saved config.yaml (`--resume`, export) lists every key, chosen or not.
     """
     cfg = RunConfig()
+    chosen = set()
     if yaml_path:
         for key, value in load_yaml(yaml_path).items():
             set_key(cfg, key, value)
+            if user_yaml:
+                chosen.add(key)
     for flag, value in (flags or {}).items():
         if value is not None:
             set_key(cfg, FLAG_KEYS[flag], value)
+            chosen.add(FLAG_KEYS[flag])
     for item in overrides:
         if "=" not in item:
             raise UserError(f"override {item!r} must look like key=value, e.g. train.lr=0.01")
         key, value = item.split("=", 1)
         set_key(cfg, key.strip(), value.strip())
+        chosen.add(key.strip())
     validate(cfg)
+    check_warmup(cfg, chosen)
     return cfg
+
+
+def check_warmup(cfg: RunConfig, chosen: set[str]) -> None:
+    """A warm-up the user chose (`chosen`: the keys they set) that is longer than the run is refused;
+    one they did not choose (the default, or a saved config's) is cut to the run by
+    engine.optim.warmup_steps, and engine.optim.warmup_note says so."""
+    train = cfg.train
+    if "train.warmup_steps" in chosen and train.warmup_fraction is None and train.warmup_steps > train.steps:
+        raise UserError(f"train.warmup_steps {train.warmup_steps} is longer than the run (train.steps "
+                        f"{train.steps}); lower it to at most {train.steps}, or give train.warmup_fraction")
 
 
 def _choice_list(choices, given, most: int = 12) -> str:
@@ -449,7 +493,7 @@ def parse_args(argv: list[str] | None, prog: str = "python -m engine.run", descr
         if args.config:
             raise UserError("--resume reads the run's own config.yaml: give changes as flags or key=value, not --config")
         yaml_path = resume_yaml(args.resume)
-    return build_config(yaml_path, flags, args.overrides)
+    return build_config(yaml_path, flags, args.overrides, user_yaml=args.config is not None)
 
 
 def resume_yaml(run_dir: str | Path) -> Path:

@@ -16,7 +16,9 @@ so that a group frozen mid-run can be given a learning rate of 0.
 The learning rate: `lr` holds at `base_batch` images, and `lr_scale` carries it to the global batch
 (linear: lr x batch / base_batch, DINO's rule; sqrt: lr x sqrt(batch / base_batch); none). The
 schedule is a linear warm-up to it (`warmup_steps`, or `warmup_fraction` of the run), then cosine
-to zero (the paper's recipe) or constant, per optimiser step.
+to zero (the paper's recipe) or constant, per optimiser step. A warm-up longer than the run is cut
+to the run (`warmup_note` says so) when the user did not choose it (the default 15 steps of a
+short run); one they chose is refused by the config (`engine.config.check_warmup`).
 """
 from __future__ import annotations
 
@@ -46,10 +48,19 @@ def resolved_lr(cfg) -> float:
 
 
 def warmup_steps(cfg) -> int:
-    """Warm-up length in optimiser steps: `warmup_fraction` of the run when set, else `warmup_steps`."""
+    """Warm-up length in optimiser steps: `warmup_fraction` of the run when set, else `warmup_steps`,
+    cut to the run's steps (a default longer than a short run; a chosen one is refused by the config)."""
     if cfg.warmup_fraction is not None:
         return round(cfg.warmup_fraction * cfg.steps)
-    return cfg.warmup_steps
+    return min(cfg.warmup_steps, cfg.steps)
+
+
+def warmup_note(cfg) -> str | None:
+    """The line that says the warm-up was cut to the run (`warmup_steps`), or None when it was not."""
+    if cfg.warmup_fraction is not None or cfg.warmup_steps <= cfg.steps:
+        return None
+    return (f"train.warmup_steps {cfg.warmup_steps} is longer than the run (train.steps {cfg.steps}): the warm-up "
+            f"takes all {cfg.steps} steps, so the learning rate peaks at the last one and does not decay")
 
 
 def describe(cfg) -> str:
@@ -151,7 +162,7 @@ def updates_per_element(name: str) -> bool:
 
 def lr_lambda(cfg):
     """The LR factor per optimiser step for a TrainConfig `cfg` (LambdaLR's function)."""
-    warmup, total = min(warmup_steps(cfg), cfg.steps), cfg.steps
+    warmup, total = warmup_steps(cfg), cfg.steps
 
     def factor(step: int) -> float:
         if step < warmup:

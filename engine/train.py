@@ -41,7 +41,7 @@ from .checkpoint import DEEPSPEED_TAG, FullCheckpoints, load_rank_state, rng_sta
 from .distributed import deepspeed_config, gathered, register_container_parameters
 from .evaluate import top1_accuracy
 from .metrics import sync
-from .optim import describe, lr_lambda, make_optimizer
+from .optim import describe, lr_lambda, make_optimizer, warmup_note
 from .precision import PRECISIONS, autocast
 from .progress import progress_bar, say
 from .stop import StopRequest, TrainingStopped
@@ -221,6 +221,8 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
     _freeze_finished_groups(optimizer, scheduler, groups, params)
     if rank == 0:
         say(describe(cfg))
+        if warmup_note(cfg):
+            say(f"note: {warmup_note(cfg)}")
     bar = progress_bar(total=cfg.steps, initial=start, desc="train", leave=True, show=progress and rank == 0)
 
     def stop(step: int, what: str) -> TrainingDiverged:

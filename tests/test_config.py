@@ -146,3 +146,23 @@ def test_a_long_choice_list_is_not_spelled_out_in_the_error_line():
     line = str(error.value)
     assert line.startswith("train.optimizer must be one of the ") and "names --help lists (nearest: " in line
     assert "lamb" in line and "adabelief" not in line and len(line) < 200
+
+
+@pytest.mark.parametrize("text, where", [
+    (b"train:\n  lr: 0.1\n  steps: ten: 10\n", "line 3, column 13: mapping values are not allowed here"),
+    (b"eval:\n  knn_k: [10, 20\n", "line 3, column 1: expected ',' or ']', but got '<stream end>' "
+                                   "(while parsing a flow sequence at line 2, column 10)"),
+    (b"train:\n\tlr: 0.1\n", "line 2, column 1: found character '\\t' that cannot start any token"),
+    (b"name: caf\xe9\n", "line 1, column 10: byte 0xe9 is not utf-8 (invalid continuation byte)"),
+    (b"train:\n  lr: 0.1\x00\n", "line 2, column 10: character #x0000 (special characters are not allowed)"),
+])
+def test_invalid_yaml_names_the_line_and_column(tmp_path, capsys, text, where):
+    from engine.run import main
+
+    path = tmp_path / "bad.yaml"
+    path.write_bytes(text)
+    with pytest.raises(UserError) as refused:
+        build_config(str(path))
+    assert str(refused.value) == f"config file {path} is not valid YAML: {where}"
+    assert main(["--config", str(path), "--out", str(tmp_path / "runs")]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [f"error: config file {path} is not valid YAML: {where}"]

@@ -180,3 +180,74 @@ def test_a_per_tensor_optimizer_under_zero_is_refused_and_allowed_without_it():
 def test_bad_optimizer_settings_are_user_errors(override, message):
     with pytest.raises(UserError, match=re.escape(message)):
         build_config(overrides=[override])
+
+
+def test_the_default_warmup_is_cut_to_a_short_run_and_a_note_says_so():
+    """The default 15-step warm-up on a 6-step run: the schedule is the one the engine always ran
+    (warm-up over all 6 steps), and now the start-of-training lines say so instead of 'warm-up 15'."""
+    from engine.config import parse_args
+
+    cfg = parse_args(["--steps", "6"]).train
+    assert cfg.warmup_steps == 15 and optim.warmup_steps(cfg) == 6
+    factor = optim.lr_lambda(cfg)
+    assert [factor(s) for s in range(6)] == [(s + 1) / 6 for s in range(6)]
+    assert optim.describe(cfg) == "optimizer sgd, lr 0.05, warm-up 6 steps"
+    assert optim.warmup_note(cfg) == ("train.warmup_steps 15 is longer than the run (train.steps 6): the warm-up "
+                                      "takes all 6 steps, so the learning rate peaks at the last one and does not decay")
+    assert optim.warmup_note(parse_args(["--steps", "15"]).train) is None
+    assert optim.warmup_note(parse_args(["--steps", "6", "train.warmup_fraction=0.5"]).train) is None
+
+
+def test_the_train_loop_prints_the_warmup_note_once(tmp_path, capsys):
+    from engine.distributed import init_distributed
+    from engine.embedded import create_embedded_vit
+    from engine.train import train
+
+    init_distributed()
+    torch.manual_seed(0)
+    strategy = adapters.get_strategy("linear", AdapterConfig())
+    model = strategy.apply(create_embedded_vit(pretrained=False, num_classes=0), 10)
+    batches = [(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))]
+    cfg = train_cfg(steps=2, eval_every=2, batch_size=4, zero_stage=0)
+    train(model, strategy, batches, batches, cfg, torch.device("cpu"), tmp_path, lambda *a: None, progress=False)
+    out = capsys.readouterr().out.splitlines()
+    assert "optimizer sgd, lr 0.05, warm-up 2 steps" in out
+    assert [line for line in out if line.startswith("note: ")] == [f"note: {optim.warmup_note(cfg)}"]
+
+
+@pytest.mark.parametrize("args", [
+    ["--steps", "6", "train.warmup_steps=50"],
+    ["--steps", "6", "--config", "{yaml}"],           # the user's own YAML chose it
+    ["--config", "{yaml}", "train.steps=6"],
+])
+def test_a_chosen_warmup_longer_than_the_run_is_one_line_before_any_work(tmp_path, capsys, monkeypatch, args):
+    import engine.run
+
+    def reached(*a, **k):
+        raise AssertionError("work started before the warm-up was checked")
+
+    monkeypatch.setattr(engine.run, "start", reached)
+    yaml_path = tmp_path / "recipe.yaml"
+    yaml_path.write_text("train:\n  warmup_steps: 50\n")
+    argv = [a.format(yaml=yaml_path) for a in args]
+    assert engine.run.main(["--out", str(tmp_path / "runs"), *argv]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: train.warmup_steps 50 is longer than the run (train.steps 6); lower it to at most 6, or give "
+        "train.warmup_fraction"]
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_warmup_the_user_did_not_choose_this_time_is_not_refused(tmp_path):
+    """A fraction overrides warmup_steps; a run's saved config.yaml lists every key (its warm-up
+    was the default): --resume and engine.export read it as they always did."""
+    from engine.config import RunConfig, parse_args, save_yaml
+
+    cfg = parse_args(["--steps", "6", "train.warmup_steps=50", "train.warmup_fraction=0.5"])
+    assert optim.warmup_steps(cfg.train) == 3
+    saved = RunConfig()
+    saved.train.steps = 6
+    save_yaml(saved, tmp_path / "run" / "config.yaml")
+    assert "warmup_steps: 15" in (tmp_path / "run" / "config.yaml").read_text()
+    assert parse_args(["--resume", str(tmp_path / "run")]).train.warmup_steps == 15
+    assert build_config(str(tmp_path / "run" / "config.yaml")).train.warmup_steps == 15
+    assert parse_args(["--steps", "6", "train.warmup_steps=6"]).train.warmup_steps == 6  # the whole run: allowed
