@@ -33,6 +33,7 @@ from .errors import UserError
 from .models import WEIGHTS_ENTRIES
 from .optim import LR_SCALES, OPTIMIZERS, SCHEDULES, resolved_lr
 from .precision import PRECISIONS
+from .shift import check_specs as check_shift_specs
 
 
 @dataclass
@@ -111,6 +112,9 @@ class EvalConfig:
     knn_curve_limit: int = 200          # bank images and query images (each) it extracts per step; 0 = no curve
     throughput_iters: int = 5           # timed forward passes of a 64-image batch for infer_img_per_s; 0 = not
                                         # measured (null in results.json: runs that only need the accuracies)
+    # Accuracy under distribution shift (engine.shift): shifted test sets of the target's classes.
+    shift: list[str] | None = field(default_factory=lambda: ["auto"])  # corrupt:NAME@S, imagefolder:DIR; auto =
+    #                                   the target's own (digits: corrupt:all@3, others none); none = off
 
 
 @dataclass
@@ -431,6 +435,7 @@ def validate(cfg: RunConfig) -> None:
         raise UserError(f"adapter options: {e}") from None
     check_spec(cfg.data.target, "target")
     check_spec(cfg.data.source, "source")
+    check_shift_specs(cfg.eval.shift)
     if cfg.dry_run and cfg.resume:
         raise UserError("--dry-run builds a model and exits; it does not take --resume")
     if cfg.json and not cfg.dry_run:

@@ -35,13 +35,17 @@ def extract_features(model: nn.Module, loader, device: torch.device, autocast_dt
 
 @torch.no_grad()
 def top1_accuracy(model: nn.Module, loader, device: torch.device, autocast_dtype=None,
-                  desc: str = "eval", progress: bool = True, sharded: bool = False) -> float:
-    """Top-1 accuracy in percent of the model's logits over one pass of the loader (of every rank's, when sharded)."""
+                  desc: str = "eval", progress: bool = True, sharded: bool = False,
+                  class_mask: torch.Tensor | None = None) -> float:
+    """Top-1 accuracy in percent of the model's logits over one pass of the loader (of every rank's, when sharded).
+    `class_mask` (num_classes,) bool restricts the argmax to those classes (a shift set of a subset of them)."""
     model.eval()
     correct = total = 0
     for images, target in progress_bar(loader, desc=desc, show=progress):
         with autocast(device, autocast_dtype):
             logits = model(images.to(device, non_blocking=True))
+        if class_mask is not None:
+            logits = logits.float().masked_fill(~class_mask.to(logits.device), float("-inf"))
         correct += int((logits.argmax(dim=1).cpu() == target.cpu()).sum())
         total += len(target)
     if sharded:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import platform
 import sys
 from pathlib import Path
@@ -28,7 +29,11 @@ _VERSIONED = {"python": None, "torch": "torch", "torchvision": "torchvision", "t
               "deepspeed": "deepspeed", "dali": "nvidia.dali", "numpy": "numpy", "pillow": "PIL"}
 VERSION_KEYS = tuple(f"{name}_version" for name in _VERSIONED)
 RESULT_KEYS = ("strategy", "model", *MEASURES, *RUN_FACTS, *VERSION_KEYS)
-OPTIONAL_KEYS = ("active_blocks", "total_blocks")
+# Beside selective LoRA's blocks: accuracy under shift (engine.shift: per set, keyed by its spec, and their mean)
+# and CLIP's zero-shot accuracy before and after fine-tuning (per data set and their "mean"; forgetting = the
+# means' difference), present when the run measured them.
+OPTIONAL_KEYS = ("active_blocks", "total_blocks", "shift_top1", "target_shift_top1", "zeroshot_before",
+                 "zeroshot_after", "zeroshot_forgetting")
 
 _LABELS = {
     "trainable_params": "trainable params", "total_params": "total params",
@@ -38,6 +43,9 @@ _LABELS = {
     "train_gflops_per_img": "train GFLOPs/img", "infer_gflops_per_img": "infer GFLOPs/img",
     "wall_s": "wall time s", "lr_resolved": "learning rate (resolved)",
     "active_blocks": "active LoRA blocks", "total_blocks": "LoRA blocks",
+    "shift_top1": "shift top-1 %", "target_shift_top1": "shift top-1, mean of sets %",
+    "zeroshot_before": "zero-shot before %", "zeroshot_after": "zero-shot after %",
+    "zeroshot_forgetting": "zero-shot forgetting (points)",
 }
 
 
@@ -66,13 +74,17 @@ def write_results(run_dir: Path, results: dict) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(results))
     writer.writeheader()
-    writer.writerow(results)
+    writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in results.items()})  # per-set: JSON
     atomic_write_text(run_dir / "results.csv", buffer.getvalue())
 
 
 def format_table(results: dict, knn: dict | None = None) -> str:
     """A two-column table of the results, plus the k-NN accuracy at every k when given."""
-    rows = [(_LABELS.get(k, k), _fmt(v)) for k, v in results.items() if k in MEASURES or k in OPTIONAL_KEYS]
+    rows = []
+    for k, v in results.items():
+        if k in MEASURES or k in OPTIONAL_KEYS:  # a per-set dict: a row per set
+            rows += [(f"{_LABELS.get(k, k)} {name}", _fmt(x)) for name, x in v.items()] if isinstance(v, dict) \
+                else [(_LABELS.get(k, k), _fmt(v))]
     if knn:
         for k in sorted(knn["before"]):
             rows.append((f"source {k}-NN before / after %", f"{knn['before'][k]:.2f} / {knn['after'][k]:.2f}"))

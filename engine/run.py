@@ -36,7 +36,7 @@ import torch
 import adapters
 import kernels
 
-from . import data, feature_cache, progress, resume, run_folder
+from . import data, feature_cache, progress, resume, run_folder, shift
 from .adapter_files import save_adapter
 from .checkpoint import FullCheckpoints, identity
 from .config import RunConfig, parse_args, resolved_for_target, save_yaml
@@ -152,6 +152,8 @@ class Loaders:
     curve_bank: object = None         # the forgetting curve's capped subsets (None: no curve)
     curve_query: object = None
     curve_sizes: tuple[int, int] = (0, 0)  # their images: bank, queries
+    shift: list = dataclasses.field(default_factory=list)  # eval.shift's sets (engine.shift.ShiftSet)
+    eval_loader: object = None        # split -> its sharded eval loader (the shift sets')
 
 
 def start(cfg: RunConfig) -> Runtime:
@@ -256,6 +258,9 @@ def make_loaders(run_data: RunData, pre: data.Preprocess, rt: Runtime) -> Loader
         knn_bank=eval_loader(_limit(run_data.source.train, cfg.data.knn_train_limit, cfg.seed), source_pre),
         knn_query=eval_loader(_limit(run_data.source.test, cfg.data.knn_test_limit, cfg.seed), source_pre),
     )
+    loaders.eval_loader = eval_loader
+    loaders.shift = shift.resolve(cfg.eval.shift, run_data.target, pre.resize_size, pre.interpolation,
+                                  run_data.bad_images)
     if cfg.eval.knn_curve_limit:
         cap = cfg.eval.knn_curve_limit
         bank = _limit(run_data.source.train, min(cap, cfg.data.knn_train_limit or cap), cfg.seed)
@@ -364,14 +369,16 @@ def restore_best(cfg: RunConfig, run_dir: Path, rt: Runtime):
 
 def measure(model, strategy, loaders: Loaders, cfg: RunConfig, num_source_classes: int, pre: data.Preprocess,
             rt: Runtime) -> tuple[float, dict[int, float], dict]:
-    """Target top-1 and source k-NN of the finalised model, and its inference cost."""
+    """Target top-1 and source k-NN of the finalised model, its accuracy under shift, and its inference cost."""
     amp = PRECISIONS[cfg.train.precision]
     target_top1 = top1_accuracy(model, loaders.test, rt.device, amp, desc="test", progress=rt.main, sharded=True)
+    shifted = shift.summary(shift.shift_top1(model, loaders.shift, loaders.eval_loader, rt.device, model.num_classes,
+                                             amp, progress=rt.main))
     knn_after = measure_source(model, loaders, cfg, num_source_classes, rt)
     iters = cfg.eval.throughput_iters
     cost = {"infer_img_per_s": inference_throughput(model, pre.input_size, iters=iters, autocast_dtype=amp)
             if iters else None,
-            "infer_gflops_per_img": gflops_per_image(model, pre.input_size), **strategy.metrics(model)}
+            "infer_gflops_per_img": gflops_per_image(model, pre.input_size), **strategy.metrics(model), **shifted}
     return target_top1, knn_after, cost
 
 

@@ -43,12 +43,20 @@ RUN_COLUMNS = ("name", "row", "label", "lr", "seed", "status", "val_top1", "targ
 # Summarised over a row's seeds: (table key, the runs' results.json key; None: source_knn.json's best_val_top1).
 STATS = (("target_top1", "target_top1"), ("source_knn", "source_knn_after"), ("mean", "mean"),
          ("forgetting", "forgetting"), ("source_knn_before", "source_knn_before"), ("val_top1", None))
+# Figures only some runs have (engine.shift, engine.zeroshot): summarised like STATS for a row whose runs all
+# have them, shown as columns when any row does; (table key, how to read it from results.json).
+OPTIONAL_STATS = (("target_shift_top1", lambda r: r["target_shift_top1"]),
+                  ("zeroshot_after", lambda r: r["zeroshot_after"]["mean"]),
+                  ("zeroshot_forgetting", lambda r: r["zeroshot_forgetting"]))
+OPTIONAL_NAMES = {"target_shift_top1": "shift top-1 %", "zeroshot_after": "zero-shot after %",
+                  "zeroshot_forgetting": "zero-shot forgetting"}
 # The columns that get the best / tied marks, higher being better in each. Source k-NN after
 # fine-tuning ranks the rows as forgetting does (every row starts from the same backbone's features).
 COMPARED = ("target_top1", "source_knn", "mean")
 TABLE_COLUMNS = ("group", "row", "label", "strategy", "best_lr", "seeds", "trainable_params",
                  *(f"{key}{suffix}" for key, _ in STATS for suffix in ("", "_sd", "_ci95_low", "_ci95_high")),
                  *(f"{key}_mark" for key in COMPARED), "active_blocks", "total_blocks",
+                 *(f"{key}{suffix}" for key, _ in OPTIONAL_STATS for suffix in ("", "_sd", "_ci95_low", "_ci95_high")),
                  "paper_trainable", "paper_target", "paper_source", "paper_mean")
 
 
@@ -148,6 +156,10 @@ def select(grid, sweep_dir: Path) -> tuple[list[dict], list[Finished]]:
                 entry["values"][key] = {f.point.seed: f.value(results_key) for f in runs}
                 s = spread(entry["values"][key].values())
                 entry.update({key: s.mean, f"{key}_sd": s.sd, f"{key}_ci95_low": s.low, f"{key}_ci95_high": s.high})
+            for key, read in OPTIONAL_STATS:
+                if all(key in x for x in r):
+                    s = spread(read(f.results) for f in runs)
+                    entry.update({key: s.mean, f"{key}_sd": s.sd, f"{key}_ci95_low": s.low, f"{key}_ci95_high": s.high})
             if "active_blocks" in r[0]:
                 entry.update(active_blocks=statistics.fmean(x["active_blocks"] for x in r),
                              total_blocks=r[0]["total_blocks"])
@@ -242,8 +254,9 @@ def format_markdown(rows: list[dict], finished: list[Finished], preset) -> str:
     seeds = max((r["seeds"] for r in done), default=0)
     best_paper = max((r["paper"].mean for r in rows if r["paper"]), default=None)
     names = {"target_top1": f"{target} top-1", "source_knn": f"{source} {k}-NN", "mean": "Mean"}
+    extra = [key for key, _ in OPTIONAL_STATS if any(key in r for r in done)]
     head = ["Group", "Strategy", "best LR", "n", "Trainable params", *names.values(),
-            *(["Mean 95% CI"] if seeds > 1 else [])]
+            *(["Mean 95% CI"] if seeds > 1 else []), *(OPTIONAL_NAMES[key] for key in extra)]
     if with_paper:
         head += ["paper: params", "paper: CIFAR-100", "paper: IN-1K", "paper: Mean"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -254,9 +267,10 @@ def format_markdown(rows: list[dict], finished: list[Finished], preset) -> str:
         label = r["label"] + (f" ({r['active_blocks']:.3g}/{r['total_blocks']} blocks)" if "active_blocks" in r else "")
         if r["runs"]:
             cells = [f"{r['best_lr']:g}", str(r["seeds"]), _fmt(r["trainable_params"]),
-                     *(_cell(r, key) for key in names), *([_interval(r, "mean")] if seeds > 1 else [])]
+                     *(_cell(r, key) for key in names), *([_interval(r, "mean")] if seeds > 1 else []),
+                     *(_cell(r, key) if key in r else "-" for key in extra)]
         else:
-            cells = ["-", "0", "-", "not run", "-", "-", *(["-"] if seeds > 1 else [])]
+            cells = ["-", "0", "-", "not run", "-", "-", *(["-"] if seeds > 1 else []), *("-" for _ in extra)]
         if with_paper:
             p = r["paper"]
             cells += ([p.trainable, _fmt(p.target), _fmt(p.source), f"**{_fmt(p.mean)}**" if p.mean == best_paper
@@ -280,6 +294,12 @@ def format_markdown(rows: list[dict], finished: list[Finished], preset) -> str:
     elif done:
         notes.append("One seed per row: no row is marked best, since one run per row cannot tell a difference "
                      "between rows from seed noise; give --seeds 0,1,2 to compare them.")
+    if "target_shift_top1" in extra:
+        notes.append("Shift top-1: the mean target top-1 over the run's eval.shift sets (results.json shift_top1 "
+                     "holds each set's).")
+    if "zeroshot_after" in extra:
+        notes.append("Zero-shot after: CLIP's zero-shot top-1 after fine-tuning, mean over the eval.zeroshot sets; "
+                     "zero-shot forgetting: that mean before fine-tuning minus after, in points.")
     if with_paper:
         notes.append("The paper's columns are its Table 1 as printed (its best mean in bold).")
     if preset is not None and preset.note:

@@ -6,7 +6,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.report import RESULT_KEYS
+from engine.report import OPTIONAL_KEYS, RESULT_KEYS
+from engine.shift import CORRUPTIONS
 from engine.run import main
 
 # A few steps on the embedded default, with a small k-NN bank, no forgetting curve (tests/test_curve.py
@@ -46,7 +47,10 @@ def test_saved_config_holds_the_targets_augmentation(linear_run):
 
 def test_results_json_has_exactly_the_contract_keys(linear_run):
     results = json.loads((linear_run / "results.json").read_text())
-    assert tuple(results) == RESULT_KEYS
+    assert tuple(k for k in results if k not in OPTIONAL_KEYS) == RESULT_KEYS
+    # the embedded target's shift sets (eval.shift=auto: its corrupted digits), per spec and their mean
+    assert list(results["shift_top1"]) == [f"corrupt:{c}@3" for c in CORRUPTIONS]
+    assert results["target_shift_top1"] == pytest.approx(sum(results["shift_top1"].values()) / 5, abs=1e-3)
     assert results["infer_img_per_s"] > 0
     assert results["forgetting"] == pytest.approx(results["source_knn_before"] - results["source_knn_after"], abs=1e-3)
     assert results["mean"] == pytest.approx((results["target_top1"] + results["source_knn_after"]) / 2, abs=1e-3)
