@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING_KEYS = ("train_img_per_s", "infer_img_per_s", "peak_mem_mb", "wall_s")     # results.json
+TIMING_KEYS = ("train_img_per_s", "infer_img_per_s", "peak_mem_mb", "wall_s", "processes")  # results.json (and how many processes wall_s sums)
 TIMING_COLUMNS = ("train_img_per_s", "elapsed_s")                                  # metrics.csv
 
 

@@ -12,6 +12,10 @@ atomically, with a manifest that resume verifies before it loads anything.
                           names, world size, ZeRO stage), facts the rest of the run needs, and the
                           size and SHA-256 of every other file
 
+Before the first checkpoint, `checkpoints/full/facts.json` holds the same facts (the untouched
+backbone's k-NN, measured before training), so that a run stopped before it can restart training
+from step 0 without measuring them again.
+
 Every rank writes into `.step-00000050.tmp/`; once all have finished, rank 0 writes the manifest and
 renames the folder into place, then retires the oldest beyond `keep`. A folder without a manifest
 never was a checkpoint; one whose files do not match their manifest, or that was written for another
@@ -35,6 +39,7 @@ from .io import atomic_write_json
 
 DEEPSPEED_TAG = "deepspeed"
 MANIFEST = "manifest.json"
+FACTS = "facts.json"
 _FORMAT = 1
 _PREFIX = "step-"
 
@@ -57,11 +62,21 @@ def identity(model_name: str, strategy: str, num_classes: int, trainable: list[s
 
 
 class FullCheckpoints:
-    """Writes the full checkpoints of one run (every rank holds one; `save` is collective)."""
+    """Writes the full checkpoints of one run (every rank holds one; `save` is collective). Each
+    manifest carries `facts`, and the run's wall time so far from `clock` (an engine.resume.RunClock)."""
 
-    def __init__(self, run_dir: Path, ident: dict, facts: dict, rank: int, world: int, keep: int) -> None:
-        self.folder, self.identity, self.facts = full_dir(run_dir), ident, facts
+    def __init__(self, run_dir: Path, ident: dict, facts: dict, rank: int, world: int, keep: int,
+                 clock=None) -> None:
+        self.folder, self.identity, self.facts, self.clock = full_dir(run_dir), ident, facts, clock
         self.rank, self.world, self.keep = rank, world, keep
+
+    def _facts(self) -> dict:
+        return {**self.facts, **(self.clock.facts() if self.clock is not None else {})}
+
+    def save_facts(self) -> None:
+        """facts.json: the facts before any checkpoint holds them (rank 0 writes it)."""
+        if self.rank == 0:
+            atomic_write_json(self.folder / FACTS, self._facts())
 
     def save(self, engine, step: int, trainer_state: dict, rank_state: dict) -> Path:
         final = self.folder / f"{_PREFIX}{step:08d}"
@@ -80,7 +95,7 @@ class FullCheckpoints:
             files = {str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": _sha256(p)}
                      for p in sorted(tmp.rglob("*")) if p.is_file()}
             atomic_write_json(tmp / MANIFEST, {"format": _FORMAT, "step": step, "identity": self.identity,
-                                               "facts": self.facts, "files": files})
+                                               "facts": self._facts(), "files": files})
             if final.exists():  # one that resume rejected: the new one replaces it
                 _retire(final)
             os.rename(tmp, final)
@@ -88,6 +103,14 @@ class FullCheckpoints:
                 _retire(old)
         _barrier(self.world)
         return final
+
+
+def early_facts(run_dir: Path) -> dict | None:
+    """The facts a run wrote before its first full checkpoint (facts.json), or None."""
+    try:
+        return json.loads((full_dir(run_dir) / FACTS).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:

@@ -6,6 +6,8 @@ Accuracies are percentages; `forgetting` = source_knn_before - source_knn_after 
 decimals; the run's facts (`RUN_FACTS`: lr, ...) are kept as given, and the package versions
 (`VERSION_KEYS`, `<package>_version`) are added here.
 `infer_img_per_s` is null when the run did not measure it (`eval.throughput_iters=0`).
+`wall_s` is the time of all the run's processes together, `processes` of them (1 for a run never
+stopped; a resumed run adds each earlier process up to its last full checkpoint).
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from .io import atomic_write_json, atomic_write_text
 
 MEASURES = ("trainable_params", "total_params", "target_top1", "source_knn_before", "source_knn_after",
             "forgetting", "mean", "train_img_per_s", "infer_img_per_s", "peak_mem_mb", "train_gflops_per_img",
-            "infer_gflops_per_img", "wall_s")
+            "infer_gflops_per_img", "wall_s", "processes")
 # What makes two runs comparable without their config.yaml: the run's facts and the versions of the
 # packages it used (None for one it did not import, e.g. DALI under --loader torch).
 RUN_FACTS = ("target", "source", "seed", "steps", "lr", "batch_size", "precision", "loader", "optimizer",
@@ -41,7 +43,7 @@ _LABELS = {
     "source_knn_after": "source k-NN after %", "forgetting": "forgetting (points)", "mean": "mean %",
     "train_img_per_s": "train img/s", "infer_img_per_s": "infer img/s", "peak_mem_mb": "peak memory MB",
     "train_gflops_per_img": "train GFLOPs/img", "infer_gflops_per_img": "infer GFLOPs/img",
-    "wall_s": "wall time s", "lr_resolved": "learning rate (resolved)",
+    "wall_s": "wall time s", "processes": "processes (wall time of)", "lr_resolved": "learning rate (resolved)",
     "active_blocks": "active LoRA blocks", "total_blocks": "LoRA blocks",
     "shift_top1": "shift top-1 %", "target_shift_top1": "shift top-1, mean of sets %",
     "zeroshot_before": "zero-shot before %", "zeroshot_after": "zero-shot after %",
@@ -70,12 +72,13 @@ def build_results(values: dict) -> dict:
 
 
 def write_results(run_dir: Path, results: dict) -> None:
-    atomic_write_json(run_dir / "results.json", results)
+    """results.csv, then results.json: the file that marks the run finished (resume, sweeps) comes last."""
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(results))
     writer.writeheader()
     writer.writerow({k: json.dumps(v) if isinstance(v, dict) else v for k, v in results.items()})  # per-set: JSON
     atomic_write_text(run_dir / "results.csv", buffer.getvalue())
+    atomic_write_json(run_dir / "results.json", results)
 
 
 def format_table(results: dict, knn: dict | None = None) -> str:

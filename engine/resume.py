@@ -3,13 +3,21 @@
 The run's config is its own config.yaml, under any flags and key=value given now; a changed key
 that would change the run (model, strategy, seed, batch, steps, ...) is refused in one line listing
 them, while the keys in `MAY_CHANGE` may differ. The checkpoint is the newest that verifies
-(`engine.checkpoint.choose`), chosen by rank 0 and told to the others. Everything here happens before
-any expensive work and writes nothing: a refused resume leaves the folder exactly as it was.
+(`engine.checkpoint.choose`), chosen by rank 0 and told to the others. A run stopped before its
+first full checkpoint (a signal in the source k-NN, a kill before the first eval) restarts training
+from step 0 in its folder, with what it had finished (the untouched backbone's k-NN, in
+`checkpoints/full/facts.json`). Everything here happens before any expensive work and writes
+nothing but the folder's lock: a refused resume leaves the run's files exactly as they were.
+
+The run's wall time is that of all its processes (`RunClock`): each full checkpoint carries the
+seconds and the processes so far, and a resumed process adds its own.
 """
 from __future__ import annotations
 
 import csv
 import io
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,12 +49,14 @@ def check_config(cfg: RunConfig) -> None:
                         f"the run: {', '.join(changed)}; start a new run for that")
 
 
-def find_checkpoint(run_dir: Path, ident: dict, rank: int, world: int) -> tuple[Path, dict]:
-    """The full checkpoint to resume from and its manifest, the same on every rank (UserError on all)."""
+def find_checkpoint(run_dir: Path, ident: dict, rank: int, world: int) -> tuple[Path | None, dict]:
+    """The full checkpoint to resume from and its manifest, the same on every rank (UserError on all).
+    A run that never wrote one restarts from step 0: (None, {"step": 0, "facts": what facts.json holds})."""
     outcome = [None]
     if rank == 0:
         try:
-            outcome = [checkpoint.choose(run_dir, ident)]
+            outcome = [checkpoint.choose(run_dir, ident) if checkpoint.checkpoint_dirs(run_dir)
+                       else (None, {"step": 0, "facts": checkpoint.early_facts(run_dir) or {}})]
         except UserError as e:
             outcome = [str(e)]
     if world > 1:
@@ -56,8 +66,34 @@ def find_checkpoint(run_dir: Path, ident: dict, rank: int, world: int) -> tuple[
     return outcome[0]
 
 
+@dataclass
+class RunClock:
+    """The run's wall time over its processes: the earlier ones' (each to its last full checkpoint, as
+    the checkpoint resumed from says) plus this one's so far."""
+    carried_s: float = 0.0
+    earlier: int = 0                  # processes before this one
+    began: float = field(default_factory=time.perf_counter)
+
+    def carry(self, facts: dict) -> None:
+        """Count the processes a checkpoint's (or facts.json's) facts say came before this one (none
+        for empty facts: a process stopped before it finished anything)."""
+        self.carried_s = float(facts.get("wall_s", 0.0))
+        self.earlier = int(facts.get("processes", 1 if facts else 0))  # a checkpoint from before the count: one
+
+    @property
+    def processes(self) -> int:
+        return self.earlier + 1
+
+    def wall_s(self) -> float:
+        return self.carried_s + time.perf_counter() - self.began
+
+    def facts(self) -> dict:
+        return {"wall_s": round(self.wall_s(), 3), "processes": self.processes}
+
+
 def rewind_metrics(run_dir: Path, step: int) -> None:
-    """metrics.csv without the rows after `step` (written after the checkpoint the run resumes from)."""
+    """metrics.csv without the rows after `step` (written after the checkpoint the run resumes from;
+    -1: every row, for a restart from step 0, which writes its step-0 row again)."""
     path = run_dir / "metrics.csv"
     if not path.is_file():
         return

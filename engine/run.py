@@ -9,12 +9,15 @@ A run goes through named phases, each a function below: resolve the config (`par
 the processes (`start`), take in a user's DeepSpeed JSON (`adopt_deepspeed`), read the data
 (`read_data`), check the model and the batch geometry (`check_run`), and only then claim the run folder and do the expensive work: measure the untouched
 source (`measure_source`), train (`fine_tune`), restore the best checkpoint (`restore_best`),
-measure it (`measure`) and write the report (`report`). Bad input is refused in the first phases,
-before any feature is extracted and before a run folder exists.
+measure it (`measure`) and write the report (`report`, results.json last). Bad input is refused in
+the first phases, before any feature is extracted and before a run folder exists. The run folder is
+held (`engine.folder_lock`, rank 0) from its claim to the end of the run; SIGINT / SIGTERM in any
+phase stops the run with one line naming the phase (`engine.stop`).
 
-`--resume RUN_DIR` runs the same phases in the run's own folder: `resume_point` checks the config
-against the saved one and picks the newest full checkpoint that verifies (before anything is
-written), the untouched source's k-NN comes from that checkpoint, and training continues from it.
+`--resume RUN_DIR` runs the same phases in the run's own folder, once rank 0 holds it:
+`resume_point` checks the config against the saved one and picks the newest full checkpoint that
+verifies (before anything is written), the untouched source's k-NN comes from that checkpoint, and
+training continues from it (from step 0 when the run wrote none; not at all when it had finished).
 On several ranks evaluation and k-NN extraction are sharded: each sample is read on one rank, and
 the accuracies are those one process would get.
 """
@@ -45,6 +48,7 @@ from .distributed import (adopt_deepspeed_config, gathered, init_distributed, mi
                           zero_stage_run)
 from .errors import UserError
 from .evaluate import extract_features, top1_accuracy
+from .folder_lock import FolderLock
 from .io import atomic_write_json
 from .knn import knn_correct
 from .metrics import gflops_per_image, inference_throughput, parameter_counts, peak_memory_mb
@@ -52,7 +56,7 @@ from .models import apply_strategy, build_backbone, check_strategy, restore_mode
 from .optim import check_optimizer
 from .precision import PRECISIONS
 from .report import build_results, format_table, write_results
-from .stop import TrainingStopped
+from .stop import Phases, RunStopped, TrainingStopped
 from .train import TrainingDiverged, TrainResult, train
 
 
@@ -71,6 +75,12 @@ def main(argv: list[str] | None = None) -> int:
         world = int(os.environ.get("WORLD_SIZE", 1))
         return _fail(f"{e}; full checkpoint {e.checkpoint}\nresume with: "
                      f"{resume.resume_command(e.checkpoint.parents[2], world)}", e.exit_code)
+    except RunStopped as e:
+        if e.run_dir is None:
+            return _fail(f"{e}, before the run folder was claimed: nothing was written; run the same command "
+                         f"again", e.exit_code)
+        world = int(os.environ.get("WORLD_SIZE", 1))
+        return _fail(f"{e}; resume with: {resume.resume_command(e.run_dir, world)}", e.exit_code)
     except TrainingDiverged as e:
         kept = (f"the last good checkpoint (step {e.last_good_step}) is kept in checkpoints/last"
                 if e.last_good_step else "no checkpoint had been written yet")
@@ -215,17 +225,47 @@ def check_run(run_data: RunData, rt: Runtime) -> list[str]:
     return [name for name, p in model.named_parameters() if p.requires_grad]
 
 
-def resume_point(cfg: RunConfig, ident: dict, rt: Runtime) -> tuple[Path, dict] | None:
-    """With --resume: the full checkpoint to continue from and its manifest, after the config and the
-    checkpoint have been checked; metrics.csv loses the rows written after it. None for a new run."""
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a resumed run's training starts: a full checkpoint (None: step 0) and what the run had
+    finished before it."""
+    checkpoint: Path | None
+    step: int
+    knn_before: dict[int, float] | None  # the untouched backbone's source k-NN, if measured before
+
+
+def hold_for_resume(cfg: RunConfig, rt: Runtime) -> FolderLock | None:
+    """With --resume: rank 0 holds the run's folder (refused, on every rank, while another process
+    does), before anything in it is read or written. Returns the lock on rank 0."""
+    if not cfg.resume:
+        return None
+    lock, _ = _on_rank0(rt, lambda: (FolderLock.take(cfg.resume, "run folder"), None))
+    return lock
+
+
+def resume_point(cfg: RunConfig, ident: dict, rt: Runtime, clock: resume.RunClock) -> StartPoint | None:
+    """With --resume: where training continues, once the config and the checkpoint have been checked;
+    metrics.csv loses the rows written after it, and `clock` counts the earlier processes. None for a
+    new run."""
     if not cfg.resume:
         return None
     resume.check_config(cfg)
-    path, manifest = resume.find_checkpoint(Path(cfg.resume), ident, rt.rank, rt.world)
-    rt.say(f"resuming {cfg.resume} after step {manifest['step']} from {path}")
+    run_dir = Path(cfg.resume)
+    path, manifest = resume.find_checkpoint(run_dir, ident, rt.rank, rt.world)
+    step, facts = manifest["step"], manifest["facts"]
+    clock.carry(facts)
+    if path is None:
+        rt.say(f"resuming {run_dir}: it wrote no full checkpoint; training starts again from step 0"
+               + (" (the untouched backbone's k-NN was measured before)" if "knn_before" in facts else ""))
+    elif step >= cfg.train.steps:
+        rt.say(f"resuming {run_dir}: training finished at step {step} ({path}); the best checkpoint is "
+               f"measured again")
+    else:
+        rt.say(f"resuming {run_dir} after step {step} from {path}")
     if rt.main:
-        resume.rewind_metrics(Path(cfg.resume), manifest["step"])
-    return path, manifest
+        resume.rewind_metrics(run_dir, step if path else -1)
+    knn = facts.get("knn_before")
+    return StartPoint(path, step, None if knn is None else {int(k): v for k, v in knn.items()})  # JSON keys: str
 
 
 def knn_preprocess(pre: data.Preprocess, cfg: RunConfig) -> data.Preprocess:
@@ -273,19 +313,15 @@ def make_loaders(run_data: RunData, pre: data.Preprocess, rt: Runtime) -> Loader
     return loaders
 
 
-def claim_run_dir(cfg: RunConfig, rt: Runtime) -> Path:
-    """Rank 0 claims the run folder (`engine.run_folder`); the other ranks learn its name, or its error."""
-    holder: list = [None]
-    if rt.main:
-        try:
-            holder = [str(run_folder.claim(cfg.out, cfg.name, cfg.strategy, _reuse(cfg)))]
-        except UserError as e:
-            holder = [e]
-    if rt.world > 1:
-        torch.distributed.broadcast_object_list(holder, src=0)
-    if isinstance(holder[0], UserError):
-        raise holder[0]
-    return Path(holder[0])
+def claim_run_dir(cfg: RunConfig, rt: Runtime) -> tuple[Path, FolderLock | None]:
+    """Rank 0 claims the run folder and holds it (`engine.run_folder`); the other ranks learn its
+    name, or its error. Returns the folder, and the lock on rank 0."""
+    def claim():
+        lock = run_folder.claim(cfg.out, cfg.name, cfg.strategy, _reuse(cfg))
+        return lock, str(lock.folder)
+
+    lock, name = _on_rank0(rt, claim)
+    return Path(name), lock
 
 
 def measure_source(model, loaders: Loaders, cfg: RunConfig, num_source_classes: int, rt: Runtime) -> dict[int, float]:
@@ -384,8 +420,8 @@ def measure(model, strategy, loaders: Loaders, cfg: RunConfig, num_source_classe
 
 def report(results: dict, knn: dict, result: TrainResult, run_dir: Path, curve: ForgettingCurve | None,
            curve_sizes: tuple[int, int]) -> None:
-    """results.json / results.csv / source_knn.json, forgetting.png, and the table on screen (rank 0 only)."""
-    write_results(run_dir, results)
+    """source_knn.json, forgetting.png, results.csv / results.json (last: it marks the run finished),
+    and the table on screen (rank 0 only)."""
     curve_info = None if curve is None else {
         "steps": curve.steps, "bank": curve_sizes[0], "queries": curve_sizes[1],
         "seconds": round(curve.seconds, 3), "wall_fraction": round(curve.seconds / results["wall_s"], 4)}
@@ -397,6 +433,7 @@ def report(results: dict, knn: dict, result: TrainResult, run_dir: Path, curve: 
         from .plots import plot_curves
         plot_curves({results["strategy"]: read_curve(run_dir / "metrics.csv")}, run_dir / "forgetting.png",
                     title=f"forgetting curve: {results['strategy']} on {results['model']}")
+    write_results(run_dir, results)
     print()
     print(format_table(results, knn))
     if curve_info:
@@ -406,65 +443,93 @@ def report(results: dict, knn: dict, result: TrainResult, run_dir: Path, curve: 
 
 
 def run(cfg: RunConfig) -> dict:
-    """The whole protocol, phase by phase; returns the results dict it wrote to results.json."""
-    wall = time.perf_counter()
-    rt = start(cfg)
-    run_data = read_data(adopt_deepspeed(cfg, rt), rt)
-    cfg = run_data.cfg
-    trainable_names = check_run(run_data, rt)
-    ident = identity(cfg.model.name, cfg.strategy, run_data.num_classes, trainable_names, rt.world,
-                     zero_stage_run(cfg.train, rt.world))
-    point = resume_point(cfg, ident, rt)
+    """The whole protocol, phase by phase; returns the results dict it wrote to results.json. The run
+    folder is held until it returns; a signal outside the train loop's steps raises RunStopped naming
+    the phase it came in."""
+    with Phases() as phase, contextlib.ExitStack() as held:
+        clock = resume.RunClock()
+        rt = start(cfg)
+        phase.now = "while reading the data"
+        run_data = read_data(adopt_deepspeed(cfg, rt), rt)
+        cfg = run_data.cfg
+        phase.now = "while checking the run"
+        trainable_names = check_run(run_data, rt)
+        ident = identity(cfg.model.name, cfg.strategy, run_data.num_classes, trainable_names, rt.world,
+                         zero_stage_run(cfg.train, rt.world))
+        lock = hold_for_resume(cfg, rt)
+        if lock is not None:
+            held.callback(lock.release)
+        if cfg.resume:
+            phase.run_dir = Path(cfg.resume)
+        point = resume_point(cfg, ident, rt, clock)
 
-    torch.manual_seed(cfg.seed)  # the same backbone again at restore time, even from a random init
-    backbone = build_backbone(cfg.model).to(rt.device)
-    pre = data.Preprocess.from_model(backbone, crop_scale_min=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
-    loaders = make_loaders(run_data, pre, rt)
-    loader = data.resolve_loader(cfg.data.loader)
-    rt.say(f"target {run_data.target.name}: {len(run_data.train)} train, {len(run_data.val)} val, "
-           f"{len(run_data.target.test)} test images; source {run_data.source.name}; loader {loader}")
-    strategy = adapters.get_strategy(cfg.strategy, cfg.adapter)
+        phase.now = "while building the model and the loaders"
+        torch.manual_seed(cfg.seed)  # the same backbone again at restore time, even from a random init
+        backbone = build_backbone(cfg.model).to(rt.device)
+        pre = data.Preprocess.from_model(backbone, crop_scale_min=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
+        loaders = make_loaders(run_data, pre, rt)
+        loader = data.resolve_loader(cfg.data.loader)
+        rt.say(f"target {run_data.target.name}: {len(run_data.train)} train, {len(run_data.val)} val, "
+               f"{len(run_data.target.test)} test images; source {run_data.source.name}; loader {loader}")
+        strategy = adapters.get_strategy(cfg.strategy, cfg.adapter)
 
-    run_dir = claim_run_dir(cfg, rt) if point is None else Path(cfg.resume)
-    if rt.main:
-        save_yaml(cfg, run_dir / "config.yaml")
-    source_classes = run_data.source.num_classes
-    if point is None:
-        knn_before = measure_source(backbone, loaders, cfg, source_classes, rt)
-    else:  # measured before the run started; JSON keys are strings
-        knn_before = {int(k): v for k, v in point[1]["facts"]["knn_before"].items()}
-    rt.say(f"source {cfg.eval.knn_report_k}-NN accuracy of the untouched backbone: "
-           f"{knn_before[cfg.eval.knn_report_k]:.2f}%")
+        if point is None:
+            phase.now = "while claiming the run folder"
+            run_dir, lock = claim_run_dir(cfg, rt)
+            if lock is not None:
+                held.callback(lock.release)
+            phase.run_dir = run_dir
+            rt.say(f"run folder {run_dir}")
+        else:
+            run_dir = Path(cfg.resume)
+        if rt.main:
+            save_yaml(cfg, run_dir / "config.yaml")
+        source_classes = run_data.source.num_classes
+        checkpoints = FullCheckpoints(run_dir, ident, {}, rt.rank, rt.world, cfg.train.keep_checkpoints, clock)
+        if point is None or point.knn_before is None:
+            phase.now = "during the untouched backbone's source k-NN"
+            knn_before = measure_source(backbone, loaders, cfg, source_classes, rt)
+            checkpoints.facts["knn_before"] = knn_before
+            checkpoints.save_facts()  # a restart before the first full checkpoint need not measure it again
+        else:  # measured before the run stopped
+            knn_before = checkpoints.facts["knn_before"] = point.knn_before
+        rt.say(f"source {cfg.eval.knn_report_k}-NN accuracy of the untouched backbone: "
+               f"{knn_before[cfg.eval.knn_report_k]:.2f}%")
 
-    base = {"model": cfg.model.name, "weights": cfg.model.weights, "num_classes": run_data.num_classes,
-            "timm": timm_spec(backbone)}
-    model = apply_strategy(strategy, backbone, run_data.num_classes, cfg.train.kernels)
-    trainable, total = parameter_counts(model)
-    steps = cfg.train.steps
-    train_gflops = gflops_per_image(model, pre.input_size, train=True,
-                                    extra_loss=lambda: strategy.extra_loss(model, steps, steps))
-    rt.say(f"{cfg.strategy}: {trainable:,} trainable of {total:,} parameters")
-    checkpoints = FullCheckpoints(run_dir, ident, {"knn_before": knn_before}, rt.rank, rt.world,
-                                  cfg.train.keep_checkpoints)
-    curve = forgetting_curve(loaders, cfg, source_classes, rt)
-    with cached_features(model, run_data, pre, loaders, rt) as train_loaders:
-        result = fine_tune(model, strategy, train_loaders, cfg, base, run_dir, rt, checkpoints,
-                           None if point is None else point[0], curve)
+        phase.now = "while setting up training"
+        base = {"model": cfg.model.name, "weights": cfg.model.weights, "num_classes": run_data.num_classes,
+                "timm": timm_spec(backbone)}
+        model = apply_strategy(strategy, backbone, run_data.num_classes, cfg.train.kernels)
+        trainable, total = parameter_counts(model)
+        steps = cfg.train.steps
+        train_gflops = gflops_per_image(model, pre.input_size, train=True,
+                                        extra_loss=lambda: strategy.extra_loss(model, steps, steps))
+        rt.say(f"{cfg.strategy}: {trainable:,} trainable of {total:,} parameters")
+        curve = forgetting_curve(loaders, cfg, source_classes, rt)
+        if feature_cache.wanted(cfg):
+            phase.now = "while caching the training split's features"
+        with cached_features(model, run_data, pre, loaders, rt) as train_loaders:
+            phase.now = "in training, outside its steps (starting or ending)"
+            result = fine_tune(model, strategy, train_loaders, cfg, base, run_dir, rt, checkpoints,
+                               None if point is None else point.checkpoint, curve)
 
-    model, strategy = restore_best(cfg, run_dir, rt)
-    target_top1, knn_after, cost = measure(model, strategy, loaders, cfg, source_classes, pre, rt)
-    k = cfg.eval.knn_report_k
-    results = build_results({
-        "strategy": cfg.strategy, "model": cfg.model.name, "trainable_params": trainable, "total_params": total,
-        "target_top1": target_top1, "source_knn_before": knn_before[k], "source_knn_after": knn_after[k],
-        "train_img_per_s": result.images_per_second, "peak_mem_mb": peak_memory_mb(rt.device),
-        "train_gflops_per_img": train_gflops, "wall_s": time.perf_counter() - wall, **cost,
-        "target": run_data.target.name, "source": run_data.source.name, "seed": cfg.seed, "steps": steps,
-        "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "precision": cfg.train.precision,
-        "loader": loader, "optimizer": cfg.train.optimizer, "lr_resolved": cfg.train.lr_resolved})
-    if rt.main:
-        report(results, {"before": knn_before, "after": knn_after}, result, run_dir, curve, loaders.curve_sizes)
-    return results
+        phase.now = "during the final measurement (training had finished)"
+        model, strategy = restore_best(cfg, run_dir, rt)
+        rt.say(f"best checkpoint (step {result.best_step}) restored: measuring it")
+        target_top1, knn_after, cost = measure(model, strategy, loaders, cfg, source_classes, pre, rt)
+        phase.now = "while writing the report"
+        k = cfg.eval.knn_report_k
+        results = build_results({
+            "strategy": cfg.strategy, "model": cfg.model.name, "trainable_params": trainable, "total_params": total,
+            "target_top1": target_top1, "source_knn_before": knn_before[k], "source_knn_after": knn_after[k],
+            "train_img_per_s": result.images_per_second, "peak_mem_mb": peak_memory_mb(rt.device),
+            "train_gflops_per_img": train_gflops, "wall_s": clock.wall_s(), "processes": clock.processes, **cost,
+            "target": run_data.target.name, "source": run_data.source.name, "seed": cfg.seed, "steps": steps,
+            "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "precision": cfg.train.precision,
+            "loader": loader, "optimizer": cfg.train.optimizer, "lr_resolved": cfg.train.lr_resolved})
+        if rt.main:
+            report(results, {"before": knn_before, "after": knn_after}, result, run_dir, curve, loaders.curve_sizes)
+        return results
 
 
 # -- helpers -------------------------------------------------------------------------------------------
@@ -474,6 +539,22 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def _on_rank0(rt: Runtime, work):
+    """`work()` on rank 0 only, which returns (what rank 0 keeps, what every rank is told): returns
+    (kept on rank 0 / None elsewhere, told) on every rank, or raises rank 0's UserError on all."""
+    kept, told = None, [None]
+    if rt.main:
+        try:
+            kept, told[0] = work()
+        except UserError as e:
+            told = [e]
+    if rt.world > 1:
+        torch.distributed.broadcast_object_list(told, src=0)
+    if isinstance(told[0], UserError):
+        raise told[0]
+    return kept, told[0]
 
 
 def _reuse(cfg: RunConfig) -> str | None:

@@ -1,10 +1,13 @@
-"""The run folder: claimed atomically, and never written into unless the user asks.
+"""The run folder: claimed atomically, owned by one live process, and never written into unless the
+user asks.
 
 A run folder is claimed by one `mkdir` that fails when the folder exists, so two runs started
 together never share one. A default name (`<strategy>-<time>`) that is taken gets the first free
 suffix (`-2`, `-3`, ...). An explicit `--name` that exists (a finished run, or an interrupted one
 whose checkpoints matter) is refused unless the user says how to reuse it: `may_reuse` is the one
-rule, and `REUSE` the ways it allows (`overwrite`: the old folder is removed first).
+rule, and `REUSE` the ways it allows (`overwrite`: the old folder is removed first). The claimed
+folder is held (`engine.folder_lock`) by the process that claimed it until it ends; a folder another
+live process holds is never removed or written into.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
+from .folder_lock import FolderBusy, FolderLock, holder
 from .io import folder_problem
 
 REUSE = ("overwrite",)  # the ways to write into an existing run folder (--overwrite)
@@ -34,32 +38,38 @@ def may_reuse(run_dir: Path, reuse: str | None) -> None:
 
 def check(out: str | Path, name: str | None, reuse: str | None = None) -> None:
     """Refuse, before any work and without creating anything, a run folder that cannot be claimed:
-    `out` a file or not writable, or an explicit `name` that exists and may not be reused."""
+    `out` a file or not writable, or an explicit `name` that exists and may not be reused, or that
+    another live process holds."""
     out = Path(out)
     problem = folder_problem(out)
     if problem:
         raise UserError(f"--out {out}: {problem}")
     if name is not None and (out / name).exists():
         may_reuse(out / name, reuse)
+        live = holder(out / name)
+        if live:
+            raise FolderBusy(f"run folder {out / name} is in use by {live}: wait for it to end, or stop it first")
 
 
-def claim(out: str | Path, name: str | None, strategy: str, reuse: str | None = None) -> Path:
-    """Create and return this run's folder under `out`; UserError when it cannot be had."""
+def claim(out: str | Path, name: str | None, strategy: str, reuse: str | None = None) -> FolderLock:
+    """Create this run's folder under `out` and hold it (the lock's `folder`); UserError when it
+    cannot be had."""
     out = Path(out)
     check(out, name, reuse)
     try:
         out.mkdir(parents=True, exist_ok=True)
         if name is None:
-            return _claim_free(out / default_name(strategy))
-        run_dir = out / name
-        run_dir.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            run_dir.mkdir()
-        except FileExistsError:  # taken since the check, or a file of that name
-            may_reuse(run_dir, reuse)
-            if reuse == "overwrite":
-                _replace(run_dir)
-        return run_dir
+            run_dir = _claim_free(out / default_name(strategy))
+        else:
+            run_dir = out / name
+            run_dir.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                run_dir.mkdir()
+            except FileExistsError:  # taken since the check, or a file of that name
+                may_reuse(run_dir, reuse)
+                if reuse == "overwrite":
+                    _replace(run_dir)
+        return FolderLock.take(run_dir, "run folder")
     except OSError as e:
         raise UserError(f"--out {out}: cannot create a run folder there ({e.strerror or e})") from None
 
@@ -77,14 +87,19 @@ def _claim_free(run_dir: Path) -> Path:
 
 
 def _replace(run_dir: Path) -> None:
-    """--overwrite: move the old folder aside (one rename), delete it, and claim the name afresh; a
-    run that claimed the name in between keeps it."""
+    """--overwrite: hold the old folder (refused while another live process does), move it aside (one
+    rename), delete it, and claim the name afresh; a run that claimed the name in between keeps it."""
+    old = FolderLock.take(run_dir, "run folder") if run_dir.is_dir() else None
     aside = run_dir.with_name(f".{run_dir.name}.replaced-{os.getpid()}")
-    os.replace(run_dir, aside)
-    if aside.is_dir():
-        shutil.rmtree(aside)
-    else:
-        aside.unlink()
+    try:
+        os.replace(run_dir, aside)
+        if aside.is_dir():
+            shutil.rmtree(aside)
+        else:
+            aside.unlink()
+    finally:
+        if old is not None:
+            old.release()
     try:
         run_dir.mkdir()
     except FileExistsError:

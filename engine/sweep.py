@@ -14,8 +14,10 @@ with engine.run's own parser before anything starts. Rows and learning rates com
 (engine.sweep_report).
 
 Interrupted sweeps continue: run the same command again. A finished run (results.json) is not redone,
-nor one that diverged (exit 3, recorded in sweep.json); a run killed mid-way starts again
-(`restart_command`). Runs go to `--launcher local` (subprocesses, `--parallel N` at once, one GPU each
+nor one that diverged (exit 3, recorded in sweep.json); a run killed mid-way continues
+(`restart_command`), and its log keeps the earlier attempts. One live sweep owns its folder
+(`engine.folder_lock`): a second one on the same folder is refused in one line naming it, and a run
+that another live process holds is left to it, never relaunched. Runs go to `--launcher local` (subprocesses, `--parallel N` at once, one GPU each
 where there are GPUs) or `--launcher submitit` (one SLURM job per run, or submitit's local/debug
 executors with `--cluster`).
 """
@@ -35,10 +37,10 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import checkpoint_dirs
 from .config import FLAG_KEYS, parse_args
 from .distributed import LAUNCHER_ENV
 from .errors import UserError
+from .folder_lock import FolderLock, holder
 from .io import atomic_write_json
 from .presets import PRESETS, Row, default_rows, get_preset
 
@@ -83,23 +85,28 @@ def run_command(point: Point, sweep_dir: Path) -> list[str]:
 
 
 def restart_command(point: Point, sweep_dir: Path) -> list[str]:
-    """The command of a run that was stopped mid-way: `--resume` from its last full checkpoint when it
-    wrote one (engine.run verifies it, and falls back to an older one), else a fresh start in its
-    folder (`--overwrite`: the run folder rules refuse an existing --name otherwise)."""
-    run_dir = point.run_dir(sweep_dir)
-    if checkpoint_dirs(run_dir) and (run_dir / "config.yaml").is_file():
-        return [sys.executable, "-m", "engine.run", "--resume", str(run_dir)]
+    """The command of a run that was stopped mid-way: `--resume` when it wrote its config (engine.run
+    continues from the last full checkpoint that verifies, or from step 0 when it wrote none), else a
+    fresh start in its folder (`--overwrite`: the run folder rules refuse an existing --name otherwise)."""
+    if (point.run_dir(sweep_dir) / "config.yaml").is_file():
+        return [sys.executable, "-m", "engine.run", "--resume", str(point.run_dir(sweep_dir))]
     return [*run_command(point, sweep_dir), "--overwrite"]
 
 
+STATES = ("done", "diverged", "partial", "new", "running")
+
+
 def state(point: Point, sweep_dir: Path, outcomes: dict[str, int]) -> str:
-    """done (results.json), diverged (exit 3 on record), partial (a folder without results) or new."""
+    """done (results.json), diverged (exit 3 on record), running (its folder held by a live process),
+    partial (a folder without results) or new."""
     run_dir = point.run_dir(sweep_dir)
     if (run_dir / "results.json").is_file():
         return "done"
     if outcomes.get(point.name) == DIVERGED:
         return "diverged"
-    return "partial" if run_dir.exists() else "new"
+    if not run_dir.exists():
+        return "new"
+    return "running" if holder(run_dir) else "partial"
 
 
 # -- launchers ------------------------------------------------------------------------------------------
@@ -146,9 +153,7 @@ def launch_local(jobs: list[tuple[Point, list[str]]], parallel: int, log_dir: Pa
             for slot in range(parallel):
                 if slot not in running and pending:
                     point, cmd = pending.pop(0)
-                    log = open(log_dir / f"{point.name}.log", "w")
-                    log.write(shlex.join(cmd) + "\n")
-                    log.flush()
+                    log = _open_log(log_dir / f"{point.name}.log", cmd)
                     env = _child_env(slot if gpus else None, threads)
                     process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                                preexec_fn=preexec)
@@ -165,6 +170,18 @@ def launch_local(jobs: list[tuple[Point, list[str]]], parallel: int, log_dir: Pa
         for point, process, log, _ in running.values():
             process.wait()
             log.close()
+
+
+def _open_log(path: Path, cmd: list[str]):
+    """A run's log, opened for this attempt and headed by its command; an earlier attempt's lines stay
+    above, and a later attempt starts after a line that numbers it."""
+    earlier = path.read_text(errors="replace").count("\n----- attempt ") + 1 if path.is_file() and path.stat().st_size else 0
+    log = open(path, "a")
+    if earlier:
+        log.write(f"\n----- attempt {earlier + 1}, {time.strftime('%Y-%m-%d %H:%M:%S')} -----\n")
+    log.write(shlex.join(cmd) + "\n")
+    log.flush()
+    return log
 
 
 class SweepJob:
@@ -350,51 +367,65 @@ def main(argv: list[str] | None = None) -> int:
 def _sweep(argv: list[str]) -> int:
     try:
         args, preset, grid, sweep_dir = plan(argv)
-        earlier, outcomes = _read_record(sweep_dir, grid)
-        states = {p.name: state(p, sweep_dir, outcomes) for p in grid}
         if args.dry_run:
-            for p in grid:
-                cmd = restart_command(p, sweep_dir) if states[p.name] == "partial" else run_command(p, sweep_dir)
-                print(f"[{states[p.name]}] {p.name}: {shlex.join(cmd[1:])}")
-            print(f"{len(grid)} runs: " + ", ".join(f"{sum(s == k for s in states.values())} {k}"
-                                                    for k in ("done", "diverged", "partial", "new")))
-            return 0
+            return _dry_run(grid, sweep_dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        _write_record(sweep_dir, earlier, grid, outcomes)
-        todo = [p for p in grid if states[p.name] in ("new", "partial")]
-        print(f"sweep {sweep_dir}: {len(grid)} runs, {len(grid) - len(todo)} finished before, {len(todo)} to run",
-              flush=True)
-        finished = [0]
-
-        def on_done(point: Point, code: int, seconds: float) -> None:
-            outcomes[point.name] = code
-            _write_record(sweep_dir, earlier, grid, outcomes)
-            finished[0] += 1
-            what = "done" if code == 0 else "diverged" if code == DIVERGED else f"failed (exit {code})"
-            print(f"[{finished[0]}/{len(todo)}] {point.name}: {what} in {seconds:.0f} s", flush=True)
-
-        def command(point: Point) -> list[str]:
-            return (restart_command if states[point.name] == "partial" else run_command)(point, sweep_dir)
-
-        if args.launcher == "local":
-            launch_local([(p, command(p)) for p in todo], args.parallel, sweep_dir / "logs", on_done)
-        else:
-            launch_submitit([(p, command(p)[3:], restart_command(p, sweep_dir)[3:]) for p in todo],
-                            sweep_dir / "submitit", args, on_done)
-        from .sweep_report import write_report
-        print(write_report(sweep_dir, grid, preset, outcomes))
-        failed = [p.name for p in grid if state(p, sweep_dir, outcomes) in ("new", "partial")]
-        if failed:
-            print(f"error: {len(failed)} runs did not finish ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}); "
-                  f"their logs are in {sweep_dir / 'logs'}; run the same command again to retry them", file=sys.stderr)
-            return 1
-        return 0
+        with FolderLock.take(sweep_dir, "sweep folder"):
+            return _run_grid(args, preset, grid, sweep_dir)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; run the same command again to continue", file=sys.stderr)
         return 130
+
+
+def _dry_run(grid: list[Point], sweep_dir: Path) -> int:
+    """The runs, their states and commands; nothing is started or written."""
+    _, outcomes = _read_record(sweep_dir, grid)
+    states = {p.name: state(p, sweep_dir, outcomes) for p in grid}
+    for p in grid:
+        cmd = restart_command(p, sweep_dir) if states[p.name] == "partial" else run_command(p, sweep_dir)
+        print(f"[{states[p.name]}] {p.name}: {shlex.join(cmd[1:])}")
+    counts = {k: sum(s == k for s in states.values()) for k in STATES}
+    print(f"{len(grid)} runs: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n or k != "running"))
+    return 0
+
+
+def _run_grid(args, preset, grid: list[Point], sweep_dir: Path) -> int:
+    """Launch the grid's runs that are still to do, then write the report (the sweep folder is held)."""
+    earlier, outcomes = _read_record(sweep_dir, grid)
+    states = {p.name: state(p, sweep_dir, outcomes) for p in grid}
+    _write_record(sweep_dir, earlier, grid, outcomes)
+    todo = [p for p in grid if states[p.name] in ("new", "partial")]
+    live = [p.name for p in grid if states[p.name] == "running"]
+    print(f"sweep {sweep_dir}: {len(grid)} runs, {len(grid) - len(todo) - len(live)} finished before, {len(todo)} to run"
+          + (f", {len(live)} held by another process ({', '.join(live[:3])})" if live else ""), flush=True)
+    finished = [0]
+
+    def on_done(point: Point, code: int, seconds: float) -> None:
+        outcomes[point.name] = code
+        _write_record(sweep_dir, earlier, grid, outcomes)
+        finished[0] += 1
+        what = "done" if code == 0 else "diverged" if code == DIVERGED else f"failed (exit {code})"
+        print(f"[{finished[0]}/{len(todo)}] {point.name}: {what} in {seconds:.0f} s", flush=True)
+
+    def command(point: Point) -> list[str]:
+        return (restart_command if states[point.name] == "partial" else run_command)(point, sweep_dir)
+
+    if args.launcher == "local":
+        launch_local([(p, command(p)) for p in todo], args.parallel, sweep_dir / "logs", on_done)
+    else:
+        launch_submitit([(p, command(p)[3:], restart_command(p, sweep_dir)[3:]) for p in todo],
+                        sweep_dir / "submitit", args, on_done)
+    from .sweep_report import write_report
+    print(write_report(sweep_dir, grid, preset, outcomes))
+    failed = [p.name for p in grid if state(p, sweep_dir, outcomes) in ("new", "partial", "running")]
+    if failed:
+        print(f"error: {len(failed)} runs did not finish ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}); "
+              f"their logs are in {sweep_dir / 'logs'}; run the same command again to retry them", file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

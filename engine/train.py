@@ -18,11 +18,12 @@ a full checkpoint: the weights such a step reached are never saved. On several r
 averages the loss over them (the global batch's loss) and the validation accuracy is summed over
 their shards of the validation split.
 
-Full checkpoints (`engine.checkpoint`) every `checkpoint_every` steps (None: at every eval) and on a
-clean stop (`engine.stop`) hold everything an uninterrupted run would carry on with: DeepSpeed's
-state and, beside it, the RNG states, the data position and the loss summed since the last log
-point, per rank. `resume` loads one into the fresh engine of a new process and continues as if
-nothing had happened: the same batches, the same random draws, the same metrics.csv rows.
+Full checkpoints (`engine.checkpoint`) every `checkpoint_every` steps (None: at every eval), at the
+last step (a resume then only measures) and on a clean stop (`engine.stop`) hold everything an
+uninterrupted run would carry on with: DeepSpeed's state and, beside it, the RNG states, the data
+position and the loss summed since the last log point, per rank. `resume` loads one into the fresh
+engine of a new process and continues as if nothing had happened: the same batches, the same
+random draws, the same metrics.csv rows.
 """
 from __future__ import annotations
 
@@ -316,7 +317,7 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
             else:
                 result.train_seconds += time.perf_counter() - began
             signum = stop_request.agreed()
-            due = step % cfg.checkpoint_every == 0 if cfg.checkpoint_every else evaluating
+            due = (step % cfg.checkpoint_every == 0 if cfg.checkpoint_every else evaluating) or step == cfg.steps
             saving = checkpoints is not None and (due or signum)
             if saving and not log_point:
                 check_finite()  # a full checkpoint holds only finite weights (a log point has checked already)

@@ -1,10 +1,16 @@
 """Durability on one rank: real processes stopped by real signals, then `--resume`; the resumed
-run's results.json and metrics.csv equal an uninterrupted run's exactly. A bad checkpoint or a
-changed key is refused in one line, and nothing in the run folder is touched."""
+run's results.json and metrics.csv equal an uninterrupted run's exactly. A signal before training or
+in the final measurement says where it came and leaves a run that `--resume` finishes. A bad
+checkpoint, a changed key or a live run folder is refused in one line, and nothing in the run folder
+is touched."""
+import contextlib
+import io
 import json
+import os
 import random
 import shutil
 import signal
+import time
 
 import pytest
 import yaml
@@ -13,6 +19,18 @@ from bench.processes import metric_rows, results, signal_tree, start, wait_for_r
 from durability import DURABLE, run_here, snapshot
 from engine.checkpoint import checkpoint_dirs, choose
 from engine.errors import UserError
+from engine.folder_lock import holder
+from engine.report import OPTIONAL_KEYS, RESULT_KEYS
+from engine.resume import RunClock
+from test_folder_lock import busy_line
+
+# A linear probe on digits (source too: read at once) whose source k-NN and final measurement last a
+# few seconds each, long enough for a signal sent on their first line to land inside them; its one
+# full checkpoint is the last step's (checkpoint_every beyond the run).
+PHASED = ["--strategy", "linear", "--source", "digits", "--steps", "2", "--eval-every", "2", "--checkpoint-every", "3",
+          "--batch-size", "8", "--loader", "torch", "data.workers=0", "data.knn_train_limit=200",
+          "data.knn_test_limit=100", "eval.batch_size=32", "eval.knn_curve_limit=0", "eval.throughput_iters=0",
+          "eval.shift=none"]
 
 
 @pytest.fixture(scope="module")
@@ -60,18 +78,21 @@ def test_sigterm_finishes_the_step_writes_a_checkpoint_says_how_to_resume_and_ex
 
 def test_sigterm_then_sigkill_at_a_random_step_then_resume_gives_the_uninterrupted_results(killed, uninterrupted):
     run_dir, _, step = killed
+    assert (run_dir / ".lock").is_file() and holder(run_dir) is None  # the SIGKILLed holder left no lock behind
     assert run_here(["--resume", str(run_dir)]) == 0
     assert results(run_dir) == results(uninterrupted), f"killed after step {step}"
     assert metric_rows(run_dir) == metric_rows(uninterrupted), f"killed after step {step}"
 
 
 def refused(capsys, run_dir, *args) -> str:
-    """Resume `run_dir` expecting a refusal: exit 2, one line, no traceback, nothing touched."""
+    """Resume `run_dir` expecting a refusal: exit 2, one line, no traceback, nothing touched (but the
+    lock file, which names the folder's latest holder)."""
     before = snapshot(run_dir)
     assert run_here(["--resume", str(run_dir), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: ") and not any("Traceback" in line for line in err)
-    assert snapshot(run_dir) == before
+    assert {k: v for k, v in snapshot(run_dir).items() if k != ".lock"} == {k: v for k, v in before.items()
+                                                                           if k != ".lock"}
     return err[-1]
 
 
@@ -126,3 +147,103 @@ def test_a_checkpoint_of_another_world_size_names_the_universal_conversion(kille
     other = {**manifest["identity"], "world": 2}
     with pytest.raises(UserError, match=r"written by 1 rank\(s\) and this run has 2.*universal checkpoint"):
         choose(killed[1], other)
+
+
+def test_a_second_resume_of_a_live_run_refuses_in_one_line_naming_it_and_touches_nothing(killed, uninterrupted,
+                                                                                          tmp_path):
+    """Two `--resume` of one run: the second finds the first holding the folder (stopped there with
+    SIGSTOP, so that it is surely live); the first then finishes as if alone."""
+    run_dir = copy_of(killed, tmp_path)
+    first = start(["--resume", str(run_dir)], log=tmp_path / "first.log")
+    try:
+        wait_for_line(first, run_dir / ".lock", f'"pid": {first.pid}')
+        os.killpg(first.pid, signal.SIGSTOP)
+        try:
+            before = snapshot(run_dir)
+            second = start(["--resume", str(run_dir)], log=tmp_path / "second.log")
+            assert second.wait(600) == 2
+            lines = (tmp_path / "second.log").read_text().strip().splitlines()
+            assert len(lines) == 1 and busy_line("run folder", run_dir, first.pid, "engine.run").fullmatch(lines[0])
+            assert snapshot(run_dir) == before
+        finally:
+            os.killpg(first.pid, signal.SIGCONT)
+        assert first.wait(600) == 0, (tmp_path / "first.log").read_text()[-2000:]
+    finally:
+        if first.poll() is None:
+            signal_tree(first, signal.SIGKILL)
+    assert results(run_dir) == results(uninterrupted)
+    assert metric_rows(run_dir) == metric_rows(uninterrupted)  # no step twice
+
+
+def wait_for_line(proc, path, text: str, timeout: float = 600) -> None:
+    """Until `path` (a log) holds `text`; AssertionError if the process ends first."""
+    deadline = time.monotonic() + timeout
+    while not (path.is_file() and text in path.read_text()):
+        assert proc.poll() is None, f"ended (exit {proc.returncode}) before {text!r}"
+        assert time.monotonic() < deadline, f"no {text!r} in {timeout} s"
+        time.sleep(0.02)
+
+
+def last_line(path) -> str:
+    return path.read_text().strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def phased(tmp_path_factory):
+    """One run stopped twice outside training's steps, each time continued with the command it printed:
+    SIGTERM in the untouched backbone's source k-NN, then SIGINT in the final measurement, then to the
+    end (in this process)."""
+    out = tmp_path_factory.mktemp("phased")
+    run_dir = out / "run"
+    first = start([*PHASED, "--out", str(out), "--name", "run"], log=out / "1.log")
+    wait_for_line(first, out / "1.log", f"run folder {run_dir}")
+    codes = [signal_tree(first, signal.SIGTERM)]
+    files_then = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
+    command = last_line(out / "1.log").split("resume with: python -m engine.run ")[-1].split()
+    second = start(command, log=out / "2.log")
+    wait_for_line(second, out / "2.log", "restored: measuring it")
+    codes.append(signal_tree(second, signal.SIGINT))
+    metrics_then = (run_dir / "metrics.csv").read_bytes()
+    facts_then = json.loads((checkpoint_dirs(run_dir)[0] / "manifest.json").read_text())["facts"]
+    third = io.StringIO()
+    with contextlib.redirect_stdout(third):
+        codes.append(run_here(last_line(out / "2.log").split("resume with: python -m engine.run ")[-1].split()))
+    return {"run_dir": run_dir, "codes": codes, "files_then": files_then, "metrics_then": metrics_then,
+            "facts_then": facts_then, "logs": [(out / "1.log").read_text(), (out / "2.log").read_text(),
+                                               third.getvalue()]}
+
+
+def test_a_signal_in_the_source_knn_says_so_exits_143_and_resume_trains_from_step_0(phased):
+    run_dir = phased["run_dir"]
+    assert phased["codes"][0] == 143
+    assert phased["logs"][0].strip().splitlines()[-1] == (
+        f"stopped by SIGTERM during the untouched backbone's source k-NN; resume with: python -m engine.run "
+        f"--resume {run_dir}")
+    assert phased["files_then"] == [".lock", "config.yaml"]  # nothing finished, nothing else written
+    assert f"resuming {run_dir}: it wrote no full checkpoint; training starts again from step 0\n" in phased["logs"][1]
+
+
+def test_a_signal_in_the_final_measurement_says_so_exits_130_and_resume_measures_without_training(phased):
+    run_dir = phased["run_dir"]
+    assert phased["codes"][1:] == [130, 0]
+    assert phased["logs"][1].strip().splitlines()[-1] == (
+        f"stopped by SIGINT during the final measurement (training had finished); resume with: python -m "
+        f"engine.run --resume {run_dir}")
+    third = phased["logs"][2]
+    assert f"resuming {run_dir}: training finished at step 2" in third and "step 2:" not in third
+    assert (run_dir / "metrics.csv").read_bytes() == phased["metrics_then"]
+    results = json.loads((run_dir / "results.json").read_text())
+    assert tuple(k for k in results if k not in OPTIONAL_KEYS) == RESULT_KEYS
+
+
+def test_a_resumed_runs_wall_time_is_that_of_its_processes(phased):
+    """The process stopped in the k-NN finished nothing; the one that trained counts to its last
+    checkpoint, the last one to its end."""
+    results = json.loads((phased["run_dir"] / "results.json").read_text())
+    assert phased["facts_then"]["processes"] == 1 and results["processes"] == 2
+    assert results["wall_s"] > phased["facts_then"]["wall_s"] > 0
+    clock = RunClock()
+    clock.carry({"wall_s": 12.5, "processes": 2})
+    assert clock.processes == 3 and clock.wall_s() >= 12.5
+    clock.carry({})
+    assert clock.processes == 1

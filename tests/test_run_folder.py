@@ -115,8 +115,8 @@ def test_a_taken_default_name_gets_the_next_free_suffix(tmp_path, monkeypatch):
     monkeypatch.setattr(run_folder, "default_name", lambda strategy: f"{strategy}-T")
     (tmp_path / "lora-T").mkdir()
     (tmp_path / "lora-T-2").mkdir()
-    assert run_folder.claim(tmp_path, None, "lora").name == "lora-T-3"
-    assert run_folder.claim(tmp_path, None, "lora").name == "lora-T-4"
+    with run_folder.claim(tmp_path, None, "lora") as first, run_folder.claim(tmp_path, None, "lora") as second:
+        assert (first.folder.name, second.folder.name) == ("lora-T-3", "lora-T-4")
 
 
 def test_an_explicit_name_that_exists_is_refused_unless_overwrite(tmp_path):
@@ -127,8 +127,8 @@ def test_an_explicit_name_that_exists_is_refused_unless_overwrite(tmp_path):
     with pytest.raises(UserError, match="already exists"):
         run_folder.claim(tmp_path, "x", "lora")
     assert (tmp_path / "x" / "metrics.csv").is_file()
-    run_dir = run_folder.claim(tmp_path, "x", "lora", reuse="overwrite")
-    assert run_dir == tmp_path / "x" and list(run_dir.iterdir()) == []
+    with run_folder.claim(tmp_path, "x", "lora", reuse="overwrite") as lock:
+        assert lock.folder == tmp_path / "x" and [p.name for p in lock.folder.iterdir()] == [".lock"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]  # the old folder is gone, nothing set aside
 
 
