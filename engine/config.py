@@ -26,6 +26,7 @@ import kernels
 from adapters import STRATEGIES, AdapterConfig, AdapterError
 
 from .data import LOADERS, SPEC_HELP, check_spec
+from .data.bad_images import MAX_IMAGE_PIXELS
 from .data.dali_loader import RESIZERS
 from .distributed import ZERO_STAGES
 from .dotted import flatten
@@ -61,6 +62,8 @@ class DataConfig:
     knn_train_limit: int | None = None  # cap on the k-NN bank (source train); None = all
     knn_test_limit: int | None = None   # cap on the k-NN queries (source test); None = all
     max_bad_images: int = 100         # unreadable images skipped (and named) before the run stops with the list
+    max_image_pixels: int | None = MAX_IMAGE_PIXELS  # PIL's limit: above it read with a note, above twice it
+    #                                   skipped as unreadable (engine.data.bad_images); None or 0 = no limit
 
 
 @dataclass
@@ -220,6 +223,7 @@ _RANGES = {
     "data.knn_train_limit": _POSITIVE,
     "data.knn_test_limit": _POSITIVE,
     "data.max_bad_images": _NON_NEGATIVE,
+    "data.max_image_pixels": _NON_NEGATIVE,
     "train.steps": _POSITIVE,
     "train.eval_every": _POSITIVE,
     "train.lr": _POSITIVE,

@@ -184,7 +184,7 @@ def start(cfg: RunConfig) -> Runtime:
 def read_data(cfg: RunConfig, rt: Runtime) -> RunData:
     """Read (or scan) the target and source domains, resolve the target's augmentation, split off
     the validation set, and decide the head's class count."""
-    bad_images = data.BadImages(cfg.data.max_bad_images, say=rt.say)
+    bad_images = data.BadImages(cfg.data.max_bad_images, say=rt.say, max_pixels=cfg.data.max_image_pixels)
     target = data.load_domain(cfg.data.target, cfg.data.data_root, cfg.seed, role="target", bad_images=bad_images)
     source = data.load_domain(cfg.data.source, cfg.data.data_root, cfg.seed, role="source", bad_images=bad_images)
     for note in target.notes + source.notes:

@@ -43,6 +43,7 @@ def refused(capsys, out, *args) -> str:
     (["--lr", "inf"], "train.lr must be a finite number, got inf"),
     (["train.warmup_steps=-5"], "train.warmup_steps must be at least 0, got -5"),
     (["data.max_bad_images=-1"], "data.max_bad_images must be at least 0, got -1"),
+    (["data.max_image_pixels=-1"], "data.max_image_pixels must be at least 0, got -1"),
     (["--json"], "--json only works with --dry-run"),
 ])
 def test_values_out_of_range_are_refused(tmp_path, capsys, no_work, args, message):
@@ -86,3 +87,36 @@ def test_a_pickle_of_objects_is_not_a_weights_file_and_no_pickle_advice(tmp_path
     line = refused(capsys, tmp_path / "runs", "--weights", str(pickled))
     assert f"{pickled} is not a weights file" in line
     assert "weights_only" not in line and "trust" not in line
+
+
+def image_folder(root, sizes: dict[str, list[int]]):
+    """root/<class>/<i>.png, one square grey PNG per side length listed for the class."""
+    from PIL import Image
+
+    for name, sides in sizes.items():
+        (root / name).mkdir(parents=True)
+        for i, side in enumerate(sides):
+            Image.new("L", (side, side), 40 * i).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("layout", ["flat", "train-test"])
+def test_a_target_of_one_class_is_refused(tmp_path, capsys, no_work, layout):
+    """It would train a one-class head and report 100% on the target."""
+    folder = tmp_path / "one"
+    image_folder(folder if layout == "flat" else folder / "train", {"only": [32] * 4})
+    if layout == "train-test":
+        image_folder(folder / "test", {"only": [32] * 2})
+    scanned = folder if layout == "flat" else folder / "train"
+    assert refused(capsys, tmp_path / "runs", "--target", f"imagefolder:{folder}") == \
+        f"error: image folder {scanned} has 1 class folder (only), fewer than the 2 a classifier needs; " \
+        f"add class folders beside it"
+
+
+def test_an_image_over_twice_data_max_image_pixels_counts_as_unreadable(tmp_path, capsys, no_work):
+    folder = image_folder(tmp_path / "imgs", {"a": [32, 32, 32], "b": [32, 32, 91]})  # 91 x 91 > 2 x 4096
+    line = refused(capsys, tmp_path / "runs", "--target", f"imagefolder:{folder}",
+                   "data.max_image_pixels=4096", "data.max_bad_images=0")
+    assert line == (f"error: 1 unreadable image, more than data.max_bad_images=0: {folder / 'b' / '2.png'} "
+                    f"(too many pixels: 91 x 91, more than twice data.max_image_pixels=4096); "
+                    f"replace or remove them, or raise data.max_bad_images")

@@ -3,7 +3,11 @@
 Two pipelines share one augmentation graph:
 
 - files (ImageFolder): `readers.file` over the scanned paths and labels (so the sample set and
-  label order are the torch path's) -> decode (`mixed` on a GPU, `cpu` here) -> augment;
+  label order are the torch path's) -> decode (`mixed` on a GPU, `cpu` here) -> augment. The reader
+  takes them as a file list, written (absolute paths, as the bytes the file system gave) for the
+  build and removed after it: its `files` argument takes only UTF-8 text, and a name that is not
+  UTF-8 (`caf\\xe9.png`) failed there. A name with a line break, which the list (one path a
+  line) cannot hold, is refused when the loader is made;
 - arrays (CIFAR, digits, the embedded domain): an external source fed from the uint8 array ->
   augment.
 
@@ -41,13 +45,15 @@ CPU mode is `device_id=None` (CPU operators only), which runs without a driver.
 from __future__ import annotations
 
 import math
+import os
 import re
+import tempfile
 
 import numpy as np
 import torch
 
 from ..errors import UserError
-from .bad_images import BadImages
+from .bad_images import BadImages, shown
 from .sharding import shard_indices, shard_size
 from .splits import Split
 from .transforms import Preprocess
@@ -115,6 +121,8 @@ class DaliLoader:
         images = split.images
         if images is not None and (images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3):
             raise ValueError(f"in-memory images must be (N, H, W, 3) uint8, got {images.shape} {images.dtype}")
+        if images is None:
+            _check_listable(split.paths)
         self.split, self.preprocess, self.train = split, preprocess, train
         self.batch_size, self.seed, self.threads = batch_size, seed, threads
         self.rank, self.world, self.device, self.dtype = rank, world, device, dtype
@@ -183,18 +191,24 @@ class DaliLoader:
                 out = next(it)
             except StopIteration:
                 return
-            except RuntimeError as e:  # DALI cannot go on with this pipeline
+            except (RuntimeError, UnicodeDecodeError) as e:  # DALI cannot go on with this pipeline
                 if self.split.in_memory:
                     raise
+                # DALI's message names a file by its bytes; one that is not UTF-8 fails to decode
+                message = e.object.decode("utf-8", "surrogateescape") if isinstance(e, UnicodeDecodeError) else str(e)
                 rank, world = shard
                 mine = files.subset(range(len(files) * rank // world, len(files) * (rank + 1) // world))
                 unread = mine.subset(range(min(done * self.batch_size, len(mine)), len(mine)))
-                path, reason = self._unreadable(str(e), (files if self.train else unread).paths)
+                path, reason = self._unreadable(message, (files if self.train else unread).paths)
+                path = _ours(path, files.paths)
                 if path not in files.paths:  # not one of ours: going on would only fail again
-                    raise UserError(f"DALI cannot read {path} ({reason})") from None
+                    raise UserError(f"DALI cannot read {shown(path)} ({reason})") from None
                 self.bad_images.add(path, reason)
                 self._forget(path)
                 files, shard = (self._files, (self.rank, self.world)) if self.train else (_without(unread, path), (0, 1))
+                if len(files) == 0:  # it was the pass's last file: the pass ends; the next one is built afresh
+                    self._iterator = None
+                    return
                 it, rebuilt, done = iter(self._build(epoch, files, shard)), True, 0
                 continue
             done += 1
@@ -213,7 +227,7 @@ class DaliLoader:
         found = _first_undecodable(candidates[:_MAX_PROBES])
         if found is None:
             reason = message.split("encountered:")[-1].strip().splitlines()[0]
-            raise UserError(f"DALI stopped ({reason}) on {len(self.split)} files that each decode on their own; "
+            raise UserError(f"DALI stopped ({shown(reason)}) on {len(self.split)} files that each decode on their own; "
                             f"--loader torch reads them one at a time (and skips and names any it cannot read)")
         return found
 
@@ -254,11 +268,13 @@ class DaliLoader:
             paths, labels, reader_shard = files.paths, files.labels, dict(shard_id=shard[0], num_shards=shard[1])
         else:  # training: this rank's files of the epoch, in their order
             paths, labels, reader_shard = [files.paths[i] for i in order], files.labels[order], {}
-        pipe = _file_pipeline(paths, labels, self.preprocess, self.train, gpu, out_dtype, torch_resize,
-                              **reader_shard, **common)
         policy = LastBatchPolicy.DROP if self._drop_last else LastBatchPolicy.PARTIAL
-        return DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader", last_batch_policy=policy,
-                                   auto_reset=True, prepare_first_batch=False)
+        with tempfile.TemporaryDirectory(prefix="dali-files-") as folder:  # read once, when the pipeline is built
+            file_list = _write_file_list(os.path.join(folder, "files.txt"), paths, labels)
+            pipe = _file_pipeline(file_list, self.preprocess, self.train, gpu, out_dtype, torch_resize,
+                                  **reader_shard, **common)
+            return DALIGenericIterator(pipe, ["images", "labels"], reader_name="reader", last_batch_policy=policy,
+                                       auto_reset=True, prepare_first_batch=False)
 
 
 class _ArrayBatches:
@@ -307,16 +323,43 @@ def _array_pipeline(source, preprocess: Preprocess, train: bool, gpu: bool, out_
     return arrays()
 
 
-def _file_pipeline(files: list[str], labels, preprocess: Preprocess, train: bool, gpu: bool, out_dtype, torch_resize,
+def _check_listable(paths: list[str]) -> None:
+    """Refuse, naming it, a file name DALI's file list cannot hold (one path a line)."""
+    for path in paths:
+        if "\n" in path:
+            raise UserError(f"DALI's file reader cannot take the file name {shown(path)} (it holds a line break); "
+                            f"rename the file, or use --loader torch")
+
+
+def _write_file_list(path: str, files: list[str], labels) -> str:
+    """DALI's file list at `path`: one `<absolute path> <label>` a line, the path as the file system's
+    bytes (`os.fsencode`, once for the whole text: a million paths in about a second)."""
+    here = os.getcwd() + os.sep
+    text = "".join([f"{'' if file.startswith(os.sep) else here}{file} {label}\n"
+                    for file, label in zip(files, np.asarray(labels).tolist())])
+    with open(path, "wb") as f:
+        f.write(os.fsencode(text))
+    return path
+
+
+def _ours(path: str, paths: list[str]) -> str:
+    """The entry of `paths` that DALI's message names by its absolute path (else `path` itself)."""
+    if path in paths:
+        return path
+    return next((p for p in paths if os.path.abspath(p) == path), path)
+
+
+def _file_pipeline(file_list: str, preprocess: Preprocess, train: bool, gpu: bool, out_dtype, torch_resize,
                    *, shard_id: int = 0, num_shards: int = 1, **pipe_args):
-    """`files` in reading order (no shuffle: a training pass gets its epoch's order); `torch_resize`:
-    a `_TorchResize` that resamples the decoded images, or None for DALI's resize."""
+    """The files and labels of `file_list` in reading order (no shuffle: a training pass gets its
+    epoch's order); `torch_resize`: a `_TorchResize` that resamples the decoded images, or None for
+    DALI's resize."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(**pipe_args)
     def file_reader():
         encoded, label = fn.readers.file(
-            files=list(files), labels=[int(v) for v in labels], name="reader",
+            file_list=file_list, name="reader",
             shard_id=shard_id, num_shards=num_shards, pad_last_batch=True, stick_to_shard=True)
         decoder = "mixed" if gpu else "cpu"
         if train:  # the crop window is fused into the decoder, which decodes only that window

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 from ..errors import UserError
-from .bad_images import BadImages
+from .bad_images import BadImages, shown
 from .imagefolder import scan_split  # file scanning and bad-file handling live there
 from .splits import Domain, Split, stratified_split
 
@@ -76,11 +76,13 @@ def load_domain(spec: str, data_root: str | Path = "data", seed: int = 0, role: 
                 bad_images: BadImages | None = None) -> Domain:
     """Read a `--target` / `--source` spec; `role` says which data set `embedded` means; an image
     folder's unreadable images are recorded in `bad_images`. (`seed` is unused: a data set's splits
-    never depend on the run's seed.)"""
+    never depend on the run's seed.) A target of fewer than two classes is refused: its head would
+    learn nothing and score 100%."""
     spec = _resolve(spec, role)
     if spec in DATASETS:
         return DATASETS[spec].read(Path(data_root))
-    return imagefolder_domain(Path(spec[len(IMAGEFOLDER):]).expanduser(), bad_images)
+    return imagefolder_domain(Path(spec[len(IMAGEFOLDER):]).expanduser(), bad_images,
+                              min_classes=2 if role == "target" else 1)
 
 
 def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
@@ -154,19 +156,21 @@ def cifar_domain(name: str, data_root: Path) -> Domain:
     return Domain(name, classes, split(train_files), split(test_files))
 
 
-def imagefolder_domain(root: Path, bad_images: BadImages | None = None) -> Domain:
+def imagefolder_domain(root: Path, bad_images: BadImages | None = None, min_classes: int = 1) -> Domain:
+    """DIR/train (+ test or val) or DIR of class folders; fewer than `min_classes` classes is refused
+    before any image is read."""
     if not root.is_dir():
-        raise UserError(f"image folder {root} does not exist")
+        raise UserError(f"image folder {shown(root)} does not exist")
     train_dir = root / "train"
     test_dir = next((root / d for d in ("test", "val") if (root / d).is_dir()), None)
     if train_dir.is_dir():
-        classes, train, notes = scan_split(train_dir, bad_images=bad_images)
+        classes, train, notes = scan_split(train_dir, bad_images=bad_images, min_classes=min_classes)
         if test_dir is None:
             train, test = stratified_split(train, 0.2, SPLIT_SEED)
         else:
             test_classes, test, test_notes = scan_split(test_dir, classes, bad_images)
             notes += test_notes
     else:
-        classes, full, notes = scan_split(root, bad_images=bad_images)
+        classes, full, notes = scan_split(root, bad_images=bad_images, min_classes=min_classes)
         train, test = stratified_split(full, 0.2, SPLIT_SEED)
     return Domain(f"imagefolder:{root}", classes, train, test, notes=notes)

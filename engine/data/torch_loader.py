@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler, default_collate
 
-from .bad_images import BadImages
+from .bad_images import MAX_IMAGE_PIXELS, BadImages, pil_unlimited
 from .imagefolder import open_rgb
 from .sharding import shard_indices, shard_size
 from .splits import Split
@@ -39,10 +39,12 @@ class SplitDataset(Dataset):
 
     With a `seed` (training) the keys are (epoch, index) pairs and each sample's transform draws
     from its own seed; without one (evaluation, whose transform draws nothing) keys are indices.
+    An image of more than twice `max_pixels` is `Unreadable` (`engine.data.bad_images`).
     """
 
-    def __init__(self, split: Split, transform, seed: int | None = None) -> None:
-        self.split, self.transform, self.seed = split, transform, seed
+    def __init__(self, split: Split, transform, seed: int | None = None,
+                 max_pixels: int | None = MAX_IMAGE_PIXELS) -> None:
+        self.split, self.transform, self.seed, self.max_pixels = split, transform, seed, max_pixels
 
     def __len__(self) -> int:
         return len(self.split)
@@ -59,11 +61,12 @@ class SplitDataset(Dataset):
             img = Image.fromarray(self.split.images[i])
         else:
             try:
-                img = open_rgb(self.split.paths[i])
+                img = open_rgb(self.split.paths[i], self.max_pixels)
             except Exception as e:  # damaged or deleted since the scan-time check
                 text = str(e).strip().splitlines()
                 return Unreadable(self.split.paths[i], f"{type(e).__name__}: {text[0]}" if text else type(e).__name__)
-        return self.transform(img), int(self.split.labels[i])
+        with pil_unlimited():  # the run's limit judged the image; PIL's own would check its crops again
+            return self.transform(img), int(self.split.labels[i])
 
 
 def collate_readable(samples: list) -> tuple:
@@ -105,7 +108,7 @@ class TorchLoader:
         self.sampler = ShardSampler(len(split), rank=rank, world=world, train=train, seed=seed)
         self.device, self.dtype, self.batch_size, self.bad_images = device, dtype, batch_size, bad_images
         self.loader = DataLoader(
-            SplitDataset(split, preprocess.torch_transform(train), seed if train else None),
+            SplitDataset(split, preprocess.torch_transform(train), seed if train else None, bad_images.max_pixels),
             batch_size=batch_size, sampler=self.sampler, collate_fn=collate_readable,
             # a split smaller than one batch still trains, on one partial batch
             drop_last=train and len(self.sampler) >= batch_size,

@@ -6,15 +6,25 @@ import zlib
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 from PIL import Image
 
-from engine.data import Preprocess
+from engine.data import Preprocess, resolve_loader
 
 # 32 px at crop_pct 0.875: every image is resized (short side 36) and centre-cropped.
 PRE = Preprocess(input_size=32, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), crop_pct=0.875)
 # A lock the test holds while a loader's workers start: a worker forked from the test process
 # would inherit it held (what hung CI), one started from a clean process finds it free.
 HELD_IN_PARENT = threading.Lock()
+needs_dali = pytest.mark.skipif(resolve_loader("auto") != "dali", reason="NVIDIA DALI is not installed or does not run here")
+BOTH = ["torch", pytest.param("dali", marks=needs_dali)]  # the loaders, as a parameter
+
+
+def all_batches(loader) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass of `loader`: (all images, all labels)."""
+    batches = list(loader)
+    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
 
 
 class NeedsTheLock:

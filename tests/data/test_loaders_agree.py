@@ -13,11 +13,8 @@ from engine.data.bad_images import BadImages
 from engine.data.imagefolder import check_image, open_rgb, scan_split
 from engine.data.sharding import shard_indices
 
-from data_fixtures import HELD_IN_PARENT, PRE, NeedsTheLock, photo, write_good_folder
+from data_fixtures import BOTH, HELD_IN_PARENT, PRE, NeedsTheLock, all_batches, needs_dali, photo, write_good_folder
 
-dali_works = resolve_loader("auto") == "dali"
-needs_dali = pytest.mark.skipif(not dali_works, reason="NVIDIA DALI is not installed or does not run here")
-BOTH = ["torch", pytest.param("dali", marks=needs_dali)]
 # One grey level after normalisation, the smallest std dividing: the unit of "agree".
 LEVEL = 1 / 255 / min(PRE.std)
 
@@ -31,11 +28,6 @@ def assert_close_to_pil(dali_x: torch.Tensor, torch_x: torch.Tensor, level: floa
     assert diff.mean() <= 0.25
     assert (diff > 1.5).float().mean() <= 0.005
     assert diff.max() <= 16
-
-
-def all_batches(loader) -> tuple[torch.Tensor, torch.Tensor]:
-    batches = list(loader)
-    return torch.cat([x for x, _ in batches]), torch.cat([y for _, y in batches])
 
 
 def array_split(n: int, seed: int = 0, size: tuple[int, int] = (32, 32)) -> Split:
@@ -174,10 +166,9 @@ def test_train_pass_reads_each_sample_at_most_once_and_reshuffles(unique_split, 
     assert first.tolist() != second.tolist()
 
 
+@needs_dali
 @pytest.mark.parametrize("kind", ["arrays", "files"])
 def test_train_passes_of_both_loaders_read_the_same_samples(tmp_path, kind):
-    if not dali_works:
-        pytest.skip("needs DALI")
     split = array_split(24) if kind == "arrays" else file_split(tmp_path / "f", 24)
     labels = {name: all_batches(make_loader(split, PRE, train=True, batch_size=4, loader=name))[1]
               for name in ("dali", "torch")}
