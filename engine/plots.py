@@ -1,5 +1,6 @@
 """The study's figures (matplotlib, drawn off-screen): forgetting curves, the paper's transfer-vs-source
-plot and selective LoRA's active-fraction curve. Each function takes plain numbers and writes one PNG."""
+plot, selective LoRA's active-fraction curve, and a sequence's accuracy matrices and source k-NN per stage
+(engine.sequence). Each function takes plain numbers and writes one PNG."""
 from __future__ import annotations
 
 import math
@@ -114,3 +115,57 @@ def _short(n: float) -> str:
         if n >= size:
             return f"{n / size:.3g} {unit}"
     return f"{n:.0f}"
+
+
+def plot_matrices(panels: dict[str, tuple[Sequence[Sequence[float | None]], Sequence[str]]], out: str | Path,
+                  title: str) -> Path:
+    """Accuracy matrices as heat maps, one panel per label: `panels[label] = (R, targets)`, R[t][j] the
+    top-1 (%) on target j after stage t, None where target j is not yet seen (left blank)."""
+    plt = _pyplot()
+    import numpy as np
+    n = len(panels)
+    cols = min(n, 2)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.9 * rows), squeeze=False)
+    image = None
+    for ax, (label, (matrix, targets)) in zip(axes.flat, panels.items()):
+        values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
+        image = ax.imshow(values, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+        for (t, j), v in np.ndenumerate(values):
+            if not np.isnan(v):
+                ax.text(j, t, f"{v:.1f}", ha="center", va="center", fontsize=8,
+                        color="white" if v < 60 else "black")
+        ax.set_xticks(range(len(targets)), [str(x) for x in targets], fontsize=7, rotation=20)
+        ax.set_yticks(range(len(matrix)), [f"{t + 1}: {targets[t]}" for t in range(len(matrix))], fontsize=7)
+        ax.set_xlabel("evaluated on (own head)", fontsize=8)
+        ax.set_ylabel("after stage", fontsize=8)
+        ax.set_title(label, fontsize=9)
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    if image is not None:
+        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="top-1 %")
+    fig.suptitle(title, fontsize=10)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120, bbox_inches="tight")  # not tight_layout: it does not fit a shared colour bar
+    plt.close(fig)
+    return out
+
+
+def plot_stages(lines: dict[str, Sequence[float]], stage_labels: Sequence[str], out: str | Path, title: str,
+                ylabel: str = "source k-NN accuracy %") -> Path:
+    """One value per stage for each label (`lines[label][i]` at `stage_labels[i]`; index 0 is the
+    untouched model): the source k-NN after each stage of a sequence, one line per strategy."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, (label, values) in enumerate(lines.items()):
+        ax.plot(range(len(values)), values, color=f"C{i % 10}", linestyle=("-", "--", ":")[i // 10 % 3],
+                marker="os^D"[i % 4], markersize=4, label=label)
+    ax.set_xticks(range(len(stage_labels)), list(stage_labels), fontsize=8)
+    ax.set_xlabel("after stage")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if len(lines) > 1:
+        ax.legend(fontsize=8)
+    return _save(fig, out)

@@ -6,6 +6,8 @@ check and `--dry-run` read it); `imagefolder:DIR` names any folder.
 - `shapes`: the embedded source domain the project generates (see `engine.data.shapes`).
 - `digits`: scikit-learn's handwritten digits (1,797 8x8 images, shipped with scikit-learn),
   upscaled to 32x32 RGB: the embedded target domain.
+- `digits-rot90`, `digits-inverted`: digits rotated by 90 degrees and with inverted contrast
+  (`engine.data.variants`), the embedded sequence's later domains (`python -m engine.sequence`).
 - `cifar10`, `cifar100`: the python-pickle layout torchvision writes, under `--data-root`.
 - `imagefolder:DIR`: DIR/train/<class>/*.jpg and DIR/test|val/<class>/*.jpg (DTD, Flowers102,
   Food101, ImageNet layouts); a DIR of class folders alone is split 80/20 into train/test.
@@ -43,9 +45,16 @@ def _shapes(root: Path) -> Domain:
     return shapes_domain()
 
 
+def _variant(name: str) -> Domain:
+    from .variants import variant_domain  # digits under a transform (engine.data.variants)
+    return variant_domain(name)
+
+
 DATASETS: dict[str, Dataset] = {
     "shapes": Dataset(_shapes, 10),
     "digits": Dataset(lambda root: digits_domain(), 10),
+    "digits-rot90": Dataset(lambda root: _variant("digits-rot90"), 10),
+    "digits-inverted": Dataset(lambda root: _variant("digits-inverted"), 10),
     "cifar10": Dataset(lambda root: cifar_domain("cifar10", root), 10),
     "cifar100": Dataset(lambda root: cifar_domain("cifar100", root), 100),
 }
