@@ -126,7 +126,7 @@ def plot_matrices(panels: dict[str, tuple[Sequence[Sequence[float | None]], Sequ
     n = len(panels)
     cols = min(n, 2)
     rows = math.ceil(n / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.6 * cols, 3.9 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols + 1, 4.2 * rows), squeeze=False, layout="constrained")
     image = None
     for ax, (label, (matrix, targets)) in zip(axes.flat, panels.items()):
         values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
@@ -135,19 +135,20 @@ def plot_matrices(panels: dict[str, tuple[Sequence[Sequence[float | None]], Sequ
             if not np.isnan(v):
                 ax.text(j, t, f"{v:.1f}", ha="center", va="center", fontsize=8,
                         color="white" if v < 60 else "black")
-        ax.set_xticks(range(len(targets)), [str(x) for x in targets], fontsize=7, rotation=20)
-        ax.set_yticks(range(len(matrix)), [f"{t + 1}: {targets[t]}" for t in range(len(matrix))], fontsize=7)
+        ax.set_xticks(range(len(targets)), [str(x) for x in targets], fontsize=7)
+        ax.set_yticks(range(len(matrix)), [f"{t + 1}: {targets[t]}" for t in range(len(matrix))], fontsize=7,
+                      rotation=90, va="center")
         ax.set_xlabel("evaluated on (own head)", fontsize=8)
         ax.set_ylabel("after stage", fontsize=8)
         ax.set_title(label, fontsize=9)
     for ax in list(axes.flat)[n:]:
         ax.axis("off")
     if image is not None:
-        fig.colorbar(image, ax=axes.ravel().tolist(), shrink=0.8, label="top-1 %")
+        fig.colorbar(image, ax=axes, shrink=0.8, label="top-1 %")
     fig.suptitle(title, fontsize=10)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120, bbox_inches="tight")  # not tight_layout: it does not fit a shared colour bar
+    fig.savefig(out, dpi=120)  # laid out by the figure itself (constrained: it fits the shared colour bar)
     plt.close(fig)
     return out
 
