@@ -47,7 +47,7 @@ def _shapes(root: Path) -> Domain:
 
 def _variant(name: str) -> Domain:
     from .variants import variant_domain  # digits under a transform (engine.data.variants)
-    return variant_domain(name)
+    return variant_domain(name, digits_domain())
 
 
 DATASETS: dict[str, Dataset] = {

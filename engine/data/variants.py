@@ -30,12 +30,9 @@ def _inverted(images: np.ndarray) -> np.ndarray:
 VARIANTS: dict[str, Callable[[np.ndarray], np.ndarray]] = {"digits-rot90": _rot90, "digits-inverted": _inverted}
 
 
-def variant_domain(name: str) -> Domain:
-    """The digits domain under `name`'s transform (a key of VARIANTS), with digits' augmentation choice."""
-    from .datasets import digits_domain
-
+def variant_domain(name: str, base: Domain) -> Domain:
+    """`base` (the digits domain) under `name`'s transform (a key of VARIANTS), with its augmentation choice."""
     transform = VARIANTS[name]
-    base = digits_domain()
 
     def split(s: Split) -> Split:
         return Split(labels=s.labels, images=transform(s.images))
