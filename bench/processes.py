@@ -98,8 +98,12 @@ def read_rows(path: Path) -> list[dict]:
 
 
 def results(run_dir: Path) -> dict:
-    """results.json without the timings."""
-    return {k: v for k, v in json.loads((run_dir / "results.json").read_text()).items() if k not in TIMING_KEYS}
+    """results.json without the timings and the package versions (a version is None where the process
+    did not import the package: an in-process reference run may have imported DALI, a --loader torch
+    process does not)."""
+    from engine.report import VERSION_KEYS
+    return {k: v for k, v in json.loads((run_dir / "results.json").read_text()).items()
+            if k not in TIMING_KEYS and k not in VERSION_KEYS}
 
 
 def metric_rows(run_dir: Path) -> list[dict]:
