@@ -11,10 +11,13 @@ engine.run` finishes in minutes on two CPU cores; `configs/paper_cifar100.yaml` 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import difflib
+import io
 import math
 import re
+import shlex
 import sys
 import typing
 from dataclasses import asdict, dataclass, field, fields
@@ -487,6 +490,18 @@ def build_parser(prog: str, description: str) -> argparse.ArgumentParser:
         shown = "" if default(key) is None else f"default: {default(key)}; "  # None: the help says what it means
         p.add_argument(flag, type=hint, metavar=key.rsplit(".", 1)[-1].upper(), help=f"{text}{extra} ({shown}key {key})")
     return p
+
+
+def parse_run_args(args, where: str) -> RunConfig:
+    """engine.run's config for the run arguments `args` that another command (a sweep, a sequence)
+    passes on; a UserError (one line, naming `where` they came from) for anything the parser refuses."""
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            return parse_args(list(args))
+    except SystemExit:  # argparse's own refusal (a value of the wrong type): keep its message, drop the usage
+        message = stderr.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
+        raise UserError(f"{message} (in {where}: {shlex.join(args)})") from None
 
 
 def parse_args(argv: list[str] | None, prog: str = "python -m engine.run", description: str = "") -> RunConfig:

@@ -53,7 +53,7 @@ import torch
 from . import continual, data
 from .adapter_files import WEIGHTS, read_adapter_config
 from .checkpoint import checkpoint_dirs
-from .config import FLAG_KEYS, RunConfig, build_config, parse_args
+from .config import FLAG_KEYS, RunConfig, build_config, parse_run_args
 from .errors import UserError
 from .evaluate import top1_accuracy
 from .folder_lock import FolderLock
@@ -178,17 +178,6 @@ def _check_extra(extra: list[str], preset: bool) -> None:
                             "instead of --preset for a sequence of your own")
 
 
-def _run_config(args: list[str]) -> RunConfig:
-    """engine.run's config for `args`; a UserError (one line) for anything its parser refuses."""
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr):
-            return parse_args(list(args))
-    except SystemExit:  # argparse's own refusal: keep its message, drop the usage
-        message = stderr.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
-        raise UserError(f"{message} (in the stages' arguments: {shlex.join(args)})") from None
-
-
 def _targets(text: str) -> tuple[str, ...]:
     targets = tuple(t.strip() for t in text.split(",") if t.strip())
     if len(targets) < 2:
@@ -210,7 +199,7 @@ def check_sequence(seq: Sequence) -> None:
         raise UserError(f"--adapters merge: {seq.strategy} merged keeps its copies as ordinary blocks, a deeper "
                         f"backbone than the next stage's --model builds; use --adapters swap")
     for t in range(len(seq.targets)):
-        _run_config(seq.stage_args(t))
+        parse_run_args(seq.stage_args(t), "the stages' arguments")
 
 
 def plan(argv: list[str]) -> Plan:
@@ -238,7 +227,7 @@ def plan(argv: list[str]) -> Plan:
                 for s, mode in preset.sequences]
     else:
         targets = _targets(args.targets)
-        strategy = _run_config(extra).strategy
+        strategy = parse_run_args(extra, "the stages' arguments").strategy
         mode = args.adapters or "merge"
         group = None
         seqs = [Sequence(strategy, mode, targets, tuple(extra),

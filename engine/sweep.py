@@ -24,8 +24,6 @@ executors with `--cluster`).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import os
 import shlex
@@ -37,7 +35,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import FLAG_KEYS, parse_args
+from .config import FLAG_KEYS, parse_run_args
 from .distributed import LAUNCHER_ENV
 from .errors import UserError
 from .folder_lock import FolderLock, holder
@@ -281,17 +279,6 @@ def _check_extra(extra: list[str]) -> None:
                             f"(--preset/--strategies, --lrs, --seeds, --out)")
 
 
-def _check_run_args(run_args) -> object:
-    """engine.run's config for `run_args`; a UserError (one line) for anything its parser refuses."""
-    stderr = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(stderr):
-            return parse_args(list(run_args))
-    except SystemExit:  # argparse's own refusal (a value of the wrong type): keep its message, drop the usage
-        message = stderr.getvalue().strip().splitlines()[-1].split("error: ", 1)[-1]
-        raise UserError(f"{message} (in the runs' arguments: {shlex.join(run_args)})") from None
-
-
 def plan(argv: list[str] | None):
     """Parse the command line into (args, preset or None, grid, sweep folder); every run's arguments are
     checked with engine.run's parser here, before anything starts."""
@@ -323,7 +310,7 @@ def plan(argv: list[str] | None):
     except ValueError:
         raise UserError(f"--seeds must be a comma list of integers, got {args.seeds!r}") from None
     grid = build_grid(rows, seeds, preset.base_args if preset else (), extra, lrs, preset.lrs if preset else ())
-    configs = {p.name: _check_run_args(p.args) for p in grid}
+    configs = {p.name: parse_run_args(p.args, "the runs' arguments") for p in grid}
     if preset is not None and preset.needs_source and next(iter(configs.values())).data.source == "embedded":
         raise UserError(f"--preset {preset.name} measures forgetting on ImageNet: give its folder, "
                         f"data.source=imagefolder:DIR (DIR/train/<class>/..., DIR/val/<class>/...)")
