@@ -51,10 +51,12 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    target: str = "embedded"          # embedded | digits | cifar10 | cifar100 | imagefolder:DIR
+    target: str = "embedded"          # embedded | digits | cifar10 | cifar100 | dtd | flowers102 | food101 | imagefolder:DIR
     source: str = "embedded"          # domain of pre-training, measured by k-NN for forgetting
     data_root: str = "data"
-    val_fraction: float = 0.1         # held out of the target train split for checkpoint selection
+    val_fraction: float = 0.1         # held out of the target train split for checkpoint selection (a target
+    #                                   with an official val split, DTD and Flowers102, selects on that instead)
+    dtd_partition: int = 1            # DTD's official train/val/test partition, 1..10
     loader: str = "auto"              # auto | dali | torch
     dali_resize: str = "auto"         # DALI's image-file resampler: auto (torch's on CPU, DALI's on GPU) | dali | torch
     workers: int = 2
@@ -156,7 +158,7 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--num-classes", "model.num_classes", "classes of the new head (default: the target's)"),
     ("--target", "data.target", f"the domain to adapt to: {SPEC_HELP}"),
     ("--source", "data.source", f"the pre-training domain whose k-NN accuracy measures forgetting: {SPEC_HELP}"),
-    ("--data-root", "data.data_root", "folder holding cifar-10-batches-py / cifar-100-python"),
+    ("--data-root", "data.data_root", "folder holding cifar-10-batches-py, cifar-100-python, dtd, flowers-102, food-101"),
     ("--loader", "data.loader", "data loader (auto: DALI where it is installed and runs, else torch)"),
     ("--steps", "train.steps", "optimiser steps"),
     ("--eval-every", "train.eval_every", "validate (and maybe keep the best checkpoint) every N steps"),
@@ -220,6 +222,7 @@ _RANGES = {
     "seed": _NON_NEGATIVE,
     "model.num_classes": _POSITIVE,
     "data.val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "data.dtd_partition": ("in 1..10 (DTD's official partitions)", lambda v: 1 <= v <= 10),
     "data.workers": _NON_NEGATIVE,
     "data.crop_scale_min": ("in (0, 1]", lambda v: 0 < v <= 1),
     "data.hflip": ("in [0, 1]", lambda v: 0 <= v <= 1),

@@ -185,13 +185,18 @@ def read_data(cfg: RunConfig, rt: Runtime) -> RunData:
     """Read (or scan) the target and source domains, resolve the target's augmentation, split off
     the validation set, and decide the head's class count."""
     bad_images = data.BadImages(cfg.data.max_bad_images, say=rt.say, max_pixels=cfg.data.max_image_pixels)
-    target = data.load_domain(cfg.data.target, cfg.data.data_root, cfg.seed, role="target", bad_images=bad_images)
-    source = data.load_domain(cfg.data.source, cfg.data.data_root, cfg.seed, role="source", bad_images=bad_images)
+    target = data.load_domain(cfg.data.target, cfg.data.data_root, cfg.seed, role="target", bad_images=bad_images,
+                              dtd_partition=cfg.data.dtd_partition)
+    source = data.load_domain(cfg.data.source, cfg.data.data_root, cfg.seed, role="source", bad_images=bad_images,
+                              dtd_partition=cfg.data.dtd_partition)
     for note in target.notes + source.notes:
         rt.say(f"note: {note}")
     cfg = resolved_for_target(cfg, target.crop_scale_min, target.hflip)
     feature_cache.check(cfg)
-    train_split, val_split = data.stratified_split(target.train, cfg.data.val_fraction, cfg.seed)
+    if target.val is not None:  # the data set's official val split (DTD, Flowers102) selects the checkpoint
+        train_split, val_split = target.train, target.val
+    else:
+        train_split, val_split = data.stratified_split(target.train, cfg.data.val_fraction, cfg.seed)
     if len(val_split) == 0:
         raise UserError("the validation split is empty: raise data.val_fraction")
     num_classes = cfg.model.num_classes or target.num_classes

@@ -363,7 +363,8 @@ def put_head(model, head: dict[str, torch.Tensor]) -> None:
 def test_top1(model, cfg: RunConfig, device: torch.device) -> float:
     """Top-1 (%) on the test split of `cfg`'s target, read and preprocessed as its run did, rounded as
     results.json rounds."""
-    domain = data.load_domain(cfg.data.target, cfg.data.data_root, cfg.seed, role="target")
+    domain = data.load_domain(cfg.data.target, cfg.data.data_root, cfg.seed, role="target",
+                              dtd_partition=cfg.data.dtd_partition)
     loader = data.make_loader(domain.test, data.Preprocess.from_model(model), train=False,
                               batch_size=cfg.eval.batch_size, loader=cfg.data.loader, workers=cfg.data.workers,
                               device=device, dali_resize=cfg.data.dali_resize)

@@ -9,8 +9,10 @@ check and `--dry-run` read it); `imagefolder:DIR` names any folder.
 - `digits-rot90`, `digits-inverted`: digits rotated by 90 degrees and with inverted contrast
   (`engine.data.variants`), the embedded sequence's later domains (`python -m engine.sequence`).
 - `cifar10`, `cifar100`: the python-pickle layout torchvision writes, under `--data-root`.
-- `imagefolder:DIR`: DIR/train/<class>/*.jpg and DIR/test|val/<class>/*.jpg (DTD, Flowers102,
-  Food101, ImageNet layouts); a DIR of class folders alone is split 80/20 into train/test.
+- `dtd`, `flowers102`, `food101`: the official archives as extracted under `--data-root`, with their
+  official splits (`engine.data.transfer_sets`; DTD's partition is `data.dtd_partition`).
+- `imagefolder:DIR`: DIR/train/<class>/*.jpg and DIR/test|val/<class>/*.jpg (ImageNet's layout);
+  a DIR of class folders alone is split 80/20 into train/test.
 - `embedded`: the default for the role, `digits` as a target and `shapes` as a source.
 """
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 
 from ..errors import UserError
 from .bad_images import BadImages, shown
+from . import transfer_sets
 from .imagefolder import scan_split  # file scanning and bad-file handling live there
 from .splits import Domain, Split, stratified_split
 
@@ -34,10 +37,13 @@ IMAGEFOLDER = "imagefolder:"
 
 @dataclass(frozen=True)
 class Dataset:
-    """A named data set: how to read it (from the data root) and how many classes it has."""
+    """A named data set: how to read it (from the data root) and how many classes it has. `options`
+    names what else `read` takes, by keyword: `bad_images` (a reader of image files records the
+    unreadable ones there), `partition` (DTD's official partition)."""
 
-    read: Callable[[Path], Domain]
+    read: Callable[..., Domain]
     num_classes: int
+    options: tuple[str, ...] = ()
 
 
 def _shapes(root: Path) -> Domain:
@@ -57,6 +63,9 @@ DATASETS: dict[str, Dataset] = {
     "digits-inverted": Dataset(lambda root: _variant("digits-inverted"), 10),
     "cifar10": Dataset(lambda root: cifar_domain("cifar10", root), 10),
     "cifar100": Dataset(lambda root: cifar_domain("cifar100", root), 100),
+    "dtd": Dataset(transfer_sets.dtd_domain, 47, ("partition", "bad_images")),
+    "flowers102": Dataset(transfer_sets.flowers102_domain, 102, ("bad_images",)),
+    "food101": Dataset(transfer_sets.food101_domain, 101, ("bad_images",)),
 }
 SPEC_HELP = f"embedded | {' | '.join(DATASETS)} | {IMAGEFOLDER}DIR"
 
@@ -82,14 +91,17 @@ def num_classes(spec: str, role: str = "target") -> int | None:
 
 
 def load_domain(spec: str, data_root: str | Path = "data", seed: int = 0, role: str = "target",
-                bad_images: BadImages | None = None) -> Domain:
-    """Read a `--target` / `--source` spec; `role` says which data set `embedded` means; an image
-    folder's unreadable images are recorded in `bad_images`. (`seed` is unused: a data set's splits
-    never depend on the run's seed.) A target of fewer than two classes is refused: its head would
-    learn nothing and score 100%."""
+                bad_images: BadImages | None = None, dtd_partition: int = 1) -> Domain:
+    """Read a `--target` / `--source` spec; `role` says which data set `embedded` means; the unreadable
+    images of an image folder or an image-file data set are recorded in `bad_images`; `dtd_partition`
+    is DTD's official partition (1..10). (`seed` is unused: a data set's splits never depend on the
+    run's seed.) A target of fewer than two classes is refused: its head would learn nothing and
+    score 100%."""
     spec = _resolve(spec, role)
     if spec in DATASETS:
-        return DATASETS[spec].read(Path(data_root))
+        dataset = DATASETS[spec]
+        options = {"bad_images": bad_images, "partition": dtd_partition}
+        return dataset.read(Path(data_root), **{k: options[k] for k in dataset.options})
     return imagefolder_domain(Path(spec[len(IMAGEFOLDER):]).expanduser(), bad_images,
                               min_classes=2 if role == "target" else 1)
 

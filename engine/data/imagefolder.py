@@ -119,6 +119,37 @@ def scan_split(folder: Path, classes: list[str] | None = None, bad_images: BadIm
     return classes, Split(labels=np.asarray(labels, dtype=np.int64), paths=paths), notes
 
 
+def screen_listed(folder: Path, paths: list[Path], labels: list[int], classes: list[str],
+                  bad_images: BadImages | None = None) -> tuple[Split, list[str]]:
+    """A split of the files a data set's own lists name (every one of them exists: the caller checked),
+    screened as `scan_split` screens a folder: unreadable images skipped, named in the notes and
+    recorded in `bad_images`; a class left with no readable image refused, naming the class."""
+    max_pixels = bad_images.max_pixels if bad_images is not None else MAX_IMAGE_PIXELS
+    checked = dict(zip(paths, _check_all(paths, max_pixels)))
+    problems = {p: problem for p, (problem, _) in checked.items()}
+    unreadable = [p for p in paths if problems[p] is not None]
+    kept = [i for i, p in enumerate(paths) if problems[p] is None]
+    for label in sorted(set(labels) - {labels[i] for i in kept}):
+        bad = next(p for p, y in zip(paths, labels) if y == label)
+        raise UserError(f"class {shown(classes[label])} of {shown(folder)} holds no readable images "
+                        f"(e.g. {shown(bad)}: {problems[bad]}); replace them")
+    notes = []
+    if unreadable:
+        notes.append(f"{shown(folder)}: skipped {len(unreadable)} unreadable images: "
+                     f"{_listed(folder, unreadable, problems)}")
+        for p in unreadable:
+            _log.info("skipping unreadable image %s: %s", shown(p), problems[p])
+            if bad_images is not None:
+                bad_images.add(p, problems[p], announce=False)  # the note names them
+    large = [p for p in paths if problems[p] is None and checked[p][1] and many_pixels(*checked[p][1], max_pixels)]
+    if large:
+        sizes = {p: f"{checked[p][1][0]} x {checked[p][1][1]}" for p in large}
+        notes.append(f"{shown(folder)}: {len(large)} images of more than data.max_image_pixels={max_pixels} "
+                     f"pixels, read anyway (twice that is skipped): {_listed(folder, large, sizes)}")
+    split = Split(labels=np.asarray([labels[i] for i in kept], dtype=np.int64), paths=[str(paths[i]) for i in kept])
+    return split, notes
+
+
 def _listed(folder: Path, paths: list[Path], why: dict[Path, str], first: int = 3) -> str:
     shown_ = "; ".join(f"{shown(p.relative_to(folder))} ({why[p]})" for p in paths[:first])
     return shown_ + (f"; and {len(paths) - first} more" if len(paths) > first else "")
