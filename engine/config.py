@@ -28,6 +28,7 @@ import yaml
 import kernels
 from adapters import STRATEGIES, AdapterConfig, AdapterError
 
+from .curve import parse_steps
 from .data import LOADERS, SPEC_HELP, check_spec
 from .data.bad_images import MAX_IMAGE_PIXELS
 from .data.dali_loader import RESIZERS
@@ -116,7 +117,8 @@ class EvalConfig:
                                         # (timm's DINO ViT-B says 0.9; DINO's eval_knn resizes 256 for 224: 0.875)
     batch_size: int = 256
     # The forgetting curve (engine.curve): source k-NN during training, in metrics.csv's source_knn.
-    knn_steps: list[int] | None = None  # steps it is measured at; None = 0, 1, 2, 5, 10, 20, 50, ... and the last
+    knn_steps: list[str] | None = None  # steps it is measured at, each N, A-B (every step) or log (engine.curve.
+    #                                     parse_steps); None = log: 0, 1, 2, 5, 10, 20, 50, ... and the last
     knn_curve_limit: int = 200          # bank images and query images (each) it extracts per step; 0 = no curve
     throughput_iters: int = 5           # timed forward passes of a 64-image batch for infer_img_per_s; 0 = not
                                         # measured (null in results.json: runs that only need the accuracies)
@@ -185,8 +187,9 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--sparsity-lambda", "adapter.sparsity_lambda", "selective_lora: weight of the sparsity penalty"),
     ("--active-blocks", "adapter.active_blocks", "selective_lora budget: exactly K active LoRA blocks"),
     ("--active-fraction", "adapter.active_fraction", "selective_lora budget: a fraction of the LoRA blocks"),
-    ("--knn-steps", "eval.knn_steps", "comma list of steps at which the forgetting curve measures source k-NN "
-                                      "(default: 0,1,2,5,10,20,50,... and the last step)"),
+    ("--knn-steps", "eval.knn_steps", "comma list of steps (N), ranges (A-B) or log at which the forgetting curve "
+                                      "measures source k-NN, e.g. 0-10,log (default log: 0,1,2,5,10,20,50,... and "
+                                      "the last step)"),
     ("--knn-curve-limit", "eval.knn_curve_limit", "bank and query images (each) of the forgetting curve; 0 = no curve"),
     ("--seed", "seed", "seed of the initialisation, the data order and the augmentation"),
     ("--name", "name", "run folder name under --out (default: <strategy>-<time>)"),
@@ -452,8 +455,14 @@ def validate(cfg: RunConfig) -> None:
         raise UserError("--json only works with --dry-run (a training run writes results.json in its run folder)")
     if not cfg.eval.knn_k or min(cfg.eval.knn_k) <= 0:
         raise UserError(f"eval.knn_k must list positive k values, got {cfg.eval.knn_k}")
-    if cfg.eval.knn_steps is not None and not all(0 <= s <= cfg.train.steps for s in cfg.eval.knn_steps):
-        raise UserError(f"eval.knn_steps must lie in 0..train.steps ({cfg.train.steps}), got {cfg.eval.knn_steps}")
+    if cfg.eval.knn_steps is not None:
+        try:
+            steps = parse_steps(cfg.eval.knn_steps, cfg.train.steps)
+        except ValueError as e:
+            raise UserError(f"eval.knn_steps: {e}") from None
+        if not all(0 <= s <= cfg.train.steps for s in steps):
+            raise UserError(f"eval.knn_steps must lie in 0..train.steps ({cfg.train.steps}), "
+                            f"got {','.join(map(str, cfg.eval.knn_steps))}")
     if cfg.eval.knn_report_k not in cfg.eval.knn_k:
         cfg.eval.knn_k = sorted(set(cfg.eval.knn_k) | {cfg.eval.knn_report_k})
 

@@ -3,7 +3,7 @@
 The paper's abstract says a DINO ViT-B/16 loses over 70% of its ImageNet k-NN accuracy within 10
 fine-tuning steps; the before/after pair in results.json cannot show when forgetting happens, this
 curve does. At each listed step (`eval.knn_steps`, default log-spaced: 0, 1, 2, 5, 10, 20, 50, ...
-and the last step) the train loop hands the live model to `ForgettingCurve.measure`, which extracts
+and the last step; ranges such as `0-10,log` list every step of the first ten) the train loop hands the live model to `ForgettingCurve.measure`, which extracts
 a capped subset of the source (`eval.knn_curve_limit` bank images and as many queries) with the
 current weights and returns its weighted k-NN accuracy. Nothing is kept between points, so memory
 is (bank + queries) x feature width whatever the run's length; the curve's time is counted apart
@@ -12,6 +12,7 @@ from the training time (`seconds`).
 from __future__ import annotations
 
 import csv
+import re
 import time
 from pathlib import Path
 from typing import Sequence
@@ -32,9 +33,35 @@ def log_steps(last: int) -> list[int]:
     return steps + [last]
 
 
-def curve_steps(knn_steps: Sequence[int] | None, last: int) -> list[int]:
-    """The steps the curve is measured at: `knn_steps` (sorted, once each), or `log_steps(last)` for None."""
-    return log_steps(last) if knn_steps is None else sorted(set(knn_steps))
+_STEP = re.compile(r"-?\d+")
+_RANGE = re.compile(r"(\d+)-(\d+)")
+STEPS_FORMS = "a step N, a range A-B (every step from A to B) or log (the default log-spaced steps)"
+
+
+def parse_steps(items: Sequence[int | str], last: int) -> list[int]:
+    """`eval.knn_steps`' items as steps, sorted, once each: `20` a step, `0-10` every step from 0 to 10,
+    `log` the default `log_steps(last)` (so `0-10,log` is every step of the first ten, then
+    log-spaced). ValueError, naming the item, for any other form."""
+    steps: set[int] = set()
+    for item in items:
+        text = str(item).strip()
+        if _STEP.fullmatch(text):
+            steps.add(int(text))
+        elif _RANGE.fullmatch(text):
+            start, stop = map(int, _RANGE.fullmatch(text).groups())
+            if start > stop:
+                raise ValueError(f"range {text!r} runs backwards; write it as {stop}-{start}")
+            steps.update(range(start, stop + 1))
+        elif text == "log":
+            steps.update(log_steps(last))
+        else:
+            raise ValueError(f"{text!r} is not {STEPS_FORMS}, e.g. 0-10,20,50,log")
+    return sorted(steps)
+
+
+def curve_steps(knn_steps: Sequence[int | str] | None, last: int) -> list[int]:
+    """The steps the curve is measured at: `knn_steps` parsed (`parse_steps`), or `log_steps(last)` for None."""
+    return log_steps(last) if knn_steps is None else parse_steps(knn_steps, last)
 
 
 class ForgettingCurve:
