@@ -1,5 +1,6 @@
-"""Sweep presets: the paper's table (`paper`), the same rows on the embedded default (`embedded`), and
-selective LoRA's own curve (`selective`).
+"""Sweep presets: the paper's table (`paper`), its Figure 2 (`paper-transfer`: four strategies on five
+transfer sets) and Figure 4 (`paper-vits`: DINO ViT-S/16), the table's rows on the embedded default
+(`embedded`), and selective LoRA's own curve (`selective`).
 
 A preset is rows (a label, the table group, a strategy from `adapters.STRATEGIES` and its options as
 `engine.run` arguments), learning rates, and the arguments every run gets. `engine.sweep` turns
@@ -99,12 +100,15 @@ def _rows(paper: bool, full_lrs: tuple[float, ...] | None = None) -> tuple[Row, 
 
 _QUICK = ("full", "top3", "linear", "lora-r8", "blockexp-p3", "selective-taps")  # each strategy at its defaults
 
+# Every paper preset's runs: the paper's recipe, a large curve subset, and the first ten steps one by one.
+_PAPER_ARGS = ("--config", str(PAPER_CONFIG), "eval.knn_curve_limit=10000", f"eval.knn_steps={PAPER_CURVE_STEPS}")
+
 PAPER = Preset(
     name="paper",
     description="the paper's Table 1: DINO ViT-B/16, CIFAR-100 target, ImageNet-1K k-NN source (needs the data, "
                 "GPUs and data.source=imagefolder:DIR)",
     rows=_rows(paper=True), lrs=PAPER_LRS,
-    base_args=("--config", str(PAPER_CONFIG), "eval.knn_curve_limit=10000", f"eval.knn_steps={PAPER_CURVE_STEPS}"),
+    base_args=_PAPER_ARGS,
     quick_rows=_QUICK, quick_lr=0.01, needs_source=True,
     note="The paper's LoRA parameter counts (301 K, 448 K, 743 K) include the 76.9 K classifier twice; ours "
          "count it once. The paper selected checkpoints on the test set; we select on a validation split "
@@ -131,7 +135,40 @@ SELECTIVE = Preset(
                 ("--active-fraction", v)) for v in _FRACTIONS)),
     lrs=(0.05,))
 
-PRESETS = {p.name: p for p in (PAPER, EMBEDDED, SELECTIVE)}
+# The paper's Figure 2: its four main strategies on each of its five transfer sets (the table's groups are the
+# data sets, in the figure's order), at its learning rates; and its Figure 4: the same rows with DINO ViT-S/16.
+TRANSFER_SETS = (("dtd", "DTD"), ("flowers102", "Flowers102"), ("food101", "Food101"), ("cifar10", "CIFAR-10"),
+                 ("cifar100", "CIFAR-100"))
+_FIGURE_ROWS = ("full", "linear", "lora-r8", "blockexp-p3")  # All, Linear, LoRA r=8, Block Exp. p=3
+
+
+def _figure_rows(target: str, group: str) -> tuple[Row, ...]:
+    """The four strategies of the paper's figures on one target, without Table 1's figures."""
+    return tuple(Row(f"{target}-{row.key}", row.label, group, row.strategy, (*row.args, "--target", target), row.lrs)
+                 for row in (EMBEDDED.row(k) for k in _FIGURE_ROWS))
+
+
+PAPER_TRANSFER = Preset(
+    name="paper-transfer",
+    description="the paper's Figure 2: All, Linear, LoRA r=8 and Block Exp. p=3 on DTD, Flowers102, Food101, "
+                "CIFAR-10 and CIFAR-100 (all five under --data-root), DINO ViT-B/16, ImageNet-1K k-NN source "
+                "(needs the data, GPUs and data.source=imagefolder:DIR)",
+    rows=tuple(r for target, group in TRANSFER_SETS for r in _figure_rows(target, group)), lrs=PAPER_LRS,
+    base_args=_PAPER_ARGS, needs_source=True,
+    note="The paper draws these runs as its Figure 2 and prints no table of them. DTD and Flowers102 select the "
+         "checkpoint on their official val splits; Food101, CIFAR-10 and CIFAR-100 on 10% held out of train.")
+
+PAPER_VITS = Preset(
+    name="paper-vits",
+    description="the paper's Figure 4: All, Linear, LoRA r=8 and Block Exp. p=3 with DINO ViT-S/16 "
+                "(vit_small_patch16_224.dino), CIFAR-100 target, ImageNet-1K k-NN source (needs the data, GPUs "
+                "and data.source=imagefolder:DIR)",
+    rows=_figure_rows("cifar100", "CIFAR-100"), lrs=PAPER_LRS,
+    base_args=(*_PAPER_ARGS, "--model", "vit_small_patch16_224.dino"), needs_source=True,
+    note="The paper prints one figure of these runs: full fine-tuning drops DINO ViT-S/16's ImageNet-1K k-NN "
+         "accuracy to 15.77% (its Figure 4); LoRA and Block Expansion keep both domains.")
+
+PRESETS = {p.name: p for p in (PAPER, PAPER_TRANSFER, PAPER_VITS, EMBEDDED, SELECTIVE)}
 
 
 def get_preset(name: str) -> Preset:
