@@ -48,6 +48,8 @@ class ModelConfig:
     weights_entry: str = "teacher"    # which network of a DINO-style training checkpoint: teacher | student
     pretrained: bool = True           # False: random init (tests, dry runs)
     num_classes: int | None = None    # None = number of target classes
+    depth: int | None = None          # blocks of the backbone; None = the architecture's (a merged block
+    #                                   expansion's backbone is deeper: engine.sequence --adapters merge)
 
 
 @dataclass
@@ -224,6 +226,7 @@ _NON_NEGATIVE = ("at least 0", lambda v: v >= 0)
 _RANGES = {
     "seed": _NON_NEGATIVE,
     "model.num_classes": _POSITIVE,
+    "model.depth": _POSITIVE,
     "data.val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
     "data.dtd_partition": ("in 1..10 (DTD's official partitions)", lambda v: 1 <= v <= 10),
     "data.workers": _NON_NEGATIVE,

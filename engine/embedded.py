@@ -26,16 +26,23 @@ PROVENANCE = ASSETS / "embedded_vit.json"
 
 
 
-def create_embedded_vit(pretrained: bool = True, num_classes: int = 0):
+def create_embedded_vit(pretrained: bool = True, num_classes: int = 0, depth: int | None = None):
     """The embedded ViT, with the shipped backbone weights when `pretrained`.
 
     `num_classes=0` means no head: `forward_head(x, pre_logits=True)` is the CLS token after the
     final norm. Its `pretrained_cfg` makes timm's `resolve_model_data_config` give the
     preprocessing pretraining used (32 px, crop_pct 1.0, bicubic, EMBEDDED_MEAN / EMBEDDED_STD).
+    `depth` other than the shipped one (a merged block expansion's) needs its weights from a file.
     """
     from timm.models.vision_transformer import VisionTransformer
 
-    model = VisionTransformer(**EMBEDDED_VIT, num_classes=num_classes)
+    shape = dict(EMBEDDED_VIT)
+    if depth is not None and depth != shape["depth"]:
+        if pretrained:
+            raise UserError(f"model.depth={depth}: the embedded checkpoint has {shape['depth']} blocks; give the "
+                            f"deeper backbone's file with --weights")
+        shape["depth"] = depth
+    model = VisionTransformer(**shape, num_classes=num_classes)
     model.pretrained_cfg = model.default_cfg = {
         "architecture": "embedded",
         "input_size": (3, IMAGE_SIZE, IMAGE_SIZE), "fixed_input_size": True,

@@ -32,7 +32,8 @@ def build_backbone(cfg) -> nn.Module:
     """A headless timm ViT (num_classes 0) with the weights `cfg` names; the strategy adds the head."""
     if cfg.name == EMBEDDED:
         from .embedded import create_embedded_vit
-        model = create_embedded_vit(pretrained=cfg.pretrained and cfg.weights is None, num_classes=0)
+        model = create_embedded_vit(pretrained=cfg.pretrained and cfg.weights is None, num_classes=0,
+                                    depth=cfg.depth)
         if cfg.weights:
             _say(load_weights(model, cfg.weights, cfg.weights_entry))
         return model
@@ -45,12 +46,16 @@ def _timm_backbone(cfg) -> nn.Module:
     if not timm.is_model(cfg.name):
         raise UserError(f"unknown model {cfg.name!r}; give a timm ViT name, e.g. vit_base_patch16_224.dino, "
                         f"or 'embedded'")
+    shape = {} if cfg.depth is None else {"depth": cfg.depth}
     if cfg.weights:
-        model = timm.create_model(cfg.name, pretrained=False, num_classes=0)
+        model = timm.create_model(cfg.name, pretrained=False, num_classes=0, **shape)
         _say(load_weights(model, cfg.weights, cfg.weights_entry))
         return model
+    if shape and cfg.pretrained:
+        raise UserError(f"model.depth={cfg.depth}: hub weights have the architecture's depth; give the deeper "
+                        f"backbone's file with --weights")
     try:
-        return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=0)
+        return timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=0, **shape)
     except Exception as e:  # hub unreachable, no such weights tag, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"could not get pretrained weights for {cfg.name} ({first}); offline? "

@@ -10,8 +10,10 @@ the model after stage t-1, in one of two ways (`--adapters`):
 
 - `merge`: after stage t its adapter is merged into the backbone (`engine.export`, into
   `merged/<t>-<target>.safetensors`) and stage t+1 trains a new one on those weights
-  (`--weights`): forgetting accumulates. The only way for `full` and `top_k`, which train the
-  backbone itself. Evaluating target j after stage t puts head j on the backbone after stage t.
+  (`--weights`): forgetting accumulates. Block expansion's merged copies are ordinary blocks, so
+  each of its stages starts from a backbone P blocks deeper (`model.depth`) and adds P copies more.
+  The only way for `full` and `top_k`, which train the backbone itself. Evaluating target j after
+  stage t puts head j on the backbone after stage t.
 - `swap` (lora, selective_lora, block_expansion, linear): the backbone is never changed; every stage
   trains from the untouched one, each target keeps its adapter and head, and evaluating target j
   loads adapter j (`engine.models.restore_model`): an earlier target's accuracy cannot change.
@@ -58,12 +60,12 @@ from .errors import UserError
 from .evaluate import top1_accuracy
 from .folder_lock import FolderLock
 from .io import atomic_write_json, atomic_write_text
-from .models import build_backbone, restore_model
+from .models import build_backbone, check_strategy, restore_model
 from .precision import PRECISIONS
 
 ADAPTER_MODES = ("merge", "swap")
 MERGE_ONLY = ("full", "top_k")      # they train the backbone: the next stage starts from it
-SWAP_ONLY = ("block_expansion",)    # merged, its copies deepen the backbone, which --model cannot rebuild
+DEEPENING = ("block_expansion",)    # merged, its copies become ordinary blocks: each stage's backbone is deeper
 RECORD = "sequence.json"
 GROUP_RECORD = "sequences.json"     # a folder of several sequences (a preset)
 MERGED = "merged"                   # SEQ_DIR/merged/<stage>.safetensors: the backbone after each stage
@@ -123,7 +125,17 @@ class Sequence:
         args = [*self.run_args, "--target", self.targets[t], "--out", str(self.folder), "--name", self.stage_name(t)]
         if self.adapters == "merge" and t > 0:
             args += ["--weights", str(self.merged(t - 1))]
+            if self.strategy in DEEPENING:  # the copies of stages 1..t, merged, are blocks of stage t's backbone
+                args += [f"model.depth={self.merged_depth(t)}"]
         return args
+
+    def merged_depth(self, t: int) -> int:
+        """Blocks of the backbone stage t starts from in merge mode: the architecture's, plus every earlier
+        stage's P copies (block expansion adds P blocks per stage)."""
+        cfg = parse_run_args(self.run_args, "the stages' arguments")
+        with torch.device("meta"):
+            base = len(build_backbone(replace(cfg.model, pretrained=False, weights=None)).blocks)
+        return base + t * cfg.adapter.blocks
 
     def identity(self) -> dict:
         return {"strategy": self.strategy, "adapters": self.adapters, "targets": list(self.targets),
@@ -195,11 +207,13 @@ def check_sequence(seq: Sequence) -> None:
     if seq.adapters == "swap" and seq.strategy in MERGE_ONLY:
         raise UserError(f"--adapters swap keeps a per-target adapter on an untouched backbone; {seq.strategy} "
                         f"trains the backbone itself, so its sequence is --adapters merge")
-    if seq.adapters == "merge" and seq.strategy in SWAP_ONLY:
-        raise UserError(f"--adapters merge: {seq.strategy} merged keeps its copies as ordinary blocks, a deeper "
-                        f"backbone than the next stage's --model builds; use --adapters swap")
     for t in range(len(seq.targets)):
-        parse_run_args(seq.stage_args(t), "the stages' arguments")
+        cfg = parse_run_args(seq.stage_args(t), "the stages' arguments")
+        # what only the model can judge (block_expansion's P vs the depth, top_k's K, a LoRA budget),
+        # before the first stage starts; a target whose classes are known only from its data: at its start
+        num_classes = cfg.model.num_classes or data.num_classes(cfg.data.target, "target")
+        if num_classes is not None:
+            check_strategy(cfg, num_classes)
 
 
 def plan(argv: list[str]) -> Plan:

@@ -141,6 +141,21 @@ def test_merge_trains_on_the_merged_backbone_and_changes_an_earlier_targets_accu
     assert [s["task_bytes"] for s in rec["stages"]] == [head, head]  # merged: each target keeps only its head
 
 
+def test_block_expansion_merged_deepens_each_stages_backbone_by_its_copies(tmp_path):
+    """Merged, block expansion's copies are ordinary blocks: stage 2 starts from the 6 + 1 blocks stage 1
+    left (model.depth=7, its merged file exactly: stage 2's before-k-NN is stage 1's after) and adds one."""
+    args = [*TARGETS, "--strategy", "block_expansion", "--blocks", "1", *SMALL, "--out", str(tmp_path), "--name", "be"]
+    assert run_sequence_here(args) == 0
+    folder = tmp_path / "be"
+    depth = lambda f: 1 + max(int(k.split(".")[1]) for k in load_file(f) if k.startswith("blocks."))
+    assert [depth(folder / "merged" / f"{s}.safetensors") for s in ("1-digits", "2-digits-rot90")] == [7, 8]
+    assert "depth: 7" in (folder / "2-digits-rot90" / "config.yaml").read_text()
+    assert results(folder / "2-digits-rot90")["source_knn_before"] == results(folder / "1-digits")["source_knn_after"]
+    (first, _), (after, second) = [s["top1"] for s in record(folder)["stages"]]
+    assert first == results(folder / "1-digits")["target_top1"] and second == results(folder / "2-digits-rot90")["target_top1"]
+    assert after != first  # head 1 on the deeper backbone stage 2 trained
+
+
 def test_the_embedded_domains_are_digits_rotated_and_inverted():
     digits = load_domain("digits")
     rotated, inverted = load_domain("digits-rot90"), load_domain("digits-inverted", role="source")
@@ -165,7 +180,8 @@ def test_the_preset_plans_four_sequences_and_starts_nothing(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, says", [
     (["--targets", "digits,digits-rot90", "--strategy", "full", "--adapters", "swap"], "full trains the backbone"),
-    (["--targets", "digits,digits-rot90", "--strategy", "block_expansion"], "use --adapters swap"),
+    (["--targets", "digits,digits-rot90", "--strategy", "block_expansion", "--blocks", "9"],
+     "blocks (P) must be between 1 and the model's depth 6"),
     (["--targets", "digits"], "at least two targets"),
     (["--targets", "digits,digits-rot90,digits"], "names digits twice"),
     (["--targets", "digits,nope"], "unknown data set 'nope'"),
