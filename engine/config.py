@@ -54,7 +54,8 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    target: str = "embedded"          # embedded | digits | cifar10 | cifar100 | dtd | flowers102 | food101 | imagefolder:DIR
+    target: str = "embedded"          # embedded | digits | cifar10 | cifar100 | dtd | flowers102 | food101 |
+    #                                   imagefolder:DIR (engine.data.DATASETS)
     source: str = "embedded"          # domain of pre-training, measured by k-NN for forgetting
     data_root: str = "data"
     val_fraction: float = 0.1         # held out of the target train split for checkpoint selection (a target
@@ -162,7 +163,8 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--num-classes", "model.num_classes", "classes of the new head (default: the target's)"),
     ("--target", "data.target", f"the domain to adapt to: {SPEC_HELP}"),
     ("--source", "data.source", f"the pre-training domain whose k-NN accuracy measures forgetting: {SPEC_HELP}"),
-    ("--data-root", "data.data_root", "folder holding cifar-10-batches-py, cifar-100-python, dtd, flowers-102, food-101"),
+    ("--data-root", "data.data_root", "folder holding cifar-10-batches-py, cifar-100-python, dtd, flowers-102, "
+                                      "food-101"),
     ("--loader", "data.loader", "data loader (auto: DALI where it is installed and runs, else torch)"),
     ("--steps", "train.steps", "optimiser steps"),
     ("--eval-every", "train.eval_every", "validate (and maybe keep the best checkpoint) every N steps"),

@@ -3,9 +3,10 @@
 The paper's abstract says a DINO ViT-B/16 loses over 70% of its ImageNet k-NN accuracy within 10
 fine-tuning steps; the before/after pair in results.json cannot show when forgetting happens, this
 curve does. At each listed step (`eval.knn_steps`, default log-spaced: 0, 1, 2, 5, 10, 20, 50, ...
-and the last step; ranges such as `0-10,log` list every step of the first ten) the train loop hands the live model to `ForgettingCurve.measure`, which extracts
-a capped subset of the source (`eval.knn_curve_limit` bank images and as many queries) with the
-current weights and returns its weighted k-NN accuracy. Nothing is kept between points, so memory
+and the last step; `0-10,log` adds every step of the first ten) the train loop hands the live
+model to `ForgettingCurve.measure`, which extracts a capped subset of the source
+(`eval.knn_curve_limit` bank images and as many queries) with the current weights and returns its
+weighted k-NN accuracy. Nothing is kept between points, so memory
 is (bank + queries) x feature width whatever the run's length; the curve's time is counted apart
 from the training time (`seconds`).
 """

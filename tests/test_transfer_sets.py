@@ -54,7 +54,8 @@ def write_food(root, form="json"):
     """food-101/images/<class>/<id>.jpg (4 a class), meta/classes.txt, and meta/{train,test}.json (or .txt)."""
     base = root / "food-101"
     split_of = {"train": (0, 1, 2), "test": (3,)}
-    listed = {split: {name: [f"{name}/{100 + k}" for k in ks] for name in FOOD_CLASSES} for split, ks in split_of.items()}
+    listed = {split: {name: [f"{name}/{100 + k}" for k in ks] for name in FOOD_CLASSES}
+              for split, ks in split_of.items()}
     for c, name in enumerate(FOOD_CLASSES):
         for k in range(4):
             _jpeg(base / "images" / name / f"{100 + k}.jpg", 50 * c + k)

@@ -93,7 +93,8 @@ def _screened(name: str, folder: Path, lists: dict[str, tuple[list[Path], list[i
 def dtd_domain(data_root: Path, partition: int = 1, bad_images: BadImages | None = None) -> Domain:
     """DTD's partition `partition` (1..10): its train, val and test lists."""
     if not 1 <= partition <= DTD_PARTITIONS:
-        raise UserError(f"data.dtd_partition must be in 1..{DTD_PARTITIONS} (DTD's official partitions), got {partition}")
+        raise UserError(f"data.dtd_partition must be in 1..{DTD_PARTITIONS} (DTD's official partitions), "
+                        f"got {partition}")
     base = data_root / "dtd" / "dtd"
     lists = {split: base / "labels" / f"{split}{partition}.txt" for split in ("train", "val", "test")}
     _require("dtd", lists.values(), data_root)
