@@ -31,6 +31,7 @@ from torch import nn
 from .adapter_files import CONFIG
 from .config import build_config
 from .errors import UserError
+from .folder_lock import holder
 from .io import atomic_write_json, atomic_write_safetensors, folder_problem
 from .models import restore_model, timm_spec
 
@@ -108,6 +109,9 @@ def export_run(run_dir: str | Path, out: str | Path, checkpoint: str | None = No
     config = run_dir / "config.yaml"
     if not config.is_file():
         raise UserError(f"{run_dir} is not a run folder: it has no config.yaml (written by python -m engine.run)")
+    live = holder(run_dir)
+    if live is not None:  # a run (a --resume, an --overwrite) writing the adapter and checkpoints as they are read
+        raise UserError(f"run folder {run_dir} is in use by {live}: export it once that run has ended")
     cfg = build_config(config)
     check_destination(out, run_dir, overwrite, keep=(Path(cfg.model.weights),) if cfg.model.weights else ())
     adapter_dir = run_dir / "adapter" if checkpoint is None else run_dir / "checkpoints" / checkpoint

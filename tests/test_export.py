@@ -1,5 +1,6 @@
 """`python -m engine.export RUN_DIR --merged OUT.safetensors`: a merged model that timm alone rebuilds."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from adapters import get_strategy
 from engine.adapter_files import save_adapter
 from engine.config import AdapterConfig, ModelConfig, RunConfig, save_yaml
 from engine.export import main
+from engine.folder_lock import FolderLock
 from engine.models import build_backbone, timm_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,6 +107,17 @@ def test_a_run_folder_without_an_adapter_is_a_clear_error(tmp_path, capsys):
     assert main([str(tmp_path), "--merged", str(tmp_path / "out.safetensors")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no adapter (adapter/adapter.json)" in err[0]
+
+
+def test_a_run_folder_a_live_process_holds_is_not_exported_and_its_holder_named(tmp_path, capsys):
+    run_dir, _ = make_run(tmp_path, "lora")
+    out = tmp_path / "m.safetensors"
+    with FolderLock.take(run_dir, "run folder"):  # as a --resume of it would hold it while it writes
+        assert main([str(run_dir), "--merged", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"run folder {run_dir} is in use by " in err[0] and f"pid {os.getpid()}" in err[0]
+    assert not out.exists()
+    assert main([str(run_dir), "--merged", str(out)]) == 0  # released: exported
 
 
 def test_a_folder_without_config_is_not_a_run_folder(tmp_path, capsys):
