@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from kernels import MAX_RANK
+
 
 class AdapterError(ValueError):
     """Options or a model a strategy cannot work with; the message says what and what to do."""
@@ -34,6 +36,9 @@ class AdapterConfig:
         """Ranges every strategy relies on; AdapterError naming the option for the first one broken."""
         _positive_int("top_k must be", self.top_k)
         _positive_int("lora_rank must be", self.lora_rank)
+        if self.lora_rank > MAX_RANK:
+            raise AdapterError(f"lora_rank {self.lora_rank} is above {MAX_RANK}, the largest rank the fused "
+                               f"kernels are compiled and checked for (kernels/_aot.py); choose {MAX_RANK} or less")
         _positive_int("block_expansion needs blocks (P) to be", self.blocks)
         if self.active_blocks is not None:
             _positive_int("active_blocks must be", self.active_blocks)

@@ -20,6 +20,7 @@ so q and v (and any gate pattern) are one launch.
 Launch configurations are fixed per architecture (CONFIGS below), never autotuned at run time:
 autotuning inside a training step costs 100 ms+ per new shape and backward cannot see forward's pick.
 """
+import contextlib
 import functools
 
 import torch
@@ -149,37 +150,90 @@ def _lora_mm_kernel(
 
 
 # Fixed launch configurations: (BLOCK_M, BLOCK_P, BLOCK_Q, GROUP_M, num_warps, num_stages) per
-# (architecture, element size). Chosen offline for ViT shapes (M = batch x 197, K = 768 / 3072,
-# N = 768 / 2304 / 3072, R = 4..64) with bench/kernels.py; see bench/README.md. Key "interpret" is
-# for TRITON_INTERPRET=1, where small tiles keep the numpy emulation fast.
+# (architecture, operand class): "16-bit" (bf16, fp16), "tf32" (fp32 with
+# torch.backends.cuda.matmul.allow_tf32, tensor cores) and "fp32" (fp32 without it: the dots run as
+# FMA, whose operand tiles live in registers, hence the short BLOCK_Q and 8 warps). Standard GEMM
+# tiles, not tuned on a GPU (none has run them yet); what they cost is compiled and checked ahead of
+# time for sm_80, sm_89 and sm_90 (kernels/_aot.py, bench/results/triton-aot.csv): every launch fits
+# the device's shared memory and registers without spills. Key "interpret" is for TRITON_INTERPRET=1,
+# where small tiles keep the numpy emulation fast.
 CONFIGS = {
-    ("hopper", 2): dict(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, num_warps=8, num_stages=3),
-    ("hopper", 4): dict(BLOCK_M=128, BLOCK_P=64, BLOCK_Q=32, GROUP_M=8, num_warps=4, num_stages=3),
-    ("ampere", 2): dict(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=32, GROUP_M=8, num_warps=4, num_stages=3),
-    ("ampere", 4): dict(BLOCK_M=64, BLOCK_P=64, BLOCK_Q=32, GROUP_M=8, num_warps=4, num_stages=3),
-    ("interpret", 2): dict(BLOCK_M=64, BLOCK_P=32, BLOCK_Q=32, GROUP_M=2, num_warps=1, num_stages=1),
-    ("interpret", 4): dict(BLOCK_M=64, BLOCK_P=32, BLOCK_Q=32, GROUP_M=2, num_warps=1, num_stages=1),
+    ("hopper", "16-bit"): dict(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=64, GROUP_M=8, num_warps=8, num_stages=3),
+    ("hopper", "tf32"): dict(BLOCK_M=128, BLOCK_P=64, BLOCK_Q=32, GROUP_M=8, num_warps=4, num_stages=3),
+    ("hopper", "fp32"): dict(BLOCK_M=64, BLOCK_P=64, BLOCK_Q=16, GROUP_M=8, num_warps=8, num_stages=3),
+    ("ampere", "16-bit"): dict(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=32, GROUP_M=8, num_warps=8, num_stages=3),
+    ("ampere", "tf32"): dict(BLOCK_M=64, BLOCK_P=64, BLOCK_Q=32, GROUP_M=8, num_warps=4, num_stages=3),
+    ("ampere", "fp32"): dict(BLOCK_M=64, BLOCK_P=64, BLOCK_Q=16, GROUP_M=8, num_warps=8, num_stages=3),
+    **{("interpret", c): dict(BLOCK_M=64, BLOCK_P=32, BLOCK_Q=32, GROUP_M=2, num_warps=1, num_stages=1)
+       for c in ("16-bit", "tf32", "fp32")},
 }
 # Forward: compute x A^T inside the GEMM's K loop (True) or precompute it into an M x R buffer
-# (False). Measured on H100 at ViT-B shapes, see bench/README.md.
+# (False). Not yet measured on a GPU: bench/kernels.py's `triton` vs `triton-xa-buffer` rows decide it.
 FUSE_XA = {"hopper": True, "ampere": True, "interpret": True}
-MAX_FUSED_RANK = 64  # above this the fused L accumulator costs too many registers: precompute instead
+# The largest total rank (all segments) whose L = X U is accumulated in the Q loop beside the main
+# accumulator; above it L is precomputed (forward: the x A^T pass; dX: dY B in torch) and read back.
+# Set by register pressure, from kernels/_aot.py's ptxas counts: at R 64 the fused FMA dots of plain
+# fp32 spill on sm_90 and sm_80, at 16 they do not.
+MAX_FUSED_RANK = {("hopper", "fp32"): 16, ("ampere", "fp32"): 16}
+DEFAULT_MAX_FUSED_RANK = 64
+# A launch that reads a precomputed L walks the rank BLOCK_R columns at a time: at most this many, so
+# that its pipelined L and V tiles fit shared memory and the low-rank accumulator beside the main one
+# fits the registers at any rank (rank 128 with BLOCK_R 128 needed 294,912 B of shared memory on
+# sm_90 in tf32, over H100's 232,448 B). The x A^T pass covers the rank in column tiles of at most
+# XA_BLOCK_P.
+BUFFER_BLOCK_R = {"hopper": 32, "ampere": 32, "interpret": 16}
+XA_BLOCK_P = {"hopper": 64, "ampere": 64, "interpret": 32}
+
+
+# While planning (kernels/_aot.py): (architecture, list) -- launches are recorded there, as they would
+# be made on that architecture's GPU, instead of run. None otherwise.
+_plan = None
+
+
+@contextlib.contextmanager
+def planning(arch):
+    """Within it, every launch is appended to the yielded list as (kind, grid, args, kwargs) instead of
+    run, with the choices a GPU of `arch` ("hopper", "ampere") would make; call the launchers on meta
+    tensors. Ahead-of-time compilation (kernels/_aot.py) compiles what a real run would launch."""
+    global _plan
+    _plan = (arch, [])
+    try:
+        yield _plan[1]
+    finally:
+        _plan = None
+
+
+def _on_gpu(device):
+    return _plan is not None or device.type == "cuda"
 
 
 def _arch(device):
+    if _plan is not None:
+        return _plan[0]
     if device.type != "cuda":
         return "interpret"
     major, _ = torch.cuda.get_device_capability(device)
     return "hopper" if major >= 9 else "ampere"
 
 
+def _operand_class(dtype):
+    if dtype != torch.float32:
+        return "16-bit"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"
+
+
 def _config(device, dtype):
-    return CONFIGS[(_arch(device), 4 if dtype == torch.float32 else 2)]
+    return CONFIGS[(_arch(device), _operand_class(dtype))]
+
+
+def _fuses(device, dtype, rank):
+    """Whether L = X U is accumulated inside the launch at this total rank (else precomputed)."""
+    return rank <= MAX_FUSED_RANK.get((_arch(device), _operand_class(dtype)), DEFAULT_MAX_FUSED_RANK)
 
 
 def _precision(dtype, device):
     if dtype != torch.float32:
-        return None if device.type == "cuda" else "ieee"  # interpreted bf16 runs as fp32: exact products
+        return None if _on_gpu(device) else "ieee"  # interpreted bf16 runs as fp32: exact products
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"  # follow torch's own fp32 matmul
 
 
@@ -193,12 +247,13 @@ def _ranges(ranges, device):
     return _ranges_cached(tuple(ranges) if ranges else ((0, 0),), device)
 
 
-def _block_r(rank):
-    return max(16, triton.next_power_of_2(max(rank, 1)))  # tl.dot needs K >= 16
+def _block_r(rank, cap=None):
+    block = max(16, triton.next_power_of_2(max(rank, 1)))  # tl.dot needs K >= 16
+    return block if cap is None else min(block, cap)
 
 
 def _launch(x, w_t, out, *, bias=None, residual=None, u=None, l=None, v=None, rank=0, scale=1.0,
-            pranges=(), qranges=(), fuse=False, store_l=False, config=None):
+            pranges=(), qranges=(), fuse=False, store_l=False, config=None, kind="forward"):
     """C = x @ w_t (+ scale * L @ v on the pranges columns) (+ bias) (+ residual), written into out."""
     m, q = x.shape
     p = w_t.shape[1]
@@ -213,7 +268,7 @@ def _launch(x, w_t, out, *, bias=None, residual=None, u=None, l=None, v=None, ra
     v_ = v if has_lora else dummy
     res = residual if residual is not None else dummy
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(p, cfg["BLOCK_P"]),)
-    _lora_mm_kernel[grid](
+    args = (
         x, w_t, u_, l_, v_, bias.contiguous() if bias is not None else dummy, res, out,
         _ranges(pranges, x.device), _ranges(qranges, x.device),
         m, q, p, rank, len(pranges), len(qranges), float(scale),
@@ -221,11 +276,16 @@ def _launch(x, w_t, out, *, bias=None, residual=None, u=None, l=None, v=None, ra
         u_.stride(0) if fuse else 0, u_.stride(1) if fuse else 0,
         l_.stride(0) if l is not None else 0, l_.stride(1) if l is not None else 0,
         v_.stride(0) if has_lora else 0, v_.stride(1) if has_lora else 0,
-        res.stride(0), res.stride(1), out.stride(0), out.stride(1),
+        res.stride(0), res.stride(1), out.stride(0), out.stride(1))
+    kwargs = dict(
         HAS_LORA=has_lora, FUSE_L=fuse and has_lora, STORE_L=store_l, HAS_BIAS=bias is not None,
-        HAS_RES=residual is not None, BLOCK_R=_block_r(rank), PRECISION=_precision(x.dtype, x.device),
-        DOT_F32=x.dtype == torch.bfloat16 and x.device.type != "cuda",
+        HAS_RES=residual is not None, BLOCK_R=_block_r(rank, None if fuse else BUFFER_BLOCK_R[_arch(x.device)]), PRECISION=_precision(x.dtype, x.device),
+        DOT_F32=x.dtype == torch.bfloat16 and not _on_gpu(x.device),
         num_warps=num_warps, num_stages=num_stages, **cfg)
+    if _plan is not None:
+        _plan[1].append((kind, grid, args, kwargs))
+    else:
+        _lora_mm_kernel[grid](*args, **kwargs)
     return out
 
 
@@ -253,23 +313,23 @@ def lora_forward(x, weight, bias, a_list, b_list, starts, scale, residual=None):
     n_out = weight.shape[0]
     y = _empty((m, n_out), x.dtype, x.device)
     if not a_list:
-        return _launch(x, weight.t(), y, bias=bias, residual=residual)
+        return _launch(x, weight.t(), y, bias=bias, residual=residual, kind="base")
     a_cat, b_cat = stack_segments(a_list, b_list, starts, n_out)
     rank = a_cat.shape[0]
     arch = _arch(x.device)
-    fuse = FUSE_XA[arch] and rank <= MAX_FUSED_RANK
+    fuse = FUSE_XA[arch] and _fuses(x.device, x.dtype, rank)
     l = None
     if not fuse:
-        l = _launch(x, a_cat.t(), _empty((m, rank), x.dtype, x.device), config=_small_config(x, rank))
+        l = _launch(x, a_cat.t(), _empty((m, rank), x.dtype, x.device), config=_small_config(x, rank), kind="xa")
     return _launch(x, weight.t(), y, bias=bias, residual=residual, u=a_cat.t(), l=l, v=b_cat.t(),
                    rank=rank, scale=scale, pranges=_col_ranges(b_list, starts),
-                   qranges=((0, x.shape[1]),), fuse=fuse)
+                   qranges=((0, x.shape[1]),), fuse=fuse, kind="forward" if fuse else "forward-buffer")
 
 
 def _small_config(x, rank):
     """Config for an M x R product (R <= a few dozen): one narrow column tile."""
     cfg = dict(_config(x.device, x.dtype))
-    cfg["BLOCK_P"] = _block_r(rank)
+    cfg["BLOCK_P"] = _block_r(rank, XA_BLOCK_P[_arch(x.device)])
     return cfg
 
 
@@ -282,11 +342,12 @@ def lora_input_grad(dy, weight, a_list, b_list, starts, scale):
     a_cat, b_cat = stack_segments(a_list, b_list, starts, n_out)
     rank = a_cat.shape[0]
     dx = _empty((m, k), dy.dtype, dy.device)
-    if rank <= MAX_FUSED_RANK:
+    if _fuses(dy.device, dy.dtype, rank):
         ds = _empty((m, rank), torch.float32, dy.device)
         _launch(dy, weight, dx, u=b_cat, l=ds, v=a_cat, rank=rank, scale=scale, pranges=((0, k),),
-                qranges=_col_ranges(b_list, starts), fuse=True, store_l=True)
+                qranges=_col_ranges(b_list, starts), fuse=True, store_l=True, kind="dx")
     else:
         ds = torch.cat([dy[:, s:s + b.shape[0]].float() @ b.float() for s, b in zip(starts, b_list)], dim=1)
-        _launch(dy, weight, dx, l=ds.to(dy.dtype), v=a_cat, rank=rank, scale=scale, pranges=((0, k),))
+        _launch(dy, weight, dx, l=ds.to(dy.dtype), v=a_cat, rank=rank, scale=scale, pranges=((0, k),),
+                kind="dx-buffer")
     return dx, ds

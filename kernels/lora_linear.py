@@ -45,6 +45,10 @@ BACKEND_TABLE = {
 }
 BACKENDS = ("auto", *BACKEND_TABLE)
 _backend = "auto"
+# The largest rank of one segment: what the Triton kernels are compiled and checked for, for sm_80
+# and sm_90 (kernels/_aot.py, tests/kernels/test_triton_aot.py). adapters refuse a larger lora_rank
+# when the run is configured; lora_linear refuses it before any work.
+MAX_RANK = 256
 
 
 def set_backend(name):
@@ -98,6 +102,9 @@ def _segments(weight, lora_a, lora_b, starts, gates):
         if a.dim() != 2 or a.shape[1] != k or b.dim() != 2 or b.shape[1] != r:
             raise ValueError(f"lora_linear: segment {i} expects A (R, {k}) and B (n, R), got A {tuple(a.shape)} "
                              f"and B {tuple(b.shape)}")
+        if r > MAX_RANK:
+            raise ValueError(f"lora_linear: segment {i} has rank {r}, above {MAX_RANK}, the largest rank the "
+                             f"kernels are compiled and checked for (kernels/_aot.py)")
         start = int(start)
         if start < 0 or start + b.shape[0] > n_out:
             raise ValueError(f"lora_linear: segment {i} writes columns [{start}, {start + b.shape[0]}) "
