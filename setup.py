@@ -23,7 +23,7 @@ setup(
     python_requires=">=3.10",
     packages=[*TOP_LEVEL, *(f"{WHEEL_HOME}.{p}" for p in OWN)],
     package_dir={f"{WHEEL_HOME}.{p}": p.replace(".", "/") for p in OWN},
-    package_data={"engine": ["assets/*.safetensors", "assets/*.json"]},
+    package_data={"engine": ["assets/*.safetensors", "assets/*.json", "assets/*.txt"]},
     install_requires=[
         "torch>=2.4,<2.16",
         "torchvision>=0.19,<0.31",
@@ -43,7 +43,8 @@ setup(
     extras_require={
         # pytest-timeout: a test that hangs fails with every thread's stack instead of stalling CI
         "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "pytest-timeout>=2.3,<3", "peft>=0.13,<1",
-                 "submitit>=1.5,<2"],
+                 "submitit>=1.5,<2", "open_clip_torch>=3.0,<4"],
         "cluster": ["submitit>=1.5,<2"],  # python -m engine.sweep --launcher submitit (SLURM)
+        "clip": ["open_clip_torch>=3.0,<4"],  # CLIP's text tower: eval.zeroshot, model.head_init=zeroshot
     },
 )

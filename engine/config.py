@@ -39,6 +39,8 @@ from .models import WEIGHTS_ENTRIES
 from .optim import LR_SCALES, OPTIMIZERS, SCHEDULES, resolved_lr
 from .precision import PRECISIONS
 from .shift import check_specs as check_shift_specs
+from .zeroshot import HEAD_INITS
+from .zeroshot import check_config as check_zeroshot
 
 
 @dataclass
@@ -50,6 +52,8 @@ class ModelConfig:
     num_classes: int | None = None    # None = number of target classes
     depth: int | None = None          # blocks of the backbone; None = the architecture's (a merged block
     #                                   expansion's backbone is deeper: engine.sequence --adapters merge)
+    head_init: str = "new"            # new | zeroshot (CLIP: the head starts from the target's class-name text
+    #                                   embeddings, engine.zeroshot)
 
 
 @dataclass
@@ -128,6 +132,9 @@ class EvalConfig:
     # Accuracy under distribution shift (engine.shift): shifted test sets of the target's classes.
     shift: list[str] | None = field(default_factory=lambda: ["auto"])  # corrupt:NAME@S, imagefolder:DIR; auto =
     #                                   the target's own (digits: corrupt:all@3, others none); none = off
+    # CLIP's zero-shot accuracy before and after fine-tuning (engine.zeroshot): data sets by registry name.
+    zeroshot: list[str] | None = None   # e.g. cifar10,imagefolder:DIR; None = not measured
+    zeroshot_templates: str | None = None  # prompt templates file, one a line with {}; None = CLIP's 80 ImageNet ones
 
 
 @dataclass
@@ -219,6 +226,7 @@ _CHOICES = {
     "train.zero_stage": ZERO_STAGES,
     "train.kernels": kernels.BACKENDS,
     "model.weights_entry": WEIGHTS_ENTRIES,
+    "model.head_init": HEAD_INITS,
 }
 
 # Ranges of the numeric keys (the adapter section checks its own: AdapterConfig.check). Every float
@@ -454,6 +462,7 @@ def validate(cfg: RunConfig) -> None:
     check_spec(cfg.data.target, "target")
     check_spec(cfg.data.source, "source")
     check_shift_specs(cfg.eval.shift)
+    check_zeroshot(cfg)
     if cfg.dry_run and cfg.resume:
         raise UserError("--dry-run builds a model and exits; it does not take --resume")
     if cfg.json and not cfg.dry_run:

@@ -4,6 +4,9 @@ backbone with a strategy applied, and a run's fine-tuned model restored from its
 Wherever a model is built or restored, the run's kernels backend (`train.kernels`, a runtime
 choice that adapter files do not record) is applied to its LoRA modules here.
 
+A CLIP checkpoint (OpenAI's TorchScript release, open_clip's files: image and text tower in one
+file) loads its image tower, converted to timm's names by `engine.clip_weights`.
+
 The feature the engine measures forgetting with is timm's pre-logits output: the CLS token after
 the final norm (`forward_head(forward_features(x), pre_logits=True)`).
 """
@@ -18,6 +21,7 @@ from torch import nn
 
 import adapters
 
+from . import clip_weights
 from .adapter_files import load_adapter
 from .errors import UserError
 
@@ -78,6 +82,11 @@ def read_state_dict(path: str | Path, entry: str = "teacher") -> tuple[dict[str,
             return load_file(str(path)), None
         except Exception as e:  # truncated, or not safetensors at all
             raise UserError(f"cannot read weights file {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+    if clip_weights.is_torchscript(path):  # OpenAI's CLIP release
+        try:
+            return clip_weights.read_torchscript(path), None
+        except Exception as e:
+            raise UserError(f"cannot read the TorchScript archive {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
     try:
         import argparse
         with warnings.catch_warnings():  # the unpickler's protocol notes are not the user's business
@@ -102,6 +111,12 @@ def read_state_dict(path: str | Path, entry: str = "teacher") -> tuple[dict[str,
     return state, chosen
 
 
+def read_weights(path: str | Path, entry: str = "teacher") -> tuple[dict[str, torch.Tensor], str | None]:
+    """`read_state_dict` with the wrappers' key prefixes (`module.`, `backbone.`, `_orig_mod.`) stripped."""
+    raw, chosen = read_state_dict(path, entry)
+    return {_strip_prefix(k): v for k, v in raw.items()}, chosen
+
+
 def load_weights(model: nn.Module, path: str | Path, entry: str = "teacher") -> str | None:
     """Load a local checkpoint into a headless backbone; a clear error when it does not fit.
 
@@ -109,9 +124,11 @@ def load_weights(model: nn.Module, path: str | Path, entry: str = "teacher") -> 
     or DINO's projection head): the strategy adds a new head. Returns a note saying which network of a
     training checkpoint was loaded and which keys were dropped (None when nothing was).
     """
-    raw, chosen = read_state_dict(path, entry)
-    state = {_strip_prefix(k): v for k, v in raw.items()}
-    dropped = sorted(k for k in state if k.startswith("head."))
+    state, chosen = read_weights(path, entry)
+    clip = clip_weights.is_clip_state(state)
+    if clip:  # image and text tower in OpenAI's layout: the image tower in timm's names, its projection as head.*
+        state = clip_weights.image_tower(state, model)
+    dropped = [] if clip else sorted(k for k in state if k.startswith("head."))
     state = {k: v for k, v in state.items() if not k.startswith("head.")}
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -129,11 +146,19 @@ def load_weights(model: nn.Module, path: str | Path, entry: str = "teacher") -> 
     if problems:
         raise UserError(f"weights file {Path(path).name} does not fit {name}: {'; '.join(problems)}")
     model.load_state_dict(state)
-    return _weights_note(Path(path).name, chosen, dropped)
+    openai = clip and clip_weights.is_torchscript(Path(path)) and not clip_weights.uses_quick_gelu(name)
+    return _weights_note(Path(path).name, chosen, dropped, clip, openai and name)
 
 
-def _weights_note(file: str, chosen: str | None, dropped: list[str]) -> str | None:
+def _weights_note(file: str, chosen: str | None, dropped: list[str], clip: bool = False,
+                  gelu_for_openai: str | None = None) -> str | None:
     parts = [f"the {chosen} network of a training checkpoint"] if chosen else []
+    if clip:
+        parts.append("the image tower of a CLIP checkpoint (its projection visual.proj is kept for zero-shot; "
+                     "the strategy adds a new head)")
+    if gelu_for_openai:
+        parts.append(f"{gelu_for_openai} uses GELU, but OpenAI's CLIP was trained with QuickGELU: timm's "
+                     f"{gelu_for_openai.replace('_clip_', '_clip_quickgelu_')} computes the released model")
     if dropped:
         shown = ", ".join(dropped[:3]) + (", ..." if len(dropped) > 3 else "")
         parts.append(f"dropped {len(dropped)} head keys ({shown}): the strategy adds a new head")

@@ -39,7 +39,7 @@ import torch
 import adapters
 import kernels
 
-from . import data, feature_cache, progress, resume, run_folder, shift
+from . import data, feature_cache, progress, resume, run_folder, shift, zeroshot
 from .adapter_files import save_adapter
 from .checkpoint import FullCheckpoints, identity
 from .config import RunConfig, parse_args, resolved_for_target, save_yaml
@@ -473,6 +473,7 @@ def run(cfg: RunConfig) -> dict:
         backbone = build_backbone(cfg.model).to(rt.device)
         pre = data.Preprocess.from_model(backbone, crop_scale_min=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
         loaders = make_loaders(run_data, pre, rt)
+        zs_score, zs_head = zeroshot.for_run(cfg, pre, rt, run_data.target.classes, run_data.num_classes)  # CLIP
         loader = data.resolve_loader(cfg.data.loader)
         rt.say(f"target {run_data.target.name}: {len(run_data.train)} train, {len(run_data.val)} val, "
                f"{len(run_data.target.test)} test images; source {run_data.source.name}; loader {loader}")
@@ -500,11 +501,13 @@ def run(cfg: RunConfig) -> dict:
             knn_before = checkpoints.facts["knn_before"] = point.knn_before
         rt.say(f"source {cfg.eval.knn_report_k}-NN accuracy of the untouched backbone: "
                f"{knn_before[cfg.eval.knn_report_k]:.2f}%")
+        zs_before = zs_score(backbone) if zs_score else None  # CLIP's zero-shot accuracy, untouched
 
         phase.now = "while setting up training"
         base = {"model": cfg.model.name, "weights": cfg.model.weights, "num_classes": run_data.num_classes,
                 "timm": timm_spec(backbone)}
         model = apply_strategy(strategy, backbone, run_data.num_classes, cfg.train.kernels)
+        zeroshot.start_head(model, zs_head, run_dir, rt.main)  # model.head_init=zeroshot
         trainable, total = parameter_counts(model)
         steps = cfg.train.steps
         train_gflops = gflops_per_image(model, pre.input_size, train=True,
@@ -522,6 +525,7 @@ def run(cfg: RunConfig) -> dict:
         model, strategy = restore_best(cfg, run_dir, rt)
         rt.say(f"best checkpoint (step {result.best_step}) restored: measuring it")
         target_top1, knn_after, cost = measure(model, strategy, loaders, cfg, source_classes, pre, rt)
+        cost.update(zeroshot.summary(zs_before, zs_score and zs_score(model)))
         phase.now = "while writing the report"
         k = cfg.eval.knn_report_k
         results = build_results({

@@ -1,0 +1,195 @@
+"""CLIP backbones and zero-shot retention (engine.clip_weights, engine.zeroshot), offline: a small CLIP
+with random weights built by open_clip, written in OpenAI's layouts (a state dict, a TorchScript
+archive) and open_clip's (a training checkpoint), loaded into a timm CLIP image tower of the same
+geometry (registered here, so engine.run builds it by name)."""
+import json
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models import register_model
+
+import adapters
+from engine import data, zeroshot
+from engine.config import ModelConfig, build_config
+from engine.embedded import create_embedded_vit
+from engine.errors import UserError
+from engine.evaluate import top1_accuracy
+from engine.models import build_backbone, features
+from engine.run import Runtime
+from engine.run import main as run_main
+
+open_clip = pytest.importorskip("open_clip")
+
+WIDTH, LAYERS, HEADS, EMBED, SIDE = 128, 2, 2, 32, 32  # open_clip's vision heads: width // 64
+MODEL = "vit_tiny_clip_test"
+QUICK = ["--steps", "2", "--eval-every", "2", "--batch-size", "16", "data.knn_train_limit=60",
+         "data.knn_test_limit=30", "data.workers=0", "eval.knn_curve_limit=0", "eval.throughput_iters=0",
+         "eval.shift=none", "data.loader=torch"]
+
+
+@register_model
+def vit_tiny_clip_test(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, **kwargs):
+    """timm's CLIP ViT-B/16 image tower (pre-norm, LayerNorm eps 1e-5, CLIP's mean/std) at the tiny CLIP's geometry."""
+    geometry = dict(embed_dim=WIDTH, depth=LAYERS, num_heads=HEADS, img_size=SIDE)
+    return timm.create_model("vit_base_patch16_clip_224.openai", pretrained=False,
+                             pretrained_cfg_overlay=dict(input_size=(3, SIDE, SIDE)), **{**geometry, **kwargs})
+
+
+def _tiny_clip(seed=0):
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg
+    torch.manual_seed(seed)
+    model = CLIP(EMBED, CLIPVisionCfg(layers=LAYERS, width=WIDTH, patch_size=16, image_size=SIDE),
+                 CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=1, layers=2), quick_gelu=False)
+    with torch.no_grad():  # open_clip zero-inits nothing that matters here; make the projections non-trivial
+        model.visual.proj.normal_(std=WIDTH ** -0.5)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def clip_files(tmp_path_factory):
+    """The tiny CLIP and its files: OpenAI's state dict, OpenAI's TorchScript archive, open_clip's
+    training checkpoint, and an image tower alone (no text tower)."""
+    folder = tmp_path_factory.mktemp("clip")
+    model = _tiny_clip()
+    state = model.state_dict()
+    files = {"openai": folder / "openai.pt", "torchscript": folder / "ViT-tiny.pt",
+             "open_clip": folder / "epoch_1.pt", "image_only": folder / "visual.pt"}
+    torch.save(state, files["openai"])
+    with warnings.catch_warnings():  # the tracer's notes on nn.MultiheadAttention's shape checks
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace_module(model, {"encode_image": (torch.ones(1, 3, SIDE, SIDE),)}, check_trace=False)
+    traced.save(str(files["torchscript"]))
+    torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in state.items()}}, files["open_clip"])
+    torch.save({k: v for k, v in state.items() if k.startswith("visual.")}, files["image_only"])
+    return model, files
+
+
+def _cfg(weights, *overrides):
+    return build_config(overrides=[f"model.name={MODEL}", f"model.weights={weights}", *overrides])
+
+
+@pytest.mark.parametrize("layout", ["openai", "torchscript", "open_clip"])
+def test_loading_gives_timm_and_open_clip_the_same_image_embeddings(clip_files, layout):
+    clip, files = clip_files
+    backbone = build_backbone(ModelConfig(name=MODEL, weights=str(files[layout]))).eval()
+    tower = zeroshot.TextTower.from_file(_cfg(files[layout]))
+    images = torch.randn(6, 3, SIDE, SIDE)
+    with torch.no_grad():
+        ours = features(backbone, images) @ tower.projection    # timm's pre-logits @ the untouched visual.proj
+        theirs = clip.encode_image(images)
+    assert torch.allclose(ours, theirs, atol=1e-5), (ours - theirs).abs().max()
+    assert torch.equal(tower.projection, clip.visual.proj.detach())
+
+
+def test_zeroshot_scoring_equals_open_clips_cosine_argmax(clip_files, tmp_path):
+    clip, files = clip_files
+    templates = tmp_path / "templates.txt"
+    templates.write_text("# mine\na photo of a {}.\n{} in the wild\n\na drawing of the {}, small\n")
+    classes = ["cat", "dog", "tiger_shark", "aeroplane", "ship", "frog"]
+    tower = zeroshot.TextTower.from_file(_cfg(files["openai"], f"eval.zeroshot_templates={templates}"))
+    class_emb = tower.class_embeddings(classes, zeroshot.read_templates(templates))
+    images = torch.randn(64, 3, SIDE, SIDE)
+    backbone = build_backbone(ModelConfig(name=MODEL, weights=str(files["openai"]))).eval()
+    with torch.no_grad():  # open_clip's own recipe: unit prompt embeddings averaged per class, normalised
+        prompts = [[t.replace("{}", c.replace("_", " ")) for t in ("a photo of a {}.", "{} in the wild",
+                                                                    "a drawing of the {}, small")] for c in classes]
+        text = torch.stack([F.normalize(F.normalize(clip.encode_text(open_clip.tokenize(p)), dim=-1).mean(0), dim=0)
+                            for p in prompts])
+        reference = (F.normalize(clip.encode_image(images), dim=-1) @ text.T).argmax(1)
+        feats = features(backbone, images)
+    assert torch.allclose(class_emb, text, atol=1e-5)
+    ours = (zeroshot.image_embeddings(feats, tower.projection) @ class_emb.T).argmax(1)
+    assert torch.equal(ours, reference)
+    assert len(set(reference.tolist())) > 1  # not a degenerate single-class answer
+    assert zeroshot.zeroshot_top1(feats, reference, tower.projection, class_emb) == 100.0
+
+
+def test_head_init_zeroshot_gives_the_zero_shot_accuracy_at_step_0(clip_files, tmp_path):
+    _, files = clip_files
+    cfg = _cfg(files["torchscript"], "eval.zeroshot=digits", "model.head_init=zeroshot", "data.workers=0",
+               "data.loader=torch", "strategy=lora")
+    rt = Runtime(0, 1, torch.device("cpu"))
+    backbone = build_backbone(cfg.model).eval()
+    pre = data.Preprocess.from_model(backbone)
+    target = data.load_domain("digits")
+    score, head = zeroshot.for_run(cfg, pre, rt, target.classes, 10)
+    before = score(backbone)
+    model = adapters.get_strategy("lora", cfg.adapter).apply(backbone, 10)
+    zeroshot.start_head(model, head, tmp_path)
+    test = data.make_loader(target.test, pre, train=False, batch_size=128, loader="torch")
+    step0 = top1_accuracy(model, test, torch.device("cpu"), progress=False)
+    assert step0 == before["digits"] == before["mean"]
+    images = torch.randn(64, 3, SIDE, SIDE)  # and image by image, where a random CLIP's answers vary
+    with torch.no_grad():
+        head_says = model(images).argmax(1)
+        feats = features(backbone, images)
+    tower = zeroshot.TextTower.from_file(cfg)
+    class_emb = tower.class_embeddings(target.classes, zeroshot.read_templates())
+    zero_shot_says = (zeroshot.image_embeddings(feats, tower.projection) @ class_emb.T).argmax(1)
+    assert torch.equal(head_says, zero_shot_says) and len(set(head_says.tolist())) > 1
+    assert torch.equal(zeroshot.initial_head(cfg, tmp_path)["head.weight"], model.head.weight.detach())
+
+
+def test_a_run_records_zero_shot_before_and_after(clip_files, tmp_path):
+    _, files = clip_files
+    common = [*QUICK, "--model", MODEL, "--weights", str(files["open_clip"]), "--out", str(tmp_path),
+              "eval.zeroshot=digits,digits-inverted"]
+    assert run_main(["--strategy", "linear", "--name", "linear", *common, "model.head_init=zeroshot"]) == 0
+    linear = json.loads((tmp_path / "linear" / "results.json").read_text())
+    assert set(linear["zeroshot_before"]) == {"digits", "digits-inverted", "mean"}
+    assert linear["zeroshot_after"] == linear["zeroshot_before"]  # the backbone did not move
+    assert linear["zeroshot_forgetting"] == 0
+    assert (tmp_path / "linear" / zeroshot.HEAD_FILE).is_file()
+    assert run_main(["--strategy", "full", "--name", "full", *common, "--lr", "0.5"]) == 0
+    full = json.loads((tmp_path / "full" / "results.json").read_text())
+    assert full["zeroshot_before"] == linear["zeroshot_before"]  # the same untouched image tower
+    assert full["zeroshot_after"] != full["zeroshot_before"]
+    mean = full["zeroshot_before"]["mean"] - full["zeroshot_after"]["mean"]
+    assert full["zeroshot_forgetting"] == pytest.approx(mean, abs=1e-3)
+
+
+def test_zero_shot_on_a_backbone_that_is_not_clip_is_refused_in_one_line(capsys):
+    assert run_main([*QUICK, "eval.zeroshot=digits"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "needs a CLIP backbone" in err and "--model embedded is not one" in err and len(err.splitlines()) == 1
+    with pytest.raises(UserError, match="model.head_init=zeroshot needs CLIP's text tower: give --weights"):
+        build_config(overrides=[f"model.name={MODEL}", "model.head_init=zeroshot"])
+
+
+def test_a_weights_file_without_a_text_tower_is_refused_before_the_run_folder(clip_files, tmp_path, capsys):
+    _, files = clip_files
+    assert run_main([*QUICK, "--model", MODEL, "--weights", str(files["image_only"]), "--out", str(tmp_path),
+                     "eval.zeroshot=digits"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "visual.pt holds no text tower" in err and len(err.splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # nothing claimed
+
+
+def test_a_weights_file_that_is_not_clip_is_refused_for_zero_shot(tmp_path):
+    path = tmp_path / "embedded.pt"
+    torch.save(create_embedded_vit(pretrained=False, num_classes=0).state_dict(), path)
+    with pytest.raises(UserError, match="embedded.pt is not a CLIP checkpoint"):
+        zeroshot.TextTower.from_file(_cfg(path))
+
+
+@pytest.mark.parametrize("text, says", [("a photo of a cat\n", "without {}"), ("# nothing\n", "holds no template")])
+def test_a_bad_templates_file_is_refused_by_the_config(tmp_path, text, says):
+    path = tmp_path / "t.txt"
+    path.write_text(text)
+    with pytest.raises(UserError, match=says):
+        build_config(overrides=[f"eval.zeroshot_templates={path}"])
+    with pytest.raises(UserError, match="does not exist"):
+        build_config(overrides=[f"eval.zeroshot_templates={tmp_path / 'missing.txt'}"])
+
+
+def test_the_default_templates_are_clips_80():
+    templates = zeroshot.read_templates()
+    assert len(templates) == 80 and templates[0] == "a bad photo of a {}." and templates[-1] == "a tattoo of the {}."
+
+
+def test_an_unknown_zero_shot_data_set_is_refused_by_the_config():
+    with pytest.raises(UserError, match="unknown data set 'imagenet'"):
+        build_config(overrides=["eval.zeroshot=imagenet"])
