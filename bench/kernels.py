@@ -3,6 +3,7 @@
     python -m bench.kernels            # all ViT-B layers, R = 8, fp32 + bf16 (a few minutes on 2 cores)
     python -m bench.kernels --quick    # qkv + proj, full mode only, fewer rounds (about a minute; prints only)
     python -m bench.kernels --threads 1 --clock cpu   # process CPU time: steady on a busy machine
+    python -m bench.kernels --rank 128 --shapes qkv proj  # the Selective LoRA paper's rank (up to kernels.MAX_RANK)
     python -m bench.kernels --help
 
 Providers (bench/lora_problems.py): `reference`, `peft-style` (a module computing as HF peft does,
@@ -32,6 +33,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from kernels import MAX_RANK
 
 from .device import device_name
 from . import peers
@@ -250,7 +253,8 @@ def main(argv=None):
     parser.add_argument("--modes", nargs="+", choices=MODES, help="default: all (quick: full)")
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--batch", type=int, help="images per batch, M = batch x 197 (default: 8 on CPU, 64 on CUDA)")
-    parser.add_argument("--rank", type=int, default=8, help="LoRA rank R (default 8)")
+    parser.add_argument("--rank", type=int, default=8, help=f"LoRA rank R, 1..{MAX_RANK} (default 8; 128 is the "
+                                                           "Selective LoRA paper's)")
     parser.add_argument("--rounds", type=int, help="timed rounds per case (default 10, quick 4)")
     parser.add_argument("--ratio-rounds", type=int, help="interleaved rounds for the ratio section (default 15, quick 7)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
@@ -259,6 +263,9 @@ def main(argv=None):
                              "machine (use with --threads 1; CPU only)")
     add_output_options(parser, quick=True)
     args = parse_args(parser, argv)
+    if not 1 <= args.rank <= MAX_RANK:
+        parser.error(f"--rank must be in 1..{MAX_RANK} (kernels.MAX_RANK, the largest rank the engine takes), "
+                     f"got {args.rank}")
     if args.threads:
         torch.set_num_threads(args.threads)
 

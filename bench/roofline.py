@@ -1,5 +1,6 @@
-"""How fast the LoRA linear could run: this machine's measured peaks, the roofline bound of a piece
-of work, and the per-kernel prediction for a GPU (fused op vs eager base + LoRA), see bench/README.md.
+"""How fast the LoRA linear could run: this machine's measured peaks, GPUs' datasheet peaks, the
+roofline bound of a piece of work, and the per-kernel prediction for a GPU (fused op vs eager base +
+LoRA), see bench/README.md.
 """
 from __future__ import annotations
 
@@ -10,10 +11,22 @@ import torch
 
 from .timing import best_time
 
-# The per-launch floor of the GPU prediction. (The README's H100 prediction used this project's
-# H100 figures: an 8192^3 bf16 matmul at ~798 TFLOP/s, a device-to-device copy at ~3.0 TB/s; a run
-# on a GPU predicts from the peaks it measures itself.)
+# The per-launch floor of the GPU prediction: an assumed 3 us (a typical CUDA kernel launch; not
+# measured here, no GPU has been lent to this project). A run on a GPU predicts from the peaks it
+# measures itself (measure_peaks); without one, from the datasheet peaks below.
 LAUNCH_US = 3.0
+
+# Datasheet peaks (dense, no structured sparsity): GFLOP/s per operand class and memory GB/s.
+# NVIDIA H100 Tensor Core GPU datasheet, H100 SXM column; NVIDIA A100 Tensor Core GPU datasheet,
+# A100 80GB SXM column; NVIDIA L40S datasheet. Vendor figures at boost clock, not measured here.
+DATASHEET_PEAKS = {
+    "sm_90": dict(device="H100 SXM", source="NVIDIA H100 datasheet (SXM, dense)",
+                  gflops={"fp32": 67_000, "tf32": 494_500, "bf16": 989_500, "fp16": 989_500}, gbps=3_350),
+    "sm_80": dict(device="A100 80GB SXM", source="NVIDIA A100 datasheet (80GB SXM, dense)",
+                  gflops={"fp32": 19_500, "tf32": 156_000, "bf16": 312_000, "fp16": 312_000}, gbps=2_039),
+    "sm_89": dict(device="L40S", source="NVIDIA L40S datasheet (dense)",
+                  gflops={"fp32": 91_600, "tf32": 183_000, "bf16": 362_050, "fp16": 362_050}, gbps=864),
+}
 
 
 def measure_peaks(device: str, dtype: torch.dtype, reps: int,
