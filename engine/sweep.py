@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -248,7 +249,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="the six strategies' defaults at the preset's one quick LR")
     p.add_argument("--rows", help="comma list of row keys to keep (see --dry-run)")
     p.add_argument("--lrs", help="comma list of learning rates for every row (default: the preset's)")
-    p.add_argument("--seeds", default="0", help="comma list of seeds (default: 0)")
+    p.add_argument("--seeds", default="1", help=f"{SEEDS_FORMS} (default: 1, seed 0 alone)")
     p.add_argument("--out", help="the sweep folder (default: runs/sweep-<preset>; runs already there are kept)")
     p.add_argument("--launcher", choices=LAUNCHERS, default="local")
     p.add_argument("--parallel", type=int, default=1, help="local: runs at once (one GPU each where there are GPUs)")
@@ -269,6 +270,42 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
     if not values or any(not v > 0 for v in values):
         raise UserError(f"{what} must list positive numbers, got {text!r}")
     return values
+
+
+_COUNT = re.compile(r"\d+")
+_SEED_RANGE = re.compile(r"(\d+)-(\d+)")
+SEEDS_FORMS = "a count N (3 = seeds 0,1,2) or a comma list of seeds and ranges A-B (0,1,2 or 0-2; 5-5: seed 5 alone)"
+
+
+def parse_seeds(text: str) -> list[int]:
+    """`--seeds`: `3` the first three seeds (0, 1, 2); `0-2` every seed from 0 to 2; `0,1,2` or `0-2,7`
+    those seeds (a form with a comma is always a list, so `5,` is seed 5). Each seed once, in the order
+    given; UserError naming the item for any other form."""
+    text = text.strip()
+    if _COUNT.fullmatch(text):
+        if int(text) == 0:
+            raise UserError(f"--seeds 0 runs no seed (a bare number is a count: 1 = seed 0 alone); give {SEEDS_FORMS}")
+        return list(range(int(text)))
+    seeds: list[int] = []
+    for item in (i.strip() for i in text.split(",")):
+        if not item and "," in text:
+            continue
+        if _COUNT.fullmatch(item):
+            new = [int(item)]
+        elif _SEED_RANGE.fullmatch(item):
+            start, stop = map(int, _SEED_RANGE.fullmatch(item).groups())
+            if start > stop:
+                raise UserError(f"--seeds: range {item!r} runs backwards; write it as {stop}-{start}")
+            new = list(range(start, stop + 1))
+        else:
+            raise UserError(f"--seeds: {item!r} is not a seed or a range; give {SEEDS_FORMS}")
+        repeated = sorted(set(new) & set(seeds))
+        if repeated:
+            raise UserError(f"--seeds {text}: seed {repeated[0]} is given twice")
+        seeds += new
+    if not seeds:
+        raise UserError(f"--seeds {text!r} names no seed; give {SEEDS_FORMS}")
+    return seeds
 
 
 def _check_extra(extra: list[str]) -> None:
@@ -305,10 +342,7 @@ def plan(argv: list[str] | None):
         rows = tuple(r for r in rows if r.key in keep)
     if lrs is None and preset is None:
         raise UserError("--strategies needs --lrs")
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise UserError(f"--seeds must be a comma list of integers, got {args.seeds!r}") from None
+    seeds = parse_seeds(args.seeds)
     grid = build_grid(rows, seeds, preset.base_args if preset else (), extra, lrs, preset.lrs if preset else ())
     configs = {p.name: parse_run_args(p.args, "the runs' arguments") for p in grid}
     if preset is not None and preset.needs_source and next(iter(configs.values())).data.source == "embedded":

@@ -46,6 +46,14 @@ def test_quick_is_the_six_strategies_at_one_learning_rate(capsys):
     assert all("--lr 0.05 " in line for line in lines[:-1])
 
 
+@pytest.mark.parametrize("seeds, expected", [
+    ("3", [0, 1, 2]), ("0-2", [0, 1, 2]), ("0,1,2", [0, 1, 2]), ("1", [0]), ("5-5", [5]), ("5,", [5]),
+    ("4,0-1", [4, 0, 1])])
+def test_seeds_take_a_count_a_range_or_a_list(capsys, seeds, expected):
+    lines = dry_run(capsys, "--preset", "embedded", "--quick", "--rows", "full", "--seeds", seeds)
+    assert [line.split()[1].rstrip(":") for line in lines[:-1]] == [f"full-lr0.05-s{s}" for s in expected]
+
+
 def test_the_paper_preset_runs_the_papers_recipe_on_imagenet(capsys):
     lines = dry_run(capsys, "--preset", "paper", "--weights", "dino_vitbase16_pretrain.pth",
                     "data.source=imagefolder:/data/imagenet")
@@ -61,6 +69,12 @@ def test_the_paper_preset_runs_the_papers_recipe_on_imagenet(capsys):
     (["--preset", "embedded", "--steps", "x"], "argument --steps: invalid int value: 'x'"),
     (["--preset", "embedded", "train.nope=1"], "unknown config key 'train.nope'"),
     (["--preset", "embedded", "--rows", "lora-r99"], "unknown row 'lora-r99'"),
+    (["--preset", "embedded", "--seeds", "0"], "--seeds 0 runs no seed"),
+    (["--preset", "embedded", "--seeds", "2-0"], "range '2-0' runs backwards"),
+    (["--preset", "embedded", "--seeds", "0-2,x"], "'x' is not a seed or a range"),
+    (["--preset", "embedded", "--seeds", "1.5"], "'1.5' is not a seed or a range"),
+    (["--preset", "embedded", "--seeds", "0-"], "'0-' is not a seed or a range"),
+    (["--preset", "embedded", "--seeds", "0-2,2"], "seed 2 is given twice"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, args, message):
     assert main([*args, "--dry-run"]) == 2
