@@ -17,6 +17,7 @@ from engine.config import ModelConfig, build_config
 from engine.embedded import create_embedded_vit
 from engine.errors import UserError
 from engine.evaluate import top1_accuracy
+from engine.interpolate import interpolation_curve
 from engine.models import build_backbone, features
 from engine.run import Runtime
 from engine.run import main as run_main
@@ -109,8 +110,10 @@ def test_zeroshot_scoring_equals_open_clips_cosine_argmax(clip_files, tmp_path):
 
 def test_head_init_zeroshot_gives_the_zero_shot_accuracy_at_step_0(clip_files, tmp_path):
     _, files = clip_files
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a photo of the number {}.\na blurry {}\n")
     cfg = _cfg(files["torchscript"], "eval.zeroshot=digits", "model.head_init=zeroshot", "data.workers=0",
-               "data.loader=torch", "strategy=lora")
+               "data.loader=torch", "strategy=lora", f"eval.zeroshot_templates={templates}")
     rt = Runtime(0, 1, torch.device("cpu"))
     backbone = build_backbone(cfg.model).eval()
     pre = data.Preprocess.from_model(backbone)
@@ -118,7 +121,7 @@ def test_head_init_zeroshot_gives_the_zero_shot_accuracy_at_step_0(clip_files, t
     score, head = zeroshot.for_run(cfg, pre, rt, target.classes, 10)
     before = score(backbone)
     model = adapters.get_strategy("lora", cfg.adapter).apply(backbone, 10)
-    zeroshot.start_head(model, head, tmp_path)
+    zeroshot.start_head(model, head, tmp_path)  # RUN/zeroshot_head.safetensors
     test = data.make_loader(target.test, pre, train=False, batch_size=128, loader="torch")
     step0 = top1_accuracy(model, test, torch.device("cpu"), progress=False)
     assert step0 == before["digits"] == before["mean"]
@@ -127,28 +130,52 @@ def test_head_init_zeroshot_gives_the_zero_shot_accuracy_at_step_0(clip_files, t
         head_says = model(images).argmax(1)
         feats = features(backbone, images)
     tower = zeroshot.TextTower.from_file(cfg)
-    class_emb = tower.class_embeddings(target.classes, zeroshot.read_templates())
+    class_emb = tower.class_embeddings(target.classes, zeroshot.read_templates(templates))
     zero_shot_says = (zeroshot.image_embeddings(feats, tower.projection) @ class_emb.T).argmax(1)
     assert torch.equal(head_says, zero_shot_says) and len(set(head_says.tolist())) > 1
     assert torch.equal(zeroshot.initial_head(cfg, tmp_path)["head.weight"], model.head.weight.detach())
 
 
-def test_a_run_records_zero_shot_before_and_after(clip_files, tmp_path):
+@pytest.fixture(scope="module")
+def clip_runs(clip_files, tmp_path_factory):
+    """A run's arguments on the tiny CLIP (zero-shot on two sets, one template: CLIP's 80 cost more than
+    the rest of the run), and a finished linear probe from the zero-shot head."""
     _, files = clip_files
-    common = [*QUICK, "--model", MODEL, "--weights", str(files["open_clip"]), "--out", str(tmp_path),
-              "eval.zeroshot=digits,digits-inverted"]
+    folder = tmp_path_factory.mktemp("clip-runs")
+    templates = folder / "templates.txt"
+    templates.write_text("a photo of the number {}.\n")
+    common = [*QUICK, "--model", MODEL, "--weights", str(files["open_clip"]), "--out", str(folder),
+              "eval.zeroshot=digits,digits-inverted", f"eval.zeroshot_templates={templates}"]
     assert run_main(["--strategy", "linear", "--name", "linear", *common, "model.head_init=zeroshot"]) == 0
-    linear = json.loads((tmp_path / "linear" / "results.json").read_text())
+    return folder, common
+
+
+def test_a_run_records_zero_shot_before_and_after_and_linear_probing_keeps_it(clip_runs):
+    folder, _ = clip_runs
+    linear = json.loads((folder / "linear" / "results.json").read_text())
     assert set(linear["zeroshot_before"]) == {"digits", "digits-inverted", "mean"}
     assert linear["zeroshot_after"] == linear["zeroshot_before"]  # the backbone did not move
     assert linear["zeroshot_forgetting"] == 0
-    assert (tmp_path / "linear" / zeroshot.HEAD_FILE).is_file()
+    assert (folder / "linear" / zeroshot.HEAD_FILE).is_file()
+
+
+def test_full_fine_tuning_moves_the_zero_shot_accuracy(clip_runs):
+    folder, common = clip_runs
+    linear = json.loads((folder / "linear" / "results.json").read_text())
     assert run_main(["--strategy", "full", "--name", "full", *common, "--lr", "0.5"]) == 0
-    full = json.loads((tmp_path / "full" / "results.json").read_text())
+    full = json.loads((folder / "full" / "results.json").read_text())
     assert full["zeroshot_before"] == linear["zeroshot_before"]  # the same untouched image tower
     assert full["zeroshot_after"] != full["zeroshot_before"]
     mean = full["zeroshot_before"]["mean"] - full["zeroshot_after"]["mean"]
     assert full["zeroshot_forgetting"] == pytest.approx(mean, abs=1e-3)
+
+
+def test_the_interpolation_curve_of_a_zero_shot_headed_run_carries_zero_shot(clip_runs):
+    folder, _ = clip_runs
+    linear = json.loads((folder / "linear" / "results.json").read_text())
+    ends = interpolation_curve(folder / "linear", [0, 1])  # WiSE-FT: the head moves from the zero-shot one
+    assert [row["zeroshot_mean"] for row in ends] == pytest.approx([linear["zeroshot_before"]["mean"]] * 2, abs=1e-3)
+    assert ends[1]["target_top1"] == pytest.approx(linear["target_top1"], abs=1e-3)
 
 
 def test_zero_shot_on_a_backbone_that_is_not_clip_is_refused_in_one_line(capsys):
