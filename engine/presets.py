@@ -1,6 +1,7 @@
 """Sweep presets: the paper's table (`paper`), its Figure 2 (`paper-transfer`: four strategies on five
 transfer sets) and Figure 4 (`paper-vits`: DINO ViT-S/16), the table's rows on the embedded default
-(`embedded`), and selective LoRA's own curve (`selective`).
+(`embedded`), selective LoRA's own curve (`selective`), and the selective LoRA paper's CLIP setting
+(`clip`: zero-shot retention and shift).
 
 A preset is rows (a label, the table group, a strategy from `adapters.STRATEGIES` and its options as
 `engine.run` arguments), learning rates, and the arguments every run gets. `engine.sweep` turns
@@ -168,7 +169,36 @@ PAPER_VITS = Preset(
     note="The paper prints one figure of these runs: full fine-tuning drops DINO ViT-S/16's ImageNet-1K k-NN "
          "accuracy to 15.77% (its Figure 4); LoRA and Block Expansion keep both domains.")
 
-PRESETS = {p.name: p for p in (PAPER, PAPER_TRANSFER, PAPER_VITS, EMBEDDED, SELECTIVE)}
+# The second paper's experiment (Bafghi et al. 2025, Fig. 1; ../shared/reference/seeds.md): CLIP ViT-B/16
+# fine-tuned on a target, forgetting as zero-shot retention (engine.zeroshot) on another set, robustness as
+# accuracy under shift. AdamW with weight decay 0.1 as WiSE-FT and FLYP fine-tune CLIP; the learning rates are
+# chosen, not tuned here (not run: no weights). 24 LoRA blocks (q and v of 12): 6.25% is 2 of them, 12.5% 3.
+CLIP_MODEL = "vit_base_patch16_clip_quickgelu_224.openai"  # OpenAI's QuickGELU (engine.clip_weights)
+_CLIP_LORA_LRS = (1e-4, 3e-4, 1e-3)
+CLIP = Preset(
+    name="clip",
+    description="the selective LoRA paper's Figure 1 setting: CLIP ViT-B/16 (OpenAI) fine-tuned on CIFAR-100, "
+                "zero-shot retention on CIFAR-10, accuracy under shift (CIFAR-100 corrupted at severity 3), "
+                "head from the zero-shot classifier (needs model.weights=ViT-B-16.pt, the data, GPUs and "
+                "data.source=imagefolder:DIR)",
+    rows=(Row("full", "All", "Standard", "full"),
+          Row("linear", "Linear", "Standard", "linear", lrs=(1e-3, 1e-2, 1e-1)),
+          Row("lora-r8", "LoRA r=8", "LoRA", "lora", ("--lora-rank", "8"), _CLIP_LORA_LRS),
+          Row("lora-r128", "LoRA r=128", "LoRA", "lora", ("--lora-rank", "128"), _CLIP_LORA_LRS),
+          *(Row(f"selective-r128-{name}", f"Selective LoRA r=128, {value:.4g}%", "Selective LoRA", "selective_lora",
+                ("--lora-rank", "128", "--active-fraction", str(value / 100)), _CLIP_LORA_LRS)
+            for name, value in (("6pct", 6.25), ("12pct", 12.5)))),
+    lrs=(1e-5, 3e-5, 1e-4),
+    base_args=("--model", CLIP_MODEL, "--target", "cifar100", "--steps", "10000", "--eval-every", "500",
+               "--batch-size", "128", "train.optimizer=adamw", "train.weight_decay=0.1", "train.warmup_steps=500",
+               "model.head_init=zeroshot", "eval.zeroshot=cifar10", "eval.shift=corrupt:all@3"),
+    needs_source=True,
+    note="The paper (Fig. 1, ImageNet-1K target, LoRA rank 128): FLYP loses 16.24% and plain LoRA 17.12% of "
+         "zero-shot ability; selective LoRA with 6.25% of the blocks active reduces forgetting by 7.31% on "
+         "average. Its table of these runs is not published. WiSE-FT alpha 0.5 of All: python -m "
+         "engine.interpolate RUN --alphas 0.5 on the best All run's folder (the head moves from the zero-shot one).")
+
+PRESETS = {p.name: p for p in (PAPER, PAPER_TRANSFER, PAPER_VITS, EMBEDDED, SELECTIVE, CLIP)}
 
 
 def get_preset(name: str) -> Preset:
