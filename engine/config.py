@@ -146,6 +146,8 @@ class RunConfig:
     overwrite: bool = False           # an existing run folder of the same --name is replaced
     verbose: bool = False             # DeepSpeed's own log lines too
     dry_run: bool = False
+    world_size: int | None = None     # --dry-run: the processes whose start it checks; None = the launcher's
+    #                                   WORLD_SIZE, else 1 (a run's world is always its launcher's)
     json: bool = False
     resume: str | None = None         # a run folder to continue from its last full checkpoint
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -209,7 +211,10 @@ FLAGS: tuple[tuple[str, str, str], ...] = (
     ("--verbose", "verbose", "also show DeepSpeed's log lines"),
     ("--resume", "resume", "continue the run in this folder from its last full checkpoint, with its config.yaml "
                            "(flags and key=value may change only what does not change the run)"),
-    ("--dry-run", "dry_run", "build the model, print parameters and GFLOPs, exit (no data, weights or training)"),
+    ("--dry-run", "dry_run", "run the start checks on a meta-device model, print parameters and GFLOPs, exit (no "
+                             "data, weights or training)"),
+    ("--world-size", "world_size", "with --dry-run: check the batch geometry and ZeRO stage for N processes "
+                                   "(default: the launcher's WORLD_SIZE, else 1)"),
     ("--json", "json", "with --dry-run: print one JSON object"),
 )
 FLAG_KEYS = {flag[2:].replace("-", "_"): key for flag, key, _ in FLAGS}  # argparse dest -> dotted key
@@ -235,6 +240,7 @@ _POSITIVE = ("positive", lambda v: v > 0)
 _NON_NEGATIVE = ("at least 0", lambda v: v >= 0)
 _RANGES = {
     "seed": _NON_NEGATIVE,
+    "world_size": _POSITIVE,
     "model.num_classes": _POSITIVE,
     "model.depth": _POSITIVE,
     "data.val_fraction": ("in [0, 1)", lambda v: 0 <= v < 1),
@@ -465,6 +471,8 @@ def validate(cfg: RunConfig) -> None:
     check_zeroshot(cfg)
     if cfg.dry_run and cfg.resume:
         raise UserError("--dry-run builds a model and exits; it does not take --resume")
+    if cfg.world_size is not None and not cfg.dry_run:
+        raise UserError("--world-size only works with --dry-run (a run's processes are its launcher's)")
     if cfg.json and not cfg.dry_run:
         raise UserError("--json only works with --dry-run (a training run writes results.json in its run folder)")
     if not cfg.eval.knn_k or min(cfg.eval.knn_k) <= 0:

@@ -101,24 +101,62 @@ def _fail(line: str, status: int) -> int:
 
 
 def dry_run(cfg: RunConfig) -> int:
-    """Parameters and inference GFLOPs of the model the strategy builds; no data, weights or training."""
+    """The start checks a real start runs (`check_start`), for `--world-size` processes (default: the
+    launcher's), on a model built on the meta device; then its parameters and inference GFLOPs. No
+    data, weights, device or training: what only the data can judge (an image folder's classes, a
+    train split smaller than the world) and what only the device can (fp16, the kernels backend,
+    DALI) is left to the run."""
+    world = cfg.world_size or int(os.environ.get("WORLD_SIZE", 1))
     num_classes = cfg.model.num_classes or data.num_classes(cfg.data.target, "target")
     if num_classes is None:
         raise UserError(f"--dry-run does not read data: give --num-classes for target {cfg.data.target!r}")
-    check_strategy(cfg, num_classes)
-    strategy = adapters.get_strategy(cfg.strategy, cfg.adapter)
-    backbone = build_backbone(replace(cfg.model, pretrained=False, weights=None))
-    model = apply_strategy(strategy, backbone, num_classes, cfg.train.kernels)
+    train_cfg, _ = adopt_deepspeed_config(cfg.train, world)  # the user's DeepSpeed JSON, as a start reads it
+    cfg = replace(cfg, train=train_cfg)
+    if cfg.train.cache_features and None not in (cfg.data.crop_scale_min, cfg.data.hflip):
+        feature_cache.check(cfg)  # else the target's own augmentation decides: the data's to judge
+    model = check_start(cfg, num_classes, world)
     trainable, total = parameter_counts(model)
-    size = data.Preprocess.from_model(model).input_size
-    gflops = gflops_per_image(strategy.finalize(model), size)
+    gflops = _inference_gflops(cfg, num_classes, data.Preprocess.from_model(model).input_size)
     out = {"trainable_params": trainable, "total_params": total, "infer_gflops_per_img": round(gflops, 4)}
+    if int(os.environ.get("RANK", 0)) != 0:  # under a launcher: rank 0 speaks
+        return 0
     if cfg.json:
         print(json.dumps(out))
-    else:
-        print(f"{cfg.strategy} on {cfg.model.name} ({num_classes} classes): {trainable:,} trainable of "
-              f"{total:,} parameters; {gflops:.3f} inference GFLOPs per image")
+        return 0
+    micro = micro_batch(cfg.train.batch_size, cfg.train.grad_accum, world)
+    print(f"{cfg.strategy} on {cfg.model.name} ({num_classes} classes): {trainable:,} trainable of "
+          f"{total:,} parameters; {gflops:.3f} inference GFLOPs per image")
+    print(f"start checks passed for {world} process(es): global batch {cfg.train.batch_size} = micro-batch {micro} "
+          f"x accumulation {cfg.train.grad_accum} x {world} rank(s), ZeRO stage {zero_stage_run(cfg.train, world)} "
+          f"runs, optimizer {cfg.train.optimizer}")
     return 0
+
+
+def _inference_gflops(cfg: RunConfig, num_classes: int, size: int) -> float:
+    """GFLOPs per image of the finalised model, built on the meta device (FlopCounterMode counts
+    shapes, not values; the torch backend, whose arithmetic it sees); a strategy whose finalisation
+    reads its parameters (selective LoRA's gate scores) is counted on a randomly initialised one."""
+    model_cfg = replace(cfg.model, pretrained=False, weights=None)
+    for device in ("meta", "cpu"):
+        strategy = adapters.get_strategy(cfg.strategy, cfg.adapter)
+        with torch.device(device):
+            model = apply_strategy(strategy, build_backbone(model_cfg), num_classes, "torch")
+        try:
+            return gflops_per_image(strategy.finalize(model), size)
+        except (NotImplementedError, RuntimeError) as e:
+            if device != "meta" or "meta" not in str(e):
+                raise
+
+
+def check_start(cfg: RunConfig, num_classes: int, world: int):
+    """The start checks that need neither data nor a device, shared by a run and `--dry-run`: the
+    strategy's options against the model (built on the meta device, which is returned), the batch
+    geometry on `world` processes, and the optimiser against the ZeRO stage that will run there (one
+    process runs ZeRO 1-2 as stage 0, where a per-tensor optimiser such as LAMB is exact)."""
+    model = check_strategy(cfg, num_classes)
+    check_optimizer(model, replace(cfg.train, zero_stage=zero_stage_run(cfg.train, world)))
+    micro_batch(cfg.train.batch_size, cfg.train.grad_accum, world)
+    return model
 
 
 # -- the phases ---------------------------------------------------------------------------------------
@@ -219,9 +257,7 @@ def check_run(run_data: RunData, rt: Runtime) -> list[str]:
     """What only the model and the world size can judge, checked on a meta-device model; returns the
     names of the parameters that will train (what a full checkpoint is checked against)."""
     cfg = run_data.cfg
-    model = check_strategy(cfg, run_data.num_classes)
-    check_optimizer(model, cfg.train)
-    micro_batch(cfg.train.batch_size, cfg.train.grad_accum, rt.world)
+    model = check_start(cfg, run_data.num_classes, rt.world)
     if len(run_data.train) < rt.world:
         raise UserError(f"the target's train split ({len(run_data.train)} images) is smaller than one batch per rank")
     if rt.main:  # the run folder is rank 0's to claim, and may be taken by the time another rank looks
