@@ -162,7 +162,7 @@ CONFIGS = {
     ("hopper", "tf32"): dict(BLOCK_M=128, BLOCK_P=64, BLOCK_Q=32, GROUP_M=8, num_warps=4, num_stages=3),
     ("hopper", "fp32"): dict(BLOCK_M=64, BLOCK_P=64, BLOCK_Q=16, GROUP_M=8, num_warps=8, num_stages=3),
     ("ampere", "16-bit"): dict(BLOCK_M=128, BLOCK_P=128, BLOCK_Q=32, GROUP_M=8, num_warps=8, num_stages=3),
-    ("ampere", "tf32"): dict(BLOCK_M=64, BLOCK_P=64, BLOCK_Q=32, GROUP_M=8, num_warps=4, num_stages=3),
+    ("ampere", "tf32"): dict(BLOCK_M=64, BLOCK_P=64, BLOCK_Q=32, GROUP_M=8, num_warps=8, num_stages=3),
     ("ampere", "fp32"): dict(BLOCK_M=64, BLOCK_P=64, BLOCK_Q=16, GROUP_M=8, num_warps=8, num_stages=3),
     **{("interpret", c): dict(BLOCK_M=64, BLOCK_P=32, BLOCK_Q=32, GROUP_M=2, num_warps=1, num_stages=1)
        for c in ("16-bit", "tf32", "fp32")},
