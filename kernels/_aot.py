@@ -8,8 +8,9 @@ resources are checked against the device's limits before anyone rents one:
                                       recorded on meta tensors (kernels._triton_lora.planning), with
                                       the JIT's own specialisation of every argument (an int 1 is a
                                       constant, a multiple of 16 is marked divisible, as at launch);
-    compile_launch(launch, arch)      triton.compile for the target; shared memory from Triton's
-                                      metadata, registers and spills from ptxas -v (rerun on the PTX);
+    compile_launch(args, kwargs, dev) triton.compile for the target; shared memory from Triton's
+                                      metadata, registers and spills from its ptxas -v log (ptxas
+                                      rerun on the PTX when the kernel came from Triton's cache);
     occupancy(...)                    blocks per SM from the per-SM limits below.
 
 Limits: CUDA C++ Programming Guide, "Technical Specifications per Compute Capability" table
