@@ -14,7 +14,10 @@ with engine.run's own parser before anything starts. Rows and learning rates com
 (engine.sweep_report).
 
 Interrupted sweeps continue: run the same command again. A finished run (results.json) is not redone,
-nor one that diverged (exit 3, recorded in sweep.json); a run killed mid-way continues
+nor one that diverged (exit 3, recorded in sweep.json), as long as it is what the sweep would run now:
+its config.yaml (every key as engine.run resolved it) and its package versions match. A stale run is
+listed (its name and first differing keys), moved to `stale/` in the sweep folder (nothing is deleted)
+and run again; `--reuse-stale` keeps it instead, and the table names it. A run killed mid-way continues
 (`restart_command`), and its log keeps the earlier attempts. One live sweep owns its folder
 (`engine.folder_lock`): a second one on the same folder is refused in one line naming it, and a run
 that another live process holds is left to it, never relaunched. Runs go to `--launcher local` (subprocesses, `--parallel N` at once, one GPU each
@@ -33,15 +36,20 @@ import subprocess
 import sys
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .config import FLAG_KEYS, parse_run_args
-from .distributed import LAUNCHER_ENV
+import yaml
+
+from .config import FLAG_KEYS, RunConfig, parse_run_args
+from .distributed import LAUNCHER_ENV, adopt_deepspeed_config
+from .dotted import flatten
 from .errors import UserError
 from .folder_lock import FolderLock, holder
 from .io import atomic_write_json
+from .optim import resolved_lr
 from .presets import PRESETS, Row, default_rows, get_preset
+from .report import VERSION_KEYS, package_versions
 
 LAUNCHERS = ("local", "submitit")
 CLUSTERS = ("auto", "slurm", "local", "debug")  # submitit's executors; auto = SLURM where it is found
@@ -92,7 +100,7 @@ def restart_command(point: Point, sweep_dir: Path) -> list[str]:
     return [*run_command(point, sweep_dir), "--overwrite"]
 
 
-STATES = ("done", "diverged", "partial", "new", "running")
+STATES = ("done", "diverged", "partial", "new", "running", "stale")
 
 
 def state(point: Point, sweep_dir: Path, outcomes: dict[str, int]) -> str:
@@ -106,6 +114,126 @@ def state(point: Point, sweep_dir: Path, outcomes: dict[str, int]) -> str:
     if not run_dir.exists():
         return "new"
     return "running" if holder(run_dir) else "partial"
+
+
+# -- reuse keyed on what ran --------------------------------------------------------------------------
+# A run folder is reused only when the config it ran with (its config.yaml, every key as engine.run
+# resolved it) and the package versions it recorded (results.json's VERSION_KEYS) are what this sweep
+# would run now; otherwise it is stale: set aside and run again, or kept with --reuse-stale (and the
+# table says so). Never mixed into one table unsaid.
+
+# Keys that say where and how a run's process is driven, not what it computes.
+_NOT_THE_RUN = ("name", "out", "resume", "overwrite", "verbose", "dry_run", "json", "world_size",
+                "eval.source_cache")
+# Keys engine.run fills from the target data set when they are unset (engine.config.resolved_for_target):
+# the sweep does not read the data, so these are compared only where its runs set them.
+_FROM_DATA = ("data.crop_scale_min", "data.hflip")
+# Distributions of the packages a sweep process does not import (engine.report reads `__version__` in the
+# run, which matches these distributions' versions).
+_DISTRIBUTIONS = {"deepspeed_version": ("deepspeed",),
+                  "dali_version": ("nvidia-dali-cuda130", "nvidia-dali-cuda120", "nvidia-dali-cuda110")}
+
+
+def expected_config(cfg: RunConfig, world: int) -> dict:
+    """The flat config.yaml a run of `cfg` (its parsed arguments) would write now, as far as it is known
+    without reading its data: the user's DeepSpeed JSON adopted for `world` processes and the learning
+    rate resolved, as engine.run does; in config.yaml's own types (a YAML round trip)."""
+    train, _ = adopt_deepspeed_config(cfg.train, world)
+    cfg = replace(cfg, train=replace(train, lr_resolved=resolved_lr(train)))
+    return flatten(yaml.safe_load(yaml.safe_dump(cfg.to_dict(), sort_keys=False)))
+
+
+def config_differences(saved: dict, now: dict) -> list[str]:
+    """The keys (flat) in which a run's saved config differs from what would run now, each with both values."""
+    differ = []
+    for key in dict.fromkeys([*now, *saved]):
+        if key in _NOT_THE_RUN or (key in _FROM_DATA and now.get(key) is None and key in saved):
+            continue
+        if key not in saved:
+            differ.append(f"{key} (not in its config.yaml; now {now[key]!r})")
+        elif key not in now:
+            differ.append(f"{key} (no longer a key; it had {saved[key]!r})")
+        elif saved[key] != now[key]:
+            differ.append(f"{key} ({saved[key]!r} -> {now[key]!r})")
+    return differ
+
+
+def installed_versions() -> dict[str, str | None]:
+    """VERSION_KEYS as a run started now would record them (None: not installed)."""
+    versions = package_versions()  # what this process imported (torch, timm, ...: every run imports them)
+    for key, names in _DISTRIBUTIONS.items():
+        if versions.get(key) is None:
+            versions[key] = next((v for v in map(_distribution_version, names) if v), None)
+    return versions
+
+
+def _distribution_version(name: str) -> str | None:
+    import importlib.metadata
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def version_differences(results: dict, now: dict) -> list[str]:
+    """The recorded package versions that differ from `now`'s (a package the run did not import, None, is
+    not compared)."""
+    return [f"{key} ({results[key]} -> {now.get(key) or 'not installed'})" for key in VERSION_KEYS
+            if results.get(key) is not None and results[key] != now.get(key)]
+
+
+def staleness(point: Point, sweep_dir: Path, now: dict, versions: dict) -> list[str]:
+    """Why the run folder of `point` does not hold what this sweep would run now (empty: it does);
+    `now` is its `expected_config`."""
+    run_dir = point.run_dir(sweep_dir)
+    try:
+        saved = flatten(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
+    except FileNotFoundError:
+        return ["no config.yaml"]
+    except (OSError, yaml.YAMLError, AttributeError) as e:
+        return [f"config.yaml unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})"]
+    differ = config_differences(saved, now)
+    if (run_dir / "results.json").is_file():
+        try:
+            differ += version_differences(json.loads((run_dir / "results.json").read_text()), versions)
+        except (OSError, ValueError) as e:
+            differ.append(f"results.json unreadable ({e})")
+    return differ
+
+
+def find_stale(grid: list[Point], sweep_dir: Path, states: dict[str, str], world: int) -> dict[str, list[str]]:
+    """name -> why, for each run of the grid whose folder (finished, diverged or partial; a live run is
+    left alone) holds another config or versions than this sweep would run now."""
+    versions, stale = None, {}
+    for point in grid:
+        if states[point.name] not in ("done", "diverged", "partial"):
+            continue
+        if not (point.run_dir(sweep_dir) / "config.yaml").is_file() and states[point.name] == "partial":
+            continue  # stopped before it wrote its config: it starts afresh anyway (restart_command)
+        versions = versions or installed_versions()
+        now = expected_config(parse_run_args(point.args, "the runs' arguments"), world)
+        why = staleness(point, sweep_dir, now, versions)
+        if why:
+            stale[point.name] = why
+    return stale
+
+
+def stale_line(name: str, why: list[str], most: int = 3) -> str:
+    return f"stale run {name}: " + "; ".join(why[:most]) + (f"; and {len(why) - most} more" if len(why) > most else "")
+
+
+def set_aside(run_dir: Path, sweep_dir: Path) -> Path:
+    """Move a stale run folder to sweep_dir/stale/<name> (-2, -3, ... where taken), holding it meanwhile
+    (engine.folder_lock: refused, naming the holder, while a live process holds it). Nothing is deleted."""
+    with FolderLock.take(run_dir, "run folder"):
+        aside_dir = sweep_dir / "stale"
+        aside_dir.mkdir(exist_ok=True)
+        for n in range(1, 10_000):
+            aside = aside_dir / (run_dir.name if n == 1 else f"{run_dir.name}-{n}")
+            if not aside.exists():
+                os.rename(run_dir, aside)
+                return aside
+    raise UserError(f"{sweep_dir / 'stale'} holds 9,999 copies of {run_dir.name}; clear it")
 
 
 # -- launchers ------------------------------------------------------------------------------------------
@@ -258,6 +386,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--gpus", type=int, default=1, help="submitit: GPUs per job (one task each)")
     p.add_argument("--nodes", type=int, default=1, help="submitit: nodes per job")
     p.add_argument("--time", type=int, default=24 * 60, help="submitit: time limit per job, minutes")
+    p.add_argument("--reuse-stale", action="store_true",
+                   help="keep runs whose config or package versions differ from what would run now (the table "
+                        "names them) instead of setting them aside and running them again")
     p.add_argument("--dry-run", action="store_true", help="print the runs and their commands; start nothing")
     return p
 
@@ -389,7 +520,7 @@ def _sweep(argv: list[str]) -> int:
     try:
         args, preset, grid, sweep_dir = plan(argv)
         if args.dry_run:
-            return _dry_run(grid, sweep_dir)
+            return _dry_run(args, grid, sweep_dir)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         with FolderLock.take(sweep_dir, "sweep folder"):
             return _run_grid(args, preset, grid, sweep_dir)
@@ -401,15 +532,27 @@ def _sweep(argv: list[str]) -> int:
         return 130
 
 
-def _dry_run(grid: list[Point], sweep_dir: Path) -> int:
-    """The runs, their states and commands; nothing is started or written."""
+def _world(args) -> int:
+    """The processes each run has: one locally, one task per GPU of each node under submitit."""
+    return 1 if args.launcher == "local" else max(1, args.gpus) * args.nodes
+
+
+def _dry_run(args, grid: list[Point], sweep_dir: Path) -> int:
+    """The runs, their states and commands; nothing is started or written. A stale run shows the
+    command it would run again with (or its reuse, with --reuse-stale)."""
     _, outcomes = _read_record(sweep_dir, grid)
     states = {p.name: state(p, sweep_dir, outcomes) for p in grid}
+    stale = find_stale(grid, sweep_dir, states, _world(args))
+    for name, why in stale.items():
+        print(stale_line(name, why) + ("; kept (--reuse-stale)" if args.reuse_stale else "; would run again"))
+        if not args.reuse_stale:
+            states[name] = "stale"
     for p in grid:
         cmd = restart_command(p, sweep_dir) if states[p.name] == "partial" else run_command(p, sweep_dir)
         print(f"[{states[p.name]}] {p.name}: {shlex.join(cmd[1:])}")
     counts = {k: sum(s == k for s in states.values()) for k in STATES}
-    print(f"{len(grid)} runs: " + ", ".join(f"{n} {k}" for k, n in counts.items() if n or k != "running"))
+    shown = [f"{n} {k}" for k, n in counts.items() if n or k not in ("running", "stale")]
+    print(f"{len(grid)} runs: " + ", ".join(shown))
     return 0
 
 
@@ -417,6 +560,15 @@ def _run_grid(args, preset, grid: list[Point], sweep_dir: Path) -> int:
     """Launch the grid's runs that are still to do, then write the report (the sweep folder is held)."""
     earlier, outcomes = _read_record(sweep_dir, grid)
     states = {p.name: state(p, sweep_dir, outcomes) for p in grid}
+    stale = find_stale(grid, sweep_dir, states, _world(args))
+    for name, why in stale.items():
+        if args.reuse_stale:
+            print(stale_line(name, why) + "; kept (--reuse-stale)", flush=True)
+            continue
+        aside = set_aside(sweep_dir / name, sweep_dir)
+        outcomes.pop(name, None)
+        states[name] = "new"
+        print(stale_line(name, why) + f"; set aside in {aside}, to run again", flush=True)
     _write_record(sweep_dir, earlier, grid, outcomes)
     todo = [p for p in grid if states[p.name] in ("new", "partial")]
     live = [p.name for p in grid if states[p.name] == "running"]
@@ -440,7 +592,7 @@ def _run_grid(args, preset, grid: list[Point], sweep_dir: Path) -> int:
         launch_submitit([(p, command(p)[3:], restart_command(p, sweep_dir)[3:]) for p in todo],
                         sweep_dir / "submitit", args, on_done)
     from .sweep_report import write_report
-    print(write_report(sweep_dir, grid, preset, outcomes))
+    print(write_report(sweep_dir, grid, preset, outcomes, stale if args.reuse_stale else {}))
     failed = [p.name for p in grid if state(p, sweep_dir, outcomes) in ("new", "partial", "running")]
     if failed:
         print(f"error: {len(failed)} runs did not finish ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''}); "

@@ -361,13 +361,20 @@ def selective_points(rows: list[dict]) -> tuple[list[dict], dict | None]:
     return points, reference
 
 
-def write_report(sweep_dir: Path, grid, preset, outcomes: dict[str, int] | None = None) -> str:
+def write_report(sweep_dir: Path, grid, preset, outcomes: dict[str, int] | None = None,
+                 stale: dict[str, list[str]] | None = None) -> str:
     """Write runs.csv, table.md, table.csv and the figures; return the markdown table. `outcomes`: the
-    exit codes on record (3: diverged), shown in runs.csv for runs without results."""
+    exit codes on record (3: diverged), shown in runs.csv for runs without results; `stale`: runs kept
+    with --reuse-stale although they differ from what the sweep would run now (name -> how), named
+    under the table."""
     from .plots import plot_curves, plot_selective, plot_tradeoff
 
     rows, finished = select(grid, sweep_dir)
     table = format_markdown(rows, finished, preset)
+    if stale and finished:
+        table += ("\nKept with --reuse-stale although they differ from what this sweep runs now (config.yaml or "
+                  "package versions): " + "; ".join(f"{name} ({', '.join(why[:2])})" for name, why in stale.items())
+                  + ".\n")
     atomic_write_text(sweep_dir / "runs.csv", _csv(_run_rows(grid, finished, sweep_dir, outcomes or {}), RUN_COLUMNS))
     atomic_write_text(sweep_dir / "table.csv", _csv(_table_rows(rows), TABLE_COLUMNS))
     atomic_write_text(sweep_dir / "table.md", table)

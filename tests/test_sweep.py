@@ -13,7 +13,8 @@ import pytest
 import yaml
 
 from engine.presets import PAPER
-from engine.sweep import build_grid, main
+from engine.config import parse_run_args, resolved_for_target, save_yaml
+from engine.sweep import build_grid, main, plan
 from engine.sweep_report import write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,6 +130,9 @@ def test_an_interrupted_sweep_continues_without_redoing_finished_runs(tmp_path, 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     first, second = tmp_path / "linear-lr0.05-s0", tmp_path / "lora-lr0.05-s0"
     fake_run(first, "linear", 50.0, 55.0, 88.0, 1290)
+    point = next(p for p in plan(sweep_args(tmp_path))[2] if p.name == first.name)
+    cfg = parse_run_args([*point.args, "--out", str(tmp_path), "--name", first.name], "test")
+    save_yaml(resolved_for_target(cfg, 0.35, 0.0), first / "config.yaml")  # as engine.run resolves it for digits
     sweep = subprocess.Popen([sys.executable, "-m", "engine.sweep", *sweep_args(tmp_path)], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 900
@@ -151,6 +155,7 @@ def test_an_interrupted_sweep_continues_without_redoing_finished_runs(tmp_path, 
     out = capsys.readouterr().out
     assert code == 0, out[-2000:]
     assert "2 runs, 1 finished before, 1 to run" in out
+    assert "stale" not in out  # the killed run's own config.yaml is what the sweep would run now
     assert (first / "results.json").stat().st_mtime_ns == finished_at
     assert json.loads((second / "results.json").read_text())["strategy"] == "lora"
     assert "| LoRA | lora | 0.05 |" in (tmp_path / "table.md").read_text()
