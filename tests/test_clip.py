@@ -220,3 +220,28 @@ def test_the_default_templates_are_clips_80():
 def test_an_unknown_zero_shot_data_set_is_refused_by_the_config():
     with pytest.raises(UserError, match="unknown data set 'imagenet'"):
         build_config(overrides=["eval.zeroshot=imagenet"])
+
+
+def test_the_clip_preset_lists_its_rows_at_their_rates_and_needs_the_weights(tmp_path, capsys):
+    from engine.sweep import main as sweep_main
+    source = "data.source=imagefolder:/data/imagenet"
+    assert sweep_main(["--preset", "clip", "--dry-run", "--out", str(tmp_path), source]) == 2
+    assert "needs CLIP's text tower" in capsys.readouterr().err
+    assert sweep_main(["--preset", "clip", "--dry-run", "--out", str(tmp_path), source, "model.weights=ViT-B-16.pt"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1].startswith("18 runs:")  # 6 rows x 3 learning rates
+    names = {line.split()[1].rstrip(":") for line in lines if line.startswith("[new] ")}
+    assert {n.rsplit("-lr", 1)[0] for n in names} == {"full", "linear", "lora-r8", "lora-r128", "selective-r128-6pct",
+                                                      "selective-r128-12pct"}
+    assert any("--active-fraction 0.0625" in line and "model.head_init=zeroshot" in line for line in lines)
+
+
+def test_dry_run_counts_a_clip_vit_b16_exactly(capsys):
+    from engine.run import main as run
+    assert run(["--model", "vit_base_patch16_clip_224", "--num-classes", "100", "--strategy", "lora", "--dry-run",
+                "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # LoRA r=8 on q and v: 12 blocks x 2 x (8 x 768 + 768 x 8), plus the head 768 x 100 + 100
+    assert counts["trainable_params"] == 12 * 2 * (8 * 768 + 768 * 8) + 768 * 100 + 100 == 371_812
+    # the tower: DINO's ViT-B/16 (85,798,656 without a head) + ln_pre (1,536) - the patch embedding's bias (768)
+    assert counts["total_params"] - counts["trainable_params"] + 768 * 100 + 100 == 85_876_324
