@@ -8,7 +8,8 @@ model to `ForgettingCurve.measure`, which extracts a capped subset of the source
 (`eval.knn_curve_limit` bank images and as many queries) with the current weights and returns its
 weighted k-NN accuracy. Nothing is kept between points, so memory
 is (bank + queries) x feature width whatever the run's length; the curve's time is counted apart
-from the training time (`seconds`).
+from the training time (`seconds`). Step 0 is the untouched backbone: where its features on the curve's
+subsets are already known (`untouched`, from engine.source_features) they are scored, not extracted.
 """
 from __future__ import annotations
 
@@ -78,18 +79,28 @@ class ForgettingCurve:
         self.zero_stage = zero_stage
         self.seconds = 0.0
         self._due = set(self.steps)
+        # Step 0's features, when known before training (engine.source_features: the untouched backbone's
+        # on these subsets, shared by the runs of a sweep): (bank, bank labels, queries, query labels).
+        self.untouched: tuple[torch.Tensor, ...] | None = None
+        self._asked: int | None = None
 
     def due(self, step: int) -> bool:
+        """Whether the curve is measured at `step`; the train loop asks before each `measure`."""
+        self._asked = step
         return step in self._due
 
     def measure(self, model) -> float:
-        """k-NN accuracy (%) of `model`'s current features; every rank calls it (ZeRO-3 gathers are collective)."""
+        """k-NN accuracy (%) of `model`'s current features; every rank calls it (ZeRO-3 gathers are collective).
+        At step 0 with `untouched` features given, those are scored instead of extracting them again."""
         start = time.perf_counter()
-        with gathered(model, self.zero_stage):  # features() reads the root's own parameters (cls_token, pos_embed)
-            bank, bank_y = extract_features(model, self.bank_loader, self.device, self.autocast_dtype,
-                                            desc="curve bank", progress=False)
-            query, query_y = extract_features(model, self.query_loader, self.device, self.autocast_dtype,
-                                              desc="curve queries", progress=False)
+        if self._asked == 0 and self.untouched is not None:
+            bank, bank_y, query, query_y = self.untouched
+        else:
+            with gathered(model, self.zero_stage):  # features() reads the root's own parameters (cls_token, ...)
+                bank, bank_y = extract_features(model, self.bank_loader, self.device, self.autocast_dtype,
+                                                desc="curve bank", progress=False)
+                query, query_y = extract_features(model, self.query_loader, self.device, self.autocast_dtype,
+                                                  desc="curve queries", progress=False)
         accuracy = knn_accuracy(bank, bank_y, query, query_y, self.ks, self.temperature,
                                 num_classes=self.num_classes)[self.report_k]
         self.seconds += time.perf_counter() - start
