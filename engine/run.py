@@ -39,7 +39,7 @@ import torch
 import adapters
 import kernels
 
-from . import data, feature_cache, progress, resume, run_folder, shift, zeroshot
+from . import data, feature_cache, progress, resume, run_folder, shift, source_features, zeroshot
 from .adapter_files import save_adapter
 from .checkpoint import FullCheckpoints, identity
 from .config import RunConfig, parse_args, resolved_for_target, save_yaml
@@ -530,9 +530,11 @@ def run(cfg: RunConfig) -> dict:
             save_yaml(cfg, run_dir / "config.yaml")
         source_classes = run_data.source.num_classes
         checkpoints = FullCheckpoints(run_dir, ident, {}, rt.rank, rt.world, cfg.train.keep_checkpoints, clock)
+        curve_untouched = None  # the curve's step-0 features, where engine.source_features has them
         if point is None or point.knn_before is None:
             phase.now = "during the untouched backbone's source k-NN"
-            knn_before = measure_source(backbone, loaders, cfg, source_classes, rt)
+            knn_before, curve_untouched = source_features.measure_untouched(  # shared by a sweep's runs
+                backbone, loaders, cfg, source_classes, rt, knn_preprocess(pre, cfg), measure_source)
             checkpoints.facts["knn_before"] = knn_before
             checkpoints.save_facts()  # a restart before the first full checkpoint need not measure it again
         else:  # measured before the run stopped
@@ -552,6 +554,8 @@ def run(cfg: RunConfig) -> dict:
                                         extra_loss=lambda: strategy.extra_loss(model, steps, steps))
         rt.say(f"{cfg.strategy}: {trainable:,} trainable of {total:,} parameters")
         curve = forgetting_curve(loaders, cfg, source_classes, rt)
+        if curve is not None:
+            curve.untouched = curve_untouched
         if feature_cache.wanted(cfg):
             phase.now = "while caching the training split's features"
         with cached_features(model, run_data, pre, loaders, rt) as train_loaders:
