@@ -86,7 +86,8 @@ def read_state_dict(path: str | Path, entry: str = "teacher") -> tuple[dict[str,
         try:
             return clip_weights.read_torchscript(path), None
         except Exception as e:
-            raise UserError(f"cannot read the TorchScript archive {path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+            first = str(e).splitlines()[0] if str(e) else repr(e)
+            raise UserError(f"cannot read the TorchScript archive {path}: {first}") from None
     try:
         import argparse
         with warnings.catch_warnings():  # the unpickler's protocol notes are not the user's business

@@ -116,8 +116,8 @@ class TextTower:
         try:
             return cls(state, clip_weights.uses_quick_gelu(cfg.model.name), device)
         except Exception as e:  # shapes open_clip cannot read as one CLIP
-            raise UserError(f"cannot build CLIP's text tower from {name}: {str(e).splitlines()[0] if str(e) else e!r}") \
-                from None
+            first = str(e).splitlines()[0] if str(e) else repr(e)
+            raise UserError(f"cannot build CLIP's text tower from {name}: {first}") from None
 
     @torch.no_grad()
     def encode(self, texts: list[str]) -> torch.Tensor:

@@ -227,7 +227,8 @@ def test_the_clip_preset_lists_its_rows_at_their_rates_and_needs_the_weights(tmp
     source = "data.source=imagefolder:/data/imagenet"
     assert sweep_main(["--preset", "clip", "--dry-run", "--out", str(tmp_path), source]) == 2
     assert "needs CLIP's text tower" in capsys.readouterr().err
-    assert sweep_main(["--preset", "clip", "--dry-run", "--out", str(tmp_path), source, "model.weights=ViT-B-16.pt"]) == 0
+    weights = "model.weights=ViT-B-16.pt"
+    assert sweep_main(["--preset", "clip", "--dry-run", "--out", str(tmp_path), source, weights]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("18 runs:")  # 6 rows x 3 learning rates
     names = {line.split()[1].rstrip(":") for line in lines if line.startswith("[new] ")}
