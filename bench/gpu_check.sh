@@ -43,7 +43,8 @@ if [ $SMOKE = 0 ] && ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_av
 fi
 DEVICE=$($PY -c 'from bench.device import device_name; print(device_name())' 2>/dev/null || echo unknown)
 # this GPU's architecture as bench.triton_aot names it (sm_80, sm_89, sm_90), or empty if it has no table
-ARCH=$($PY -c 'import torch; m, n = torch.cuda.get_device_capability(); a = f"sm_{m}{n}"; print(a if a in ("sm_80", "sm_89", "sm_90") else "")' 2>/dev/null || echo "")
+ARCH=$($PY -c 'import torch; a = "sm_%d%d" % torch.cuda.get_device_capability()
+print(a if a in ("sm_80", "sm_89", "sm_90") else "")' 2>/dev/null || echo "")
 
 # part NAME SECONDS CMD...: run CMD under a time limit, its output in $OUT/NAME.log, a line in the summary
 part() {
@@ -78,7 +79,7 @@ else
             exit 1
         fi
     else
-        echo "== triton-aot: no ahead-of-time table for this GPU's architecture (sm_80, sm_89, sm_90 only)" | tee -a "$SUMMARY"
+        echo "== triton-aot: no ahead-of-time table for this GPU (sm_80, sm_89, sm_90 only)" | tee -a "$SUMMARY"
     fi
     part tests 90 $PY -m pytest -q "${CUDA_TESTS[@]}"
     part kernels 120 $PY -m bench.kernels --out "$OUT/kernels-$DEVICE"

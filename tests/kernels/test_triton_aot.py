@@ -70,3 +70,15 @@ def test_occupancy_takes_the_tightest_limit():
     assert occupancy(h100, shared=100 * 1024, regs=32, num_warps=4) == 2  # (228 KB) / (100 KB + 1 KB)
     assert occupancy(h100, shared=1024, regs=255, num_warps=8) == 1  # 256 regs x 256 threads = 64K
     assert occupancy(h100, shared=230 * 1024, regs=32, num_warps=4) == 0
+
+
+@pytest.mark.parametrize("capability, arch", [((9, 0), "hopper"), ((8, 0), "ampere"), ((8, 6), "ampere"),
+                                              ((8, 9), "ampere"), ((10, 0), "ampere"), ((12, 0), "ampere")])
+def test_only_sm_90_takes_the_hopper_tiles(monkeypatch, capability, arch):
+    """The hopper tiles need up to 104 KB of shared memory and are checked for sm_90 alone; a GPU
+    outside the table (sm_120 has 99 KB per block) takes the ampere tiles, checked to fit 99 KB."""
+    import torch
+
+    import kernels._triton_lora as triton_lora
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    assert triton_lora._arch(torch.device("cuda")) == arch
