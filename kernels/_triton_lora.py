@@ -214,8 +214,8 @@ def _arch(device):
         return "interpret"
     major, _ = torch.cuda.get_device_capability(device)
     # The hopper tiles take up to 104 KB of shared memory per block (bench/results/triton-aot.csv) and
-    # are checked for sm_90 only; every other GPU (sm_8x, and sm_100 / sm_120, not in the table) takes
-    # the ampere tiles: at most 48 KB, checked for sm_80 and sm_89's 99 KB.
+    # are checked for sm_90 only; every other GPU (sm_8x, and sm_100 / sm_120, whose limits the table
+    # does not check) takes the ampere tiles: at most 48 KB, checked to fit sm_80 and sm_89 (99 KB).
     return "hopper" if major == 9 else "ampere"
 
 

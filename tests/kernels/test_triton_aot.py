@@ -76,7 +76,7 @@ def test_occupancy_takes_the_tightest_limit():
                                               ((8, 9), "ampere"), ((10, 0), "ampere"), ((12, 0), "ampere")])
 def test_only_sm_90_takes_the_hopper_tiles(monkeypatch, capability, arch):
     """The hopper tiles need up to 104 KB of shared memory and are checked for sm_90 alone; a GPU
-    outside the table (sm_120 has 99 KB per block) takes the ampere tiles, checked to fit 99 KB."""
+    outside the table (sm_100, sm_120) takes the ampere tiles, the smallest, checked to fit 99 KB."""
     import torch
 
     import kernels._triton_lora as triton_lora
