@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TIMING_KEYS = ("train_img_per_s", "infer_img_per_s", "peak_mem_mb", "wall_s", "processes")  # results.json (and how many processes wall_s sums)
+# results.json's timings (and how many processes wall_s sums, and its split by phase)
+TIMING_KEYS = ("train_img_per_s", "infer_img_per_s", "peak_mem_mb", "wall_s", "processes", "time_s")
 TIMING_COLUMNS = ("train_img_per_s", "elapsed_s")                                  # metrics.csv
 
 

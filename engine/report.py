@@ -6,8 +6,10 @@ Accuracies are percentages; `forgetting` = source_knn_before - source_knn_after 
 decimals; the run's facts (`RUN_FACTS`: lr, ...) are kept as given, and the package versions
 (`VERSION_KEYS`, `<package>_version`) are added here.
 `infer_img_per_s` is null when the run did not measure it (`eval.throughput_iters=0`).
-`wall_s` is the time of all the run's processes together, `processes` of them (1 for a run never
-stopped; a resumed run adds each earlier process up to its last full checkpoint).
+`wall_s` is the time of all the run's processes together, from each one's start (the interpreter
+and the imports included), `processes` of them (1 for a run never stopped; a resumed run adds each
+earlier process up to its last full checkpoint). `time_s` splits it by phase (`engine.resume.PHASES`,
+and `other`), summed over the processes the same way; printed as one line under the table.
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ RESULT_KEYS = ("strategy", "model", *MEASURES, *RUN_FACTS, *VERSION_KEYS)
 # Beside selective LoRA's blocks: accuracy under shift (engine.shift: per set, keyed by its spec, and their mean)
 # and CLIP's zero-shot accuracy before and after fine-tuning (per data set and their "mean"; forgetting = the
 # means' difference), present when the run measured them.
-OPTIONAL_KEYS = ("active_blocks", "total_blocks", "shift_top1", "target_shift_top1", "zeroshot_before",
+OPTIONAL_KEYS = ("time_s", "active_blocks", "total_blocks", "shift_top1", "target_shift_top1", "zeroshot_before",
                  "zeroshot_after", "zeroshot_forgetting")
 
 _LABELS = {
@@ -85,7 +87,7 @@ def format_table(results: dict, knn: dict | None = None) -> str:
     """A two-column table of the results, plus the k-NN accuracy at every k when given."""
     rows = []
     for k, v in results.items():
-        if k in MEASURES or k in OPTIONAL_KEYS:  # a per-set dict: a row per set
+        if (k in MEASURES or k in OPTIONAL_KEYS) and k != "time_s":  # a per-set dict: a row per set
             rows += [(f"{_LABELS.get(k, k)} {name}", _fmt(x)) for name, x in v.items()] if isinstance(v, dict) \
                 else [(_LABELS.get(k, k), _fmt(v))]
     if knn:
@@ -96,7 +98,15 @@ def format_table(results: dict, knn: dict | None = None) -> str:
              f"loader {results['loader']}")
     lines = [title, "-" * max(len(title), width + 14)]
     lines += [f"{label:<{width}}  {value:>12}" for label, value in rows]
+    if "time_s" in results:
+        lines.append(format_times(results["time_s"], results["wall_s"]))
     return "\n".join(lines)
+
+
+def format_times(time_s: dict, wall_s: float) -> str:
+    """One line: where the wall time went, phase by phase (those that took any)."""
+    spent = [f"{phase.replace('_', ' ')} {seconds:.1f}" for phase, seconds in time_s.items() if seconds >= 0.05]
+    return f"time s: {', '.join(spent)} (wall {wall_s:.1f})"
 
 
 def _fmt(value) -> str:

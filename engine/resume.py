@@ -10,12 +10,14 @@ from step 0 in its folder, with what it had finished (the untouched backbone's k
 nothing but the folder's lock: a refused resume leaves the run's files exactly as they were.
 
 The run's wall time is that of all its processes (`RunClock`): each full checkpoint carries the
-seconds and the processes so far, and a resumed process adds its own.
+seconds, their split by phase and the processes so far, and a resumed process adds its own.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,19 +68,47 @@ def find_checkpoint(run_dir: Path, ident: dict, rank: int, world: int) -> tuple[
     return outcome[0]
 
 
+# Where a run's time goes (results.json `time_s`), in the order a run meets them: `startup` (the
+# interpreter, the imports, the processes, the start checks, the model built and its weights read,
+# the loaders made, the run folder claimed), `data` (reading or scanning the data sets),
+# `source_before` (the untouched backbone's source k-NN, and CLIP's zero-shot), `train` (the train
+# loop, its set-up and its checkpoints), `validation` and `curve` (the evaluations inside the loop),
+# `restore` (the best checkpoint back onto a fresh backbone), `measure` (test top-1, shift, source
+# k-NN, inference cost of the restored model), `report` (the files and figures). `other` is what no
+# phase holds: the earlier processes' time when a checkpoint from before time_s said only its sum.
+PHASES = ("startup", "data", "source_before", "train", "validation", "curve", "restore", "measure", "report")
+
+
+def process_age() -> float:
+    """Seconds since this process started (the interpreter and the imports before any code of ours
+    ran), from /proc on Linux at its clock tick (10 ms); 0 where /proc cannot say."""
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        started = int(stat[stat.rindex(")") + 2:].split()[19]) / os.sysconf("SC_CLK_TCK")  # field 22: starttime
+        return max(0.0, float(Path("/proc/uptime").read_text().split()[0]) - started)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 @dataclass
 class RunClock:
     """The run's wall time over its processes: the earlier ones' (each to its last full checkpoint, as
-    the checkpoint resumed from says) plus this one's so far."""
+    the checkpoint resumed from says) plus this one's so far; and the same split by phase (`PHASES`):
+    `enter` starts a phase, `within` lends the time of a block to another (validation inside training)."""
     carried_s: float = 0.0
     earlier: int = 0                  # processes before this one
     began: float = field(default_factory=time.perf_counter)
+    carried_phases: dict = field(default_factory=dict)  # the earlier processes' seconds per phase
+    spent: dict = field(default_factory=dict)           # this process's, up to `since`
+    phase: str = "startup"
+    since: float | None = None        # when `phase` began (None: at `began`)
 
     def carry(self, facts: dict) -> None:
         """Count the processes a checkpoint's (or facts.json's) facts say came before this one (none
         for empty facts: a process stopped before it finished anything)."""
         self.carried_s = float(facts.get("wall_s", 0.0))
         self.earlier = int(facts.get("processes", 1 if facts else 0))  # a checkpoint from before the count: one
+        self.carried_phases = {p: float(v) for p, v in facts.get("time_s", {}).items() if p in PHASES}
 
     @property
     def processes(self) -> int:
@@ -87,8 +117,34 @@ class RunClock:
     def wall_s(self) -> float:
         return self.carried_s + time.perf_counter() - self.began
 
+    def enter(self, phase: str) -> None:
+        """From now on the time is `phase`'s (one of PHASES)."""
+        if phase not in PHASES:
+            raise ValueError(f"unknown phase {phase!r}")
+        now = time.perf_counter()
+        self.spent[self.phase] = self.spent.get(self.phase, 0.0) + now - (self.began if self.since is None else self.since)
+        self.phase, self.since = phase, now
+
+    @contextlib.contextmanager
+    def within(self, phase: str):
+        """The block's time is `phase`'s, then the phase it interrupted goes on."""
+        outer = self.phase
+        self.enter(phase)
+        try:
+            yield
+        finally:
+            self.enter(outer)
+
     def facts(self) -> dict:
-        return {"wall_s": round(self.wall_s(), 3), "processes": self.processes}
+        """wall_s, processes and time_s (seconds per phase over all processes, and `other`), taken at
+        one instant: the phases sum to wall_s (to rounding)."""
+        now = time.perf_counter()
+        wall = self.carried_s + now - self.began
+        this = dict(self.spent)
+        this[self.phase] = this.get(self.phase, 0.0) + now - (self.began if self.since is None else self.since)
+        times = {p: round(self.carried_phases.get(p, 0.0) + this.get(p, 0.0), 3) for p in PHASES}
+        times["other"] = round(max(0.0, wall - sum(times.values())), 3)
+        return {"wall_s": round(wall, 3), "processes": self.processes, "time_s": times}
 
 
 def rewind_metrics(run_dir: Path, step: int) -> None:

@@ -60,12 +60,15 @@ from .stop import Phases, RunStopped, TrainingStopped
 from .train import TrainingDiverged, TrainResult, train
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, began: float | None = None) -> int:
+    """The command line; `began` is when the run's time starts (perf_counter: the process's start for
+    `python -m engine.run`; this call's by default, for a run started in a process already going)."""
+    began = time.perf_counter() if began is None else began
     try:
         cfg = parse_args(argv, description=__doc__.splitlines()[0])
         if cfg.dry_run:
             return dry_run(cfg)
-        run(cfg)
+        run(cfg, began)
         return 0
     except UserError as e:
         return _fail(f"error: {e}", 2)
@@ -394,7 +397,8 @@ def forgetting_curve(loaders: Loaders, cfg: RunConfig, num_source_classes: int, 
 
 
 def fine_tune(model, strategy, loaders: Loaders, cfg: RunConfig, base: dict, run_dir: Path, rt: Runtime,
-              checkpoints: FullCheckpoints, start: Path | None, curve: ForgettingCurve | None = None) -> TrainResult:
+              checkpoints: FullCheckpoints, start: Path | None, curve: ForgettingCurve | None = None,
+              clock: resume.RunClock | None = None) -> TrainResult:
     """The train loop (from the full checkpoint `start` when resuming); checkpoints go to
     run_dir/checkpoints/{best,last} in adapter form and run_dir/checkpoints/full."""
     def save_checkpoint(module, tag: str, info: dict) -> None:
@@ -405,7 +409,7 @@ def fine_tune(model, strategy, loaders: Loaders, cfg: RunConfig, base: dict, run
                 atomic_write_json(directory / "trainer.json", info)
 
     return train(model, strategy, loaders.train, loaders.val, cfg.train, rt.device, run_dir, save_checkpoint,
-                 rank=rt.rank, world=rt.world, checkpoints=checkpoints, resume=start, curve=curve)
+                 rank=rt.rank, world=rt.world, checkpoints=checkpoints, resume=start, curve=curve, clock=clock)
 
 
 @contextlib.contextmanager
@@ -462,9 +466,10 @@ def measure(model, strategy, loaders: Loaders, cfg: RunConfig, num_source_classe
 
 
 def report(results: dict, knn: dict, result: TrainResult, run_dir: Path, curve: ForgettingCurve | None,
-           curve_sizes: tuple[int, int]) -> None:
-    """source_knn.json, forgetting.png, results.csv / results.json (last: it marks the run finished),
-    and the table on screen (rank 0 only)."""
+           curve_sizes: tuple[int, int], clock: resume.RunClock) -> None:
+    """source_knn.json, forgetting.png, results.csv / results.json (last: it marks the run finished;
+    its wall_s and time_s taken just before, the report's own time in them), and the table on screen
+    (rank 0 only)."""
     curve_info = None if curve is None else {
         "steps": curve.steps, "bank": curve_sizes[0], "queries": curve_sizes[1],
         "seconds": round(curve.seconds, 3), "wall_fraction": round(curve.seconds / results["wall_s"], 4)}
@@ -476,6 +481,7 @@ def report(results: dict, knn: dict, result: TrainResult, run_dir: Path, curve: 
         from .plots import plot_curves
         plot_curves({results["strategy"]: read_curve(run_dir / "metrics.csv")}, run_dir / "forgetting.png",
                     title=f"forgetting curve: {results['strategy']} on {results['model']}")
+    results.update(clock.facts())
     write_results(run_dir, results)
     print()
     print(format_table(results, knn))
@@ -485,12 +491,36 @@ def report(results: dict, knn: dict, result: TrainResult, run_dir: Path, curve: 
     print(f"\nbest checkpoint: step {result.best_step} (val top-1 {result.best_val_top1:.2f}%); run folder: {run_dir}")
 
 
-def run(cfg: RunConfig) -> dict:
+class TimedPhases(Phases):
+    """The run's phases (`engine.stop.Phases`), each timed: `now = phrase` also starts the phrase's
+    entry of time_s (`TIMED`) on the run's clock."""
+
+    def __init__(self, clock: resume.RunClock) -> None:
+        self.clock = clock
+        super().__init__()
+
+    def __setattr__(self, name: str, value) -> None:
+        super().__setattr__(name, value)
+        if name == "now":
+            self.clock.enter(TIMED[value])
+
+
+# results.json time_s's entry (engine.resume.PHASES) of each phase of run() below
+TIMED = {"while starting": "startup", "while reading the data": "data", "while checking the run": "startup",
+         "while building the model and the loaders": "startup", "while claiming the run folder": "startup",
+         "during the untouched backbone's source k-NN": "source_before", "while setting up training": "train",
+         "while caching the training split's features": "train",
+         "in training, outside its steps (starting or ending)": "train",  # validation and curve: their own
+         "while restoring the best checkpoint (training had finished)": "restore",
+         "during the final measurement (training had finished)": "measure", "while writing the report": "report"}
+
+
+def run(cfg: RunConfig, began: float | None = None) -> dict:
     """The whole protocol, phase by phase; returns the results dict it wrote to results.json. The run
     folder is held until it returns; a signal outside the train loop's steps raises RunStopped naming
-    the phase it came in."""
-    with Phases() as phase, contextlib.ExitStack() as held:
-        clock = resume.RunClock()
+    the phase it came in. Its time (wall_s, time_s) counts from `began` (perf_counter; default now)."""
+    clock = resume.RunClock(began=time.perf_counter() if began is None else began)
+    with TimedPhases(clock) as phase, contextlib.ExitStack() as held:
         rt = start(cfg)
         phase.now = "while reading the data"
         run_data = read_data(adopt_deepspeed(cfg, rt), rt)
@@ -561,11 +591,12 @@ def run(cfg: RunConfig) -> dict:
         with cached_features(model, run_data, pre, loaders, rt) as train_loaders:
             phase.now = "in training, outside its steps (starting or ending)"
             result = fine_tune(model, strategy, train_loaders, cfg, base, run_dir, rt, checkpoints,
-                               None if point is None else point.checkpoint, curve)
+                               None if point is None else point.checkpoint, curve, clock)
 
-        phase.now = "during the final measurement (training had finished)"
+        phase.now = "while restoring the best checkpoint (training had finished)"
         model, strategy = restore_best(cfg, run_dir, rt)
         rt.say(f"best checkpoint (step {result.best_step}) restored: measuring it")
+        phase.now = "during the final measurement (training had finished)"
         target_top1, knn_after, cost = measure(model, strategy, loaders, cfg, source_classes, pre, rt)
         cost.update(zeroshot.summary(zs_before, zs_score and zs_score(model)))
         phase.now = "while writing the report"
@@ -574,12 +605,13 @@ def run(cfg: RunConfig) -> dict:
             "strategy": cfg.strategy, "model": cfg.model.name, "trainable_params": trainable, "total_params": total,
             "target_top1": target_top1, "source_knn_before": knn_before[k], "source_knn_after": knn_after[k],
             "train_img_per_s": result.images_per_second, "peak_mem_mb": peak_memory_mb(rt.device),
-            "train_gflops_per_img": train_gflops, "wall_s": clock.wall_s(), "processes": clock.processes, **cost,
+            "train_gflops_per_img": train_gflops, **clock.facts(), **cost,
             "target": run_data.target.name, "source": run_data.source.name, "seed": cfg.seed, "steps": steps,
             "lr": cfg.train.lr, "batch_size": cfg.train.batch_size, "precision": cfg.train.precision,
             "loader": loader, "optimizer": cfg.train.optimizer, "lr_resolved": cfg.train.lr_resolved})
         if rt.main:
-            report(results, {"before": knn_before, "after": knn_after}, result, run_dir, curve, loaders.curve_sizes)
+            report(results, {"before": knn_before, "after": knn_after}, result, run_dir, curve, loaders.curve_sizes,
+                   clock)
         return results
 
 
@@ -621,4 +653,4 @@ def _limit(split: data.Split, limit: int | None, seed: int) -> data.Split:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(began=time.perf_counter() - resume.process_age()))  # the imports count as start-up

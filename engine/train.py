@@ -193,11 +193,14 @@ def torch_linear_kept():
 @torch_linear_kept()
 def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: torch.device,
           run_dir: Path, save_checkpoint, rank: int = 0, world: int = 1, progress: bool = True,
-          checkpoints: FullCheckpoints | None = None, resume: Path | None = None, curve=None) -> TrainResult:
+          checkpoints: FullCheckpoints | None = None, resume: Path | None = None, curve=None,
+          clock=None) -> TrainResult:
     """Fine-tune `model` in place for the TrainConfig `cfg`; `save_checkpoint(model, tag, info)`
     writes checkpoints/<tag> (adapter form), `checkpoints` the full ones, `resume` names the full
     checkpoint to continue from, `curve` (an engine.curve.ForgettingCurve, or None) is measured at
-    its steps. `val_loader` reads this rank's shard of the validation split."""
+    its steps. `val_loader` reads this rank's shard of the validation split. `clock` (an
+    engine.resume.RunClock, or None) counts validation and the curve as phases of their own."""
+    within = clock.within if clock is not None else (lambda phase: contextlib.nullcontext())
     params = dict(model.named_parameters())
     stop_groups = [g for g in strategy.param_groups(model) if g]
     if sorted(sum(stop_groups, [])) != sorted(n for n, p in params.items() if p.requires_grad):
@@ -246,7 +249,7 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
                 "elapsed_s": result.train_seconds, "val_top1": None, "source_knn": None}
 
     if curve is not None and resume is None and curve.due(0):
-        with eager(cfg.compile):
+        with eager(cfg.compile), within("curve"):
             untouched = dict(row(0, None), source_knn=curve.measure(engine.module))
         if rank == 0:
             _append_csv(metrics_path, untouched)
@@ -294,7 +297,7 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
                 bar.set_postfix(loss=f"{mean_loss:.3f}", lr=f"{max(scheduler.get_last_lr()):.3g}")
                 metrics = row(step, mean_loss)
                 if evaluating:
-                    with eager(cfg.compile):
+                    with eager(cfg.compile), within("validation"):
                         metrics["val_top1"] = val_top1 = top1_accuracy(engine.module, val_loader, device, amp,
                                                                        desc="val", progress=progress and rank == 0,
                                                                        sharded=True)
@@ -307,7 +310,7 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
                     save_checkpoint(engine.module, "last", info)
                     last_good = step
                 if curving:
-                    with eager(cfg.compile):
+                    with eager(cfg.compile), within("curve"):
                         metrics["source_knn"] = curve.measure(engine.module)
                 if rank == 0:
                     _append_csv(metrics_path, metrics)

@@ -247,3 +247,16 @@ def test_a_resumed_runs_wall_time_is_that_of_its_processes(phased):
     assert clock.processes == 3 and clock.wall_s() >= 12.5
     clock.carry({})
     assert clock.processes == 1
+
+
+def test_a_resumed_runs_time_s_sums_its_processes(phased):
+    """The process that trained measured the untouched backbone and validated, up to its checkpoint;
+    the last one did neither, and restored and measured: each phase is their sum, the whole wall_s."""
+    results = json.loads((phased["run_dir"] / "results.json").read_text())
+    then, time_s = phased["facts_then"]["time_s"], results["time_s"]
+    assert sum(time_s.values()) == pytest.approx(results["wall_s"], abs=1.0)
+    assert sum(then.values()) == pytest.approx(phased["facts_then"]["wall_s"], abs=1.0)
+    for phase in ("source_before", "validation"):
+        assert time_s[phase] == pytest.approx(then[phase], abs=2e-3) and then[phase] > 0, phase
+    assert then["restore"] == then["measure"] == 0 < time_s["restore"] < time_s["measure"]
+    assert time_s["startup"] > then["startup"] > 0

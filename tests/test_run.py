@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 from engine.report import OPTIONAL_KEYS, RESULT_KEYS
+from engine.resume import PHASES
 from engine.shift import CORRUPTIONS
 from engine.run import main
 
@@ -14,7 +15,7 @@ from engine.run import main
 # has it) and no inference timing (linear_run has it), so each run takes seconds.
 QUICK = ["--steps", "4", "--eval-every", "2", "--batch-size", "16", "data.knn_train_limit=300",
          "data.knn_test_limit=100", "data.workers=0", "eval.knn_curve_limit=0", "eval.throughput_iters=0"]
-TIMING_KEYS = {"train_img_per_s", "infer_img_per_s", "peak_mem_mb", "wall_s"}
+TIMING_KEYS = {"train_img_per_s", "infer_img_per_s", "peak_mem_mb", "wall_s", "time_s"}
 
 
 def run_cli(tmp_path, name, *args):
@@ -59,6 +60,18 @@ def test_results_json_has_exactly_the_contract_keys(linear_run):
     assert list(row) == list(results)
 
 
+def test_time_s_splits_the_wall_time_by_phase(linear_run):
+    """One entry per phase, none negative, summing to wall_s; validation (every step here) is its own,
+    and a run without a forgetting curve spends nothing on one."""
+    results = json.loads((linear_run / "results.json").read_text())
+    time_s = results["time_s"]
+    assert list(time_s) == [*PHASES, "other"]
+    assert all(seconds >= 0 for seconds in time_s.values())
+    assert sum(time_s.values()) == pytest.approx(results["wall_s"], abs=1.0)
+    assert min(time_s[p] for p in ("startup", "data", "source_before", "train", "validation", "measure")) > 0
+    assert time_s["curve"] == 0
+
+
 def test_linear_probe_forgets_nothing(linear_run):
     results = json.loads((linear_run / "results.json").read_text())
     assert results["source_knn_after"] == results["source_knn_before"]
@@ -86,8 +99,10 @@ def test_same_seed_gives_identical_metrics(tmp_path, capsys, linear_run):
     first = json.loads((linear_run / "results.json").read_text())
     second = json.loads((again / "results.json").read_text())
     assert second["infer_img_per_s"] is None
-    assert [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("infer img/s")] == \
-           [["infer", "img/s", "not", "measured"]]
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split() for line in out if line.startswith("infer img/s")] == [["infer", "img/s", "not", "measured"]]
+    assert [line.split(" (wall ")[-1] for line in out if line.startswith("time s: startup ")] == \
+           [f"{second['wall_s']:.1f})"]  # one line under the table
     assert {k: v for k, v in first.items() if k not in TIMING_KEYS} == \
            {k: v for k, v in second.items() if k not in TIMING_KEYS}
 
