@@ -31,6 +31,7 @@ import os
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from . import data
@@ -113,7 +114,7 @@ class FeatureCache:
                 or meta.get("content") != _content_digest(tensors):
             return None
         feats, labels = tensors["features"], tensors["labels"]
-        if len(feats) != len(split) or not torch.equal(labels, torch.as_tensor(split.labels)):
+        if len(feats) != len(split) or not np.array_equal(labels.numpy(), split.labels):
             return None
         return feats, labels
 
