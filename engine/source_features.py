@@ -12,7 +12,9 @@ the evaluation preprocessing, the loader that decodes, the precision, the device
 
 The cache is a folder of `<key>.safetensors` files in the run's `--out` folder
 (`OUT/source_features/`): a sweep's runs all write into the sweep folder, so the first run of a
-backbone extracts and the others reuse; a lone run shares with the runs beside it in its --out. Each
+backbone extracts and the others reuse; a lone run shares with the runs beside it in its --out (the
+folder may be deleted at any time; an entry is a feature matrix: 5,000 x 128 floats, 2.6 MB, for the
+embedded source's bank, 1.28 M x 768, 3.9 GB, for ImageNet's whole train split under ViT-B). Each
 file stores its key and a hash of its own tensors; on load both are checked, and the labels and the
 row count against the split: a file that does not match, or does not load, is recomputed and written
 again (atomically, `engine.io`), never trusted. A split with an unreadable image is not cached (the run

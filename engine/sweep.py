@@ -17,7 +17,9 @@ Interrupted sweeps continue: run the same command again. A finished run (results
 nor one that diverged (exit 3, recorded in sweep.json), as long as it is what the sweep would run now:
 its config.yaml (every key as engine.run resolved it) and its package versions match. A stale run is
 listed (its name and first differing keys), moved to `stale/` in the sweep folder (nothing is deleted)
-and run again; `--reuse-stale` keeps it instead, and the table names it. A run killed mid-way continues
+and run again; `--reuse-stale` keeps it instead, and the table names it. The untouched backbone's source
+features are extracted by the first run of a backbone and source and reused by the others
+(`engine.source_features`, in SWEEP/source_features). A run killed mid-way continues
 (`restart_command`), and its log keeps the earlier attempts. One live sweep owns its folder
 (`engine.folder_lock`): a second one on the same folder is refused in one line naming it, and a run
 that another live process holds is left to it, never relaunched. Runs go to `--launcher local` (subprocesses, `--parallel N` at once, one GPU each
