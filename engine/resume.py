@@ -122,8 +122,14 @@ class RunClock:
         if phase not in PHASES:
             raise ValueError(f"unknown phase {phase!r}")
         now = time.perf_counter()
-        self.spent[self.phase] = self.spent.get(self.phase, 0.0) + now - (self.began if self.since is None else self.since)
+        self.spent = self._spent(now)
         self.phase, self.since = phase, now
+
+    def _spent(self, now: float) -> dict:
+        """This process's seconds per phase up to `now`, the current phase's included."""
+        spent = dict(self.spent)
+        spent[self.phase] = spent.get(self.phase, 0.0) + now - (self.began if self.since is None else self.since)
+        return spent
 
     @contextlib.contextmanager
     def within(self, phase: str):
@@ -140,8 +146,7 @@ class RunClock:
         one instant: the phases sum to wall_s (to rounding)."""
         now = time.perf_counter()
         wall = self.carried_s + now - self.began
-        this = dict(self.spent)
-        this[self.phase] = this.get(self.phase, 0.0) + now - (self.began if self.since is None else self.since)
+        this = self._spent(now)
         times = {p: round(self.carried_phases.get(p, 0.0) + this.get(p, 0.0), 3) for p in PHASES}
         times["other"] = round(max(0.0, wall - sum(times.values())), 3)
         return {"wall_s": round(wall, 3), "processes": self.processes, "time_s": times}

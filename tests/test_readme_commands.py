@@ -14,8 +14,8 @@ from engine.run import main  # first: `adapters` is this project's from here on
 import adapters  # noqa: E402
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-LAUNCHER = re.compile(r"(?:python3? -m engine\.run|torchrun\s[^`]*?-m engine\.run|deepspeed\s[^`]*?--module engine\.run)"
-                      r"(?=\s|$)")
+LAUNCHER = re.compile(r"(?:python3? -m engine\.run|torchrun\s[^`]*?-m engine\.run"
+                      r"|deepspeed\s[^`]*?--module engine\.run)(?=\s|$)")
 # Commands (their arguments after the launcher) the README shows that no dry run can take, and why.
 NOT_DRY_RUN = {
     "--resume runs/vit-lora-1": "continues an existing run folder (tests/test_resume.py resumes real runs)",
