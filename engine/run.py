@@ -553,7 +553,6 @@ def run(cfg: RunConfig, began: float | None = None) -> dict:
             if lock is not None:
                 held.callback(lock.release)
             phase.run_dir = run_dir
-            rt.say(f"run folder {run_dir}")
         else:
             run_dir = Path(cfg.resume)
         if rt.main:
@@ -563,6 +562,8 @@ def run(cfg: RunConfig, began: float | None = None) -> dict:
         curve_untouched = None  # the curve's step-0 features, where engine.source_features has them
         if point is None or point.knn_before is None:
             phase.now = "during the untouched backbone's source k-NN"
+            if point is None:  # said once config.yaml is written: a stop from here on leaves what --resume takes
+                rt.say(f"run folder {run_dir}")
             knn_before, curve_untouched = source_features.measure_untouched(  # shared by a sweep's runs
                 backbone, loaders, cfg, source_classes, rt, knn_preprocess(pre, cfg), measure_source)
             checkpoints.facts["knn_before"] = knn_before
