@@ -1,7 +1,8 @@
 """Sweep presets: the paper's table (`paper`), its Figure 2 (`paper-transfer`: four strategies on five
 transfer sets) and Figure 4 (`paper-vits`: DINO ViT-S/16), the table's rows on the embedded default
-(`embedded`), selective LoRA's own curve (`selective`), and the selective LoRA paper's CLIP setting
-(`clip`: zero-shot retention and shift).
+(`embedded`), selective LoRA's own curve (`selective`), the selective LoRA paper's CLIP setting
+(`clip`: zero-shot retention and shift), and sequences of embedded domains (`continual`: each row an
+`engine.sequence`, its average accuracy and forgetting in the table).
 
 A preset is rows (a label, the table group, a strategy from `adapters.STRATEGIES` and its options as
 `engine.run` arguments), learning rates, and the arguments every run gets. `engine.sweep` turns
@@ -41,8 +42,16 @@ class PaperFigures:
 
 
 @dataclass(frozen=True)
+class SequenceOf:
+    """A row that is a sequence (`engine.sequence`): its targets in training order, its adapters kept one way."""
+    targets: tuple[str, ...]
+    adapters: str = "merge"           # merge or swap (engine.sequence.ADAPTER_MODES)
+
+
+@dataclass(frozen=True)
 class Row:
-    """One row of the table: a strategy with its options, trained at each of `lrs` (None: the preset's)."""
+    """One row of the table: a strategy with its options, trained at each of `lrs` (None: the preset's);
+    with `sequence`, each of its runs is a sequence of targets instead of one run."""
     key: str                          # run-name stem, e.g. lora-r8
     label: str                        # as the table prints it, e.g. LoRA r=8
     group: str                        # one of GROUPS
@@ -50,6 +59,7 @@ class Row:
     args: tuple[str, ...] = ()        # engine.run flags or key=value for this row
     lrs: tuple[float, ...] | None = None
     paper: PaperFigures | None = None
+    sequence: SequenceOf | None = None
 
 
 @dataclass(frozen=True)
@@ -198,7 +208,25 @@ CLIP = Preset(
          "average. Its table of these runs is not published. WiSE-FT alpha 0.5 of All: python -m "
          "engine.interpolate RUN --alphas 0.5 on the best All run's folder (the head moves from the zero-shot one).")
 
-PRESETS = {p.name: p for p in (PAPER, PAPER_TRANSFER, PAPER_VITS, EMBEDDED, SELECTIVE, CLIP)}
+# Continual adaptation in the sweep: the sequences of `python -m engine.sequence --preset embedded` (full merged,
+# LoRA merged and swapped, selective LoRA swapped, each strategy at its defaults) over three embedded domains, at
+# the embedded preset's learning rates; with its stage arguments (no forgetting curve, no shifted test sets).
+CONTINUAL_TARGETS = ("digits", "digits-rot90", "digits-inverted")
+CONTINUAL = Preset(
+    name="continual",
+    description="sequences digits -> digits-rot90 -> digits-inverted (engine.sequence): full (merge), LoRA (merge "
+                "and swap), selective LoRA (swap) on the embedded default; average accuracy, backward transfer "
+                "and mean forgetting per row",
+    rows=tuple(Row(f"seq-{key}-{mode}", f"{label} ({mode})", group, strategy,
+                   sequence=SequenceOf(CONTINUAL_TARGETS, mode))
+               for key, label, group, strategy, mode in (
+                   ("full", "All", "Standard", "full", "merge"),
+                   ("lora", "LoRA", "LoRA", "lora", "merge"),
+                   ("lora", "LoRA", "LoRA", "lora", "swap"),
+                   ("selective", "Selective LoRA (TAPS)", "Selective LoRA", "selective_lora", "swap"))),
+    lrs=PAPER_LRS, base_args=("eval.knn_curve_limit=0", "eval.shift=none"))
+
+PRESETS = {p.name: p for p in (PAPER, PAPER_TRANSFER, PAPER_VITS, EMBEDDED, SELECTIVE, CLIP, CONTINUAL)}
 
 
 def get_preset(name: str) -> Preset:

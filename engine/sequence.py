@@ -252,6 +252,19 @@ def plan(argv: list[str]) -> Plan:
     return Plan(seqs, group, [a for a in argv if a != "--dry-run"], args.dry_run)
 
 
+def sequence_for(targets: tuple[str, ...], adapters: str, run_args: tuple[str, ...], folder: Path) -> Sequence:
+    """The sequence `python -m engine.sequence --targets ... --adapters ... RUN_ARGS --out folder.parent
+    --name folder.name` runs (a sweep's sequence row), checked as that command checks it; UserError otherwise."""
+    if adapters not in ADAPTER_MODES:
+        raise UserError(f"--adapters {adapters!r}: choose one of {', '.join(ADAPTER_MODES)}")
+    targets = _targets(",".join(targets))
+    _check_extra(list(run_args), preset=False)
+    seq = Sequence(parse_run_args(run_args, "the stages' arguments").strategy, adapters, targets, tuple(run_args),
+                   Path(folder))
+    check_sequence(seq)
+    return seq
+
+
 def _recorded_argv(folder: Path) -> list[str]:
     for name in (RECORD, GROUP_RECORD):
         path = folder / name

@@ -25,6 +25,16 @@ features are extracted by the first run of a backbone and source and reused by t
 that another live process holds is left to it, never relaunched. Runs go to `--launcher local` (subprocesses, `--parallel N` at once, one GPU each
 where there are GPUs) or `--launcher submitit` (one SLURM job per run, or submitit's local/debug
 executors with `--cluster`).
+
+A row can be a sequence (`presets.Row.sequence`, e.g. `--preset continual`): each of its grid points is
+then `python -m engine.sequence --targets A,B,C --adapters merge|swap ...` with the same arguments, its
+folder a sequence folder (a run folder per stage). It is done when its sequence.json is complete; a
+partial one continues with the same command (engine.sequence resumes the stage it stopped in); it is
+stale when sequence.json's identity (strategy, adapters, targets, arguments) differs from the row's now,
+or a stage's config.yaml or package versions differ from what that stage would run now (its
+`Sequence.stage_args`). The table gives its average accuracy, backward transfer and mean forgetting
+beside the single runs' figures (engine.sweep_report). Its stages run one after another in one process:
+under submitit a sequence row takes one GPU (`--gpus 1 --nodes 1`).
 """
 from __future__ import annotations
 
@@ -73,6 +83,19 @@ class Point:
     def run_dir(self, sweep_dir: Path) -> Path:
         return sweep_dir / self.name
 
+    @property
+    def module(self) -> str:
+        """The entry point its command runs: engine.sequence for a sequence row, engine.run otherwise."""
+        return "engine.run" if self.row.sequence is None else "engine.sequence"
+
+
+def sequence_of(point: Point, sweep_dir: Path):
+    """A sequence row's point as the engine.sequence.Sequence its command runs, checked as that command
+    checks it (UserError otherwise)."""
+    from .sequence import sequence_for
+    spec = point.row.sequence
+    return sequence_for(spec.targets, spec.adapters, point.args, point.run_dir(sweep_dir))
+
 
 def build_grid(rows, seeds: list[int], base_args=(), extra=(), lrs: tuple[float, ...] | None = None,
                default_lrs: tuple[float, ...] = ()) -> list[Point]:
@@ -89,14 +112,19 @@ def build_grid(rows, seeds: list[int], base_args=(), extra=(), lrs: tuple[float,
 
 
 def run_command(point: Point, sweep_dir: Path) -> list[str]:
-    """The command of a run that has not started."""
-    return [sys.executable, "-m", "engine.run", *point.args, "--out", str(sweep_dir), "--name", point.name]
+    """The command of a run that has not started (of a sequence row: the sequence)."""
+    spec = point.row.sequence
+    head = [] if spec is None else ["--targets", ",".join(spec.targets), "--adapters", spec.adapters]
+    return [sys.executable, "-m", point.module, *head, *point.args, "--out", str(sweep_dir), "--name", point.name]
 
 
 def restart_command(point: Point, sweep_dir: Path) -> list[str]:
     """The command of a run that was stopped mid-way: `--resume` when it wrote its config (engine.run
     continues from the last full checkpoint that verifies, or from step 0 when it wrote none), else a
-    fresh start in its folder (`--overwrite`: the run folder rules refuse an existing --name otherwise)."""
+    fresh start in its folder (`--overwrite`: the run folder rules refuse an existing --name otherwise).
+    A sequence continues with its own command."""
+    if point.row.sequence is not None:
+        return run_command(point, sweep_dir)
     if (point.run_dir(sweep_dir) / "config.yaml").is_file():
         return [sys.executable, "-m", "engine.run", "--resume", str(point.run_dir(sweep_dir))]
     return [*run_command(point, sweep_dir), "--overwrite"]
@@ -107,15 +135,24 @@ STATES = ("done", "diverged", "partial", "new", "running", "stale")
 
 def state(point: Point, sweep_dir: Path, outcomes: dict[str, int]) -> str:
     """done (results.json), diverged (exit 3 on record), running (its folder held by a live process),
-    partial (a folder without results) or new."""
+    partial (a folder without results) or new. A sequence is done when its sequence.json is complete."""
     run_dir = point.run_dir(sweep_dir)
-    if (run_dir / "results.json").is_file():
+    if _finished(point, run_dir):
         return "done"
     if outcomes.get(point.name) == DIVERGED:
         return "diverged"
     if not run_dir.exists():
         return "new"
     return "running" if holder(run_dir) else "partial"
+
+
+def _finished(point: Point, run_dir: Path) -> bool:
+    if point.row.sequence is None:
+        return (run_dir / "results.json").is_file()
+    try:
+        return bool(json.loads((run_dir / "sequence.json").read_text()).get("complete"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # -- reuse keyed on what ran --------------------------------------------------------------------------
@@ -187,7 +224,11 @@ def version_differences(results: dict, now: dict) -> list[str]:
 def staleness(point: Point, sweep_dir: Path, now: dict, versions: dict) -> list[str]:
     """Why the run folder of `point` does not hold what this sweep would run now (empty: it does);
     `now` is its `expected_config`."""
-    run_dir = point.run_dir(sweep_dir)
+    return folder_staleness(point.run_dir(sweep_dir), now, versions)
+
+
+def folder_staleness(run_dir: Path, now: dict, versions: dict) -> list[str]:
+    """Why the run folder `run_dir` does not hold a run of the config `now` with `versions` (empty: it does)."""
     try:
         saved = flatten(yaml.safe_load((run_dir / "config.yaml").read_text()) or {})
     except FileNotFoundError:
@@ -203,6 +244,30 @@ def staleness(point: Point, sweep_dir: Path, now: dict, versions: dict) -> list[
     return differ
 
 
+def sequence_staleness(point: Point, sweep_dir: Path, versions: dict) -> list[str]:
+    """Why a sequence row's folder does not hold the sequence it would run now (empty: it does):
+    sequence.json's identity (strategy, adapters, targets, arguments; engine.sequence itself refuses a
+    folder that differs), else each stage run's config.yaml and versions against that stage's arguments.
+    Its stages run in one process (world 1)."""
+    seq = sequence_of(point, sweep_dir)
+    try:
+        record = json.loads((seq.folder / "sequence.json").read_text())
+    except FileNotFoundError:
+        record = None
+    except (OSError, ValueError) as e:
+        return [f"sequence.json unreadable ({e})"]
+    if record is not None:
+        differ = [f"{k} ({record.get(k)!r} -> {v!r})" for k, v in seq.identity().items() if record.get(k) != v]
+        if differ:
+            return differ
+    differ = []
+    for t in range(len(seq.targets)):
+        if (seq.run_dir(t) / "config.yaml").is_file():
+            now = expected_config(parse_run_args(seq.stage_args(t), "the stages' arguments"), 1)
+            differ += [f"{seq.stage_name(t)}: {why}" for why in folder_staleness(seq.run_dir(t), now, versions)]
+    return differ
+
+
 def find_stale(grid: list[Point], sweep_dir: Path, states: dict[str, str], world: int) -> dict[str, list[str]]:
     """name -> why, for each run of the grid whose folder (finished, diverged or partial; a live run is
     left alone) holds another config or versions than this sweep would run now."""
@@ -210,11 +275,14 @@ def find_stale(grid: list[Point], sweep_dir: Path, states: dict[str, str], world
     for point in grid:
         if states[point.name] not in ("done", "diverged", "partial"):
             continue
-        if not (point.run_dir(sweep_dir) / "config.yaml").is_file() and states[point.name] == "partial":
-            continue  # stopped before it wrote its config: it starts afresh anyway (restart_command)
         versions = versions or installed_versions()
-        now = expected_config(parse_run_args(point.args, "the runs' arguments"), world)
-        why = staleness(point, sweep_dir, now, versions)
+        if point.row.sequence is not None:
+            why = sequence_staleness(point, sweep_dir, versions)
+        elif not (point.run_dir(sweep_dir) / "config.yaml").is_file() and states[point.name] == "partial":
+            continue  # stopped before it wrote its config: it starts afresh anyway (restart_command)
+        else:
+            now = expected_config(parse_run_args(point.args, "the runs' arguments"), world)
+            why = staleness(point, sweep_dir, now, versions)
         if why:
             stale[point.name] = why
     return stale
@@ -314,11 +382,12 @@ def _open_log(path: Path, cmd: list[str]):
 
 
 class SweepJob:
-    """One run as a submitit job: engine.run's `main` in each task (one task per GPU), the distributed
-    environment taken from the job; on pre-emption submitit requeues it with the restart command."""
+    """One run as a submitit job: engine.run's `main` (engine.sequence's for a sequence row) in each task
+    (one task per GPU), the distributed environment taken from the job; on pre-emption submitit requeues
+    it with the restart command."""
 
-    def __init__(self, argv: list[str], restart_argv: list[str]) -> None:
-        self.argv, self.restart_argv = argv, restart_argv
+    def __init__(self, argv: list[str], restart_argv: list[str], module: str = "engine.run") -> None:
+        self.argv, self.restart_argv, self.module = argv, restart_argv, module
 
     def __call__(self) -> int:
         import submitit
@@ -326,12 +395,15 @@ class SweepJob:
         env = submitit.JobEnvironment()
         os.environ.update(RANK=str(env.global_rank), LOCAL_RANK=str(env.local_rank), WORLD_SIZE=str(env.num_tasks),
                           MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(20000 + zlib.crc32(str(env.job_id).encode()) % 20000))
-        from .run import main
+        if self.module == "engine.sequence":
+            from .sequence import main
+        else:
+            from .run import main
         return main(self.argv)
 
     def checkpoint(self):
         import submitit
-        return submitit.helpers.DelayedSubmission(SweepJob(self.restart_argv, self.restart_argv))
+        return submitit.helpers.DelayedSubmission(SweepJob(self.restart_argv, self.restart_argv, self.module))
 
 
 def _submitit():
@@ -352,7 +424,7 @@ def launch_submitit(jobs: list[tuple[Point, list[str], list[str]]], folder: Path
     started = {}
     for point, argv, restart_argv in jobs:
         executor.update_parameters(name=point.name)
-        job = executor.submit(SweepJob(argv, restart_argv))
+        job = executor.submit(SweepJob(argv, restart_argv, point.module))
         started[job.job_id] = (point, job, time.perf_counter())
         print(f"submitted {point.name}: job {job.job_id}", flush=True)
     # SLURM's state comes from sacct, which clusters ask you not to hammer: submitit's 10 s. Local and
@@ -482,6 +554,12 @@ def plan(argv: list[str] | None):
         raise UserError(f"--preset {preset.name} measures forgetting on ImageNet: give its folder, "
                         f"data.source=imagefolder:DIR (DIR/train/<class>/..., DIR/val/<class>/...)")
     sweep_dir = Path(args.out or f"runs/sweep-{args.preset or 'custom'}")  # --quick's runs are the full grid's too
+    sequences = [p for p in grid if p.row.sequence is not None]
+    if sequences and args.launcher == "submitit" and max(1, args.gpus) * args.nodes > 1:
+        raise UserError(f"row {sequences[0].row.key} is a sequence, whose stages run in one process: give --gpus 1 "
+                        f"--nodes 1 (or leave its rows out with --rows)")
+    for point in sequences:
+        sequence_of(point, sweep_dir)  # checked as engine.sequence checks its command line
     return args, preset, grid, sweep_dir
 
 
