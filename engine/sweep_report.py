@@ -18,6 +18,13 @@ k-NN, mean, each as mean +- sd over n seeds, and the mean's interval; the paper'
 ours for the `paper` preset), `figure.png` (target against source, marker area by trainable params,
 bars +- 1 sd), `forgetting.png` (each row's forgetting curve, the mean over seeds in a +- 1 sd band)
 and, with two or more selective LoRA rows, `selective.png`.
+
+A sequence row's run (a sequence folder, `engine.sequence`) is read through `engine.sequence.sweep_results`:
+its target top-1 is the average accuracy over its targets after the last stage, its source k-NN the
+backbone's after the last stage (in swap mode: the untouched one with the last adapter), its validation
+top-1 the mean of its stages' (which picks its learning rate). Its average accuracy, backward transfer and
+mean forgetting (Avalanche's and mammoth's, engine.continual) get columns of their own, summarised over
+seeds as the others are; a single run's cells there are empty.
 """
 from __future__ import annotations
 
@@ -39,7 +46,7 @@ from .presets import GROUPS
 
 RUN_COLUMNS = ("name", "row", "label", "lr", "seed", "status", "val_top1", "target_top1", "source_knn_before",
                "source_knn_after", "forgetting", "mean", "trainable_params", "active_blocks", "total_blocks",
-               "wall_s")
+               "wall_s", "average_accuracy", "backward_transfer", "mean_forgetting")
 # Summarised over a row's seeds: (table key, the runs' results.json key; None: source_knn.json's best_val_top1).
 STATS = (("target_top1", "target_top1"), ("source_knn", "source_knn_after"), ("mean", "mean"),
          ("forgetting", "forgetting"), ("source_knn_before", "source_knn_before"), ("val_top1", None))
@@ -47,9 +54,13 @@ STATS = (("target_top1", "target_top1"), ("source_knn", "source_knn_after"), ("m
 # have them, shown as columns when any row does; (table key, how to read it from results.json).
 OPTIONAL_STATS = (("target_shift_top1", lambda r: r["target_shift_top1"]),
                   ("zeroshot_after", lambda r: r["zeroshot_after"]["mean"]),
-                  ("zeroshot_forgetting", lambda r: r["zeroshot_forgetting"]))
+                  ("zeroshot_forgetting", lambda r: r["zeroshot_forgetting"]),
+                  ("average_accuracy", lambda r: r["average_accuracy"]),     # a sequence's (sweep_results)
+                  ("backward_transfer", lambda r: r["backward_transfer"]),
+                  ("mean_forgetting", lambda r: r["mean_forgetting"]))
 OPTIONAL_NAMES = {"target_shift_top1": "shift top-1 %", "zeroshot_after": "zero-shot after %",
-                  "zeroshot_forgetting": "zero-shot forgetting"}
+                  "zeroshot_forgetting": "zero-shot forgetting", "average_accuracy": "sequence: average accuracy %",
+                  "backward_transfer": "sequence: backward transfer", "mean_forgetting": "sequence: mean forgetting"}
 # The columns that get the best / tied marks, higher being better in each. Source k-NN after
 # fine-tuning ranks the rows as forgetting does (every row starts from the same backbone's features).
 COMPARED = ("target_top1", "source_knn", "mean")
@@ -114,12 +125,25 @@ def separated(difference: Spread) -> bool:
 
 def _load(point, sweep_dir: Path) -> Finished | None:
     run_dir = point.run_dir(sweep_dir)
+    if getattr(point.row, "sequence", None) is not None:
+        return _load_sequence(point, run_dir)
     if not (run_dir / "results.json").is_file():
         return None
     knn = json.loads((run_dir / "source_knn.json").read_text())
     curve = read_curve(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else []
     return Finished(point, json.loads((run_dir / "results.json").read_text()), float(knn["best_val_top1"]),
                     yaml.safe_load((run_dir / "config.yaml").read_text()), curve)
+
+
+def _load_sequence(point, folder: Path) -> Finished | None:
+    """A finished sequence as a run (engine.sequence.sweep_results), with its last stage's config; no curve."""
+    from .sequence import sweep_results
+    read = sweep_results(folder)
+    if read is None:
+        return None
+    results, val_top1 = read
+    last = json.loads((folder / "sequence.json").read_text())["stages"][-1]["run"]
+    return Finished(point, results, float(val_top1), yaml.safe_load((folder / last / "config.yaml").read_text()))
 
 
 def mean_curve(curves: list[list[tuple[int, float]]]) -> list[tuple[int, float, float]]:
@@ -145,7 +169,7 @@ def select(grid, sweep_dir: Path) -> tuple[list[dict], list[Finished]]:
             if p.row == row and p.name in finished:
                 by_lr.setdefault(p.lr, []).append(finished[p.name])
         entry = {"group": row.group, "row": row.key, "label": row.label, "strategy": row.strategy,
-                 "paper": row.paper, "runs": []}
+                 "paper": row.paper, "sequence": getattr(row, "sequence", None), "runs": []}
         if by_lr:
             best_lr = max(by_lr, key=lambda lr: statistics.fmean(f.val_top1 for f in by_lr[lr]))  # first of equals
             runs = by_lr[best_lr]
@@ -157,7 +181,7 @@ def select(grid, sweep_dir: Path) -> tuple[list[dict], list[Finished]]:
                 s = spread(entry["values"][key].values())
                 entry.update({key: s.mean, f"{key}_sd": s.sd, f"{key}_ci95_low": s.low, f"{key}_ci95_high": s.high})
             for key, read in OPTIONAL_STATS:
-                if all(key in x for x in r):
+                if all(x.get(key) is not None for x in r):
                     s = spread(read(f.results) for f in runs)
                     entry.update({key: s.mean, f"{key}_sd": s.sd, f"{key}_ci95_low": s.low, f"{key}_ci95_high": s.high})
             if "active_blocks" in r[0]:
@@ -202,9 +226,13 @@ def _fmt(value, digits: int = 2) -> str:
 
 
 def _describe(finished: list[Finished]) -> tuple[str, str, str]:
-    """(target name, source name, report k) from the runs' configs."""
-    cfg = finished[0].config
+    """(target name, source name, report k) from the runs' configs: a single run's where there is one,
+    else a sequence's targets in order."""
+    single = [f for f in finished if "average_accuracy" not in f.results]
+    cfg = (single or finished)[0].config
     target, source = (_data_name(cfg["data"][role], role) for role in ("target", "source"))
+    if not single:
+        target = " -> ".join(finished[0].results["targets"])
     return target, source, str(cfg["eval"]["knn_report_k"])
 
 
@@ -300,6 +328,17 @@ def format_markdown(rows: list[dict], finished: list[Finished], preset) -> str:
     if "zeroshot_after" in extra:
         notes.append("Zero-shot after: CLIP's zero-shot top-1 after fine-tuning, mean over the eval.zeroshot sets; "
                      "zero-shot forgetting: that mean before fine-tuning minus after, in points.")
+    sequences = [r for r in done if r["sequence"] is not None]
+    if sequences:
+        notes.append(
+            "Sequence rows (engine.sequence, each stage a run with a new head for its target): "
+            + "; ".join(f"{r['label']}: {' -> '.join(r['sequence'].targets)}, adapters {r['sequence'].adapters}"
+                        for r in sequences)
+            + ". Their target top-1 is the average accuracy over their targets after the last stage, their source "
+              "k-NN the backbone's after the last stage; average accuracy, backward transfer and mean forgetting "
+              "(points) as Avalanche and mammoth define them over the accuracy matrix (engine.continual); their "
+              "learning rate chosen by the mean of the stages' validation accuracy. Single runs leave these "
+              "columns empty (-).")
     if with_paper:
         notes.append("The paper's columns are its Table 1 as printed (its best mean in bold).")
     if preset is not None and preset.note:
@@ -347,7 +386,7 @@ def selective_points(rows: list[dict]) -> tuple[list[dict], dict | None]:
     """selective.png's points (TAPS or budget, from each run's config) and plain LoRA of the same rank."""
     points, ranks = [], set()
     for r in rows:
-        if r["strategy"] != "selective_lora" or not r["runs"]:
+        if r["strategy"] != "selective_lora" or not r["runs"] or r["sequence"] is not None:
             continue
         adapter = r["runs"][0].config["adapter"]
         budget = adapter.get("active_blocks") is not None or adapter.get("active_fraction") is not None
@@ -356,7 +395,7 @@ def selective_points(rows: list[dict]) -> tuple[list[dict], dict | None]:
                        "active_fraction": r["active_blocks"] / r["total_blocks"], "target_top1": r["target_top1"],
                        "forgetting": r["forgetting"]})
     reference = next(({"label": r["label"], "target_top1": r["target_top1"], "forgetting": r["forgetting"]}
-                      for r in rows if r["strategy"] == "lora" and r["runs"]
+                      for r in rows if r["strategy"] == "lora" and r["runs"] and r["sequence"] is None
                       and r["runs"][0].config["adapter"]["lora_rank"] in ranks), None)
     return points, reference
 
