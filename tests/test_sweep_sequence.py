@@ -90,7 +90,8 @@ def test_the_table_gives_a_sequences_average_accuracy_transfer_and_forgetting_be
     assert (single["average_accuracy"], single["backward_transfer"], single["mean_forgetting"]) == ("", "", "")
     assert float(single["target_top1"]) == 60.5
     lines = md.splitlines()
-    assert lines[0].endswith("| sequence: average accuracy % | sequence: backward transfer | sequence: mean forgetting |")
+    assert lines[0].endswith(
+        "| sequence: average accuracy % | sequence: backward transfer | sequence: mean forgetting |")
     lora_lines = [line for line in lines if "| LoRA r=8 |" in line or "| LoRA (swap) |" in line]
     assert lora_lines[0].endswith("| - | - | - |")  # the single run
     assert f"| {average:.2f} +- " in lora_lines[1] and "| -8.75 +- " in lora_lines[1]
