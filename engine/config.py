@@ -127,6 +127,8 @@ class EvalConfig:
     knn_steps: list[str] | None = None  # steps it is measured at, each N, A-B (every step) or log (engine.curve.
     #                                     parse_steps); None = log: 0, 1, 2, 5, 10, 20, 50, ... and the last
     knn_curve_limit: int = 200          # bank images and query images (each) it extracts per step; 0 = no curve
+    source_cache: bool = True           # the untouched backbone's source features kept in OUT/source_features
+    #                                     for the next run (engine.source_features); false: extract, write nothing
     throughput_iters: int = 5           # timed forward passes of a 64-image batch for infer_img_per_s; 0 = not
                                         # measured (null in results.json: runs that only need the accuracies)
     # Accuracy under distribution shift (engine.shift): shifted test sets of the target's classes.

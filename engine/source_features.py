@@ -19,7 +19,8 @@ file stores its key and a hash of its own tensors; on load both are checked, and
 row count against the split: a file that does not match, or does not load, is recomputed and written
 again (atomically, `engine.io`), never trusted. A split with an unreadable image is not cached (the run
 must meet it to count it, `engine.data.bad_images`). With several ranks the features are sharded and
-nothing is cached (the run measures as before).
+nothing is cached (the run measures as before); `eval.source_cache=false` turns the cache off (a run
+whose --out should hold nothing but run folders).
 
 The step-0 curve point taken from these features is the untouched backbone's, as step 0 is by
 definition (a strategy's new parameters start at zero contribution); the run says in one line what it
@@ -158,7 +159,7 @@ def measure_untouched(backbone, loaders, cfg, num_source_classes: int, rt, sourc
     (engine.run.measure_source) gives it, and the forgetting curve's step-0 features (bank, labels,
     queries, labels; None when the curve has no step 0), both from the shared cache where it holds
     them. With several ranks: `measure`'s own answer and no curve features."""
-    if rt.world > 1:
+    if rt.world > 1 or not cfg.eval.source_cache:
         return measure(backbone, loaders, cfg, num_source_classes, rt), None
     amp = PRECISIONS[cfg.train.precision]
     cache = open_cache(backbone, cfg, source_pre, rt.device, cfg.out)

@@ -122,3 +122,11 @@ def test_the_curve_scores_the_untouched_features_at_step_0_and_extracts_after(ru
     assert curve.due(1)
     with pytest.raises(AssertionError, match="must not extract"):
         curve.measure(Untouchable())
+
+
+def test_with_the_cache_off_a_run_extracts_and_writes_nothing(run, capsys):
+    run.cfg.eval.source_cache = False
+    knn, curve = source_features.measure_untouched(run.backbone, run.loaders, run.cfg, 4, run.rt, run.pre,
+                                                   measure_source)
+    assert knn == measure_source(run.backbone, run.loaders, run.cfg, 4, run.rt) and curve is None
+    assert not run.folder.exists() and "source features:" not in capsys.readouterr().out
