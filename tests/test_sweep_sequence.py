@@ -8,6 +8,7 @@ import json
 import pytest
 import yaml
 
+import engine.sweep
 from engine import continual
 from engine.config import parse_run_args, resolved_for_target, save_yaml
 from engine.presets import CONTINUAL, CONTINUAL_TARGETS, EMBEDDED
@@ -125,20 +126,21 @@ def test_an_incomplete_sequence_is_partial_and_continues_with_its_own_command(tm
     assert state(point, tmp_path, {}) == "done"
 
 
-def real_stages(point, sweep_dir, **changed):
+def real_stages(point, sweep_dir, complete=False, **changed):
     """The point's sequence folder with each stage's config.yaml as engine.run resolves it (the embedded
-    digits domains fill crop 0.35, no flip) and a sequence.json of its identity; `changed` overrides keys
-    of every stage's config (`train__momentum=0.8`)."""
+    digits domains fill crop 0.35, no flip) and a sequence.json of its identity, complete or with no
+    stage measured; `changed` overrides keys of every stage's config (`train__momentum=0.8`)."""
     seq = sequence_of(point, sweep_dir)
     seq.folder.mkdir(parents=True)
+    fake_sequence(seq.folder, *SEQUENCES[0.05, 0], identity=seq.identity())
     for t in range(len(seq.targets)):
-        seq.run_dir(t).mkdir()
         cfg = resolved_for_target(parse_run_args(seq.stage_args(t), "test"), 0.35, 0.0)
         for key, value in changed.items():
             section, leaf = key.split("__")
             setattr(getattr(cfg, section), leaf, value)
         save_yaml(cfg, seq.run_dir(t) / "config.yaml")
-    (seq.folder / "sequence.json").write_text(json.dumps({**seq.identity(), "stages": [], "complete": False}))
+    if not complete:
+        (seq.folder / "sequence.json").write_text(json.dumps({**seq.identity(), "stages": [], "complete": False}))
     return seq
 
 
@@ -179,3 +181,23 @@ def test_a_sequence_row_refuses_what_its_command_would_refuse_before_anything_st
     assert main(["--preset", "continual", "--out", str(tmp_path / "sweep"), *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists()
+
+
+def test_a_sweep_launches_a_sequence_row_as_engine_sequence_and_keeps_it_once_complete(tmp_path, monkeypatch, capsys):
+    """The local launcher replaced by one that leaves each sequence folder complete (no training): the first
+    sweep launches the row's engine.sequence command and tables it; the same sweep again launches nothing."""
+    launched = []
+
+    def launch(jobs, parallel, log_dir, on_done):
+        for point, cmd in jobs:
+            launched.append(cmd[1:3])
+            real_stages(point, log_dir.parent, complete=True)
+            on_done(point, 0, 0.0)
+    monkeypatch.setattr(engine.sweep, "launch_local", launch)
+    args = ["--preset", "continual", "--rows", "seq-lora-swap", "--lrs", "0.05", "--out", str(tmp_path)]
+    assert main(args) == 0
+    assert launched == [["-m", "engine.sequence"]]
+    assert float(table(tmp_path)["seq-lora-swap"]["mean_forgetting"]) == 12.5
+    assert main(args) == 0
+    assert launched == [["-m", "engine.sequence"]]
+    assert "1 runs, 1 finished before, 0 to run" in capsys.readouterr().out
