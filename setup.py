@@ -41,8 +41,10 @@ setup(
         "scipy>=1.5,<2",               # the sweep report's t intervals (scikit-learn needs it too)
     ],
     extras_require={
-        # pytest-timeout: a test that hangs fails with every thread's stack instead of stalling CI
-        "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "pytest-timeout>=2.3,<3", "peft>=0.13,<1",
+        # pytest-timeout: a test that hangs fails with every thread's stack instead of stalling CI;
+        # pytest-xdist: the suite on two worker processes (pytest.ini), a test file each at a time
+        "test": ["pytest>=8,<10", "pytest-benchmark>=4,<6", "pytest-timeout>=2.3,<3", "pytest-xdist>=3.5,<4",
+                 "peft>=0.13,<1",
                  "submitit>=1.5,<2", "open_clip_torch>=3.0,<4"],
         "cluster": ["submitit>=1.5,<2"],  # python -m engine.sweep --launcher submitit (SLURM)
         "clip": ["open_clip_torch>=3.0,<4"],  # CLIP's text tower: eval.zeroshot, model.head_init=zeroshot

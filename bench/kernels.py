@@ -87,13 +87,19 @@ def run_cases(cfg: dict) -> tuple[int, list[dict]]:
     import pytest
 
     os.environ[CONFIG_ENV] = json.dumps(cfg)
+    # called from a pytest-xdist worker (the suite), pytest-benchmark would see its PYTEST_XDIST_WORKER and
+    # disable itself: this inner session is not one of xdist's
+    xdist_worker = os.environ.pop("PYTEST_XDIST_WORKER", None)
     ours = [c for c in cfg["cases"] if c["provider"] not in PEER_PROVIDERS]
     with tempfile.TemporaryDirectory() as tmp:
         json_path = Path(tmp) / "bench.json"
-        code = pytest.main([__file__, "-q", "-p", "no:cacheprovider", "--benchmark-enable",  # pytest.ini disables it
+        # pytest.ini's addopts disable benchmarks and spread tests over xdist workers (which disables them too)
+        code = pytest.main([__file__, "-q", "-o", "addopts=", "-p", "no:cacheprovider", "--benchmark-enable",
                             f"--benchmark-json={json_path}", "--benchmark-columns=min,median,rounds",
                             "--benchmark-sort=name", "--benchmark-disable-gc"]
                            + ([f"--benchmark-timer=time.{CLOCKS['cpu'].__name__}"] if cfg["clock"] == "cpu" else []))
+        if xdist_worker is not None:
+            os.environ["PYTEST_XDIST_WORKER"] = xdist_worker
         benchmarks = json.loads(json_path.read_text())["benchmarks"] if code == 0 else []
     if code == pytest.ExitCode.NO_TESTS_COLLECTED and not ours:  # only the peer's cases
         code = 0

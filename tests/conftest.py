@@ -8,6 +8,20 @@ from bench.processes import signal_tree, start, wait_for_row
 from durability import DURABLE, EQUIVALENCE, run_here
 
 
+# Test files whose tests share a session fixture below: run on one worker, so each fixture runs once.
+SHARED_SESSION = {"test_resume.py", "test_multirank.py", "test_large_batch.py"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the group marks into the test ids
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist's `--dist loadgroup` (pytest.ini), a worker takes a whole test file: its module
+    fixtures run once; the files in SHARED_SESSION go to one worker together."""
+    for item in items:
+        name = item.path.name
+        group = "shared-session" if name in SHARED_SESSION else str(item.path)
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def durable_reference(tmp_path_factory):
     """The uninterrupted one-rank run that the durability and multi-rank tests compare with."""
