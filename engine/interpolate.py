@@ -22,7 +22,8 @@ its `target_top1`, `source_knn_after` and `shift_top1`, exactly.
 
 Writes RUN/interpolation.csv (a row per alpha) and RUN/interpolation.png (target top-1 against
 source k-NN, a point per alpha), each atomically, while holding the run folder (a run still going
-is refused). `key=value` may change the measurement (eval.*, data.loader, data.workers,
+is refused). `--out DIR` writes them into DIR instead (made where missing, held too), leaving RUN
+as it was: a sweep's derived row (`presets.Row.interpolate`, WiSE-FT) keeps its own folder so. `key=value` may change the measurement (eval.*, data.loader, data.workers,
 data.data_root), nothing that changes the model.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ import csv
 import io
 import math
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -125,11 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", metavar="RUN", help="a finished run folder (results.json, config.yaml, adapter/)")
     parser.add_argument("--alphas", default=",".join(f"{a:g}" for a in ALPHAS),
                         help="comma list of alphas (default: 0,0.1,...,1)")
+    parser.add_argument("--out", metavar="DIR", help="write interpolation.csv / .png into DIR (default: RUN)")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help=f"measurement keys only: {', '.join(CHANGEABLE)}")
     args = parser.parse_intermixed_args(argv)
     try:
-        rows = interpolation_curve(Path(args.run_dir), parse_alphas(args.alphas), args.overrides)
+        rows = interpolation_curve(Path(args.run_dir), parse_alphas(args.alphas), args.overrides,
+                                   Path(args.out) if args.out else None)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -144,19 +148,26 @@ def _check_run_dir(run_dir: Path) -> None:
                             + (" (the run has not finished)" if name == "results.json" else ""))
 
 
-def interpolation_curve(run_dir: Path, alphas: list[float], overrides: list[str] = ()) -> list[dict]:
-    """Measure theta(alpha) at each alpha; write RUN/interpolation.csv and .png; return the rows."""
+def interpolation_curve(run_dir: Path, alphas: list[float], overrides: list[str] = (),
+                        out_dir: Path | None = None) -> list[dict]:
+    """Measure theta(alpha) at each alpha; write interpolation.csv and .png into `out_dir` (default:
+    RUN); return the rows."""
     _check_run_dir(run_dir)
+    out_dir = run_dir if out_dir is None else out_dir
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a folder")
     for item in overrides:
         key = item.split("=", 1)[0].strip()
         if "=" not in item or not key.startswith(CHANGEABLE):
             raise UserError(f"{item!r}: engine.interpolate takes key=value for {', '.join(CHANGEABLE)} only "
                             f"(the model is the run's)")
     cfg = build_config(str(run_dir / "config.yaml"), overrides=list(overrides))
-    with FolderLock.take(run_dir, "run folder"):
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with FolderLock.take(run_dir, "run folder"), \
+            (FolderLock.take(out_dir, "output folder") if out_dir.resolve() != run_dir.resolve() else nullcontext()):
         rows = _measure(run_dir, cfg, alphas)
-        write_csv(run_dir / "interpolation.csv", rows)
-        plot_curve(rows, run_dir / "interpolation.png", f"{cfg.strategy} on {cfg.model.name}: weight interpolation "
+        write_csv(out_dir / "interpolation.csv", rows)
+        plot_curve(rows, out_dir / "interpolation.png", f"{cfg.strategy} on {cfg.model.name}: weight interpolation "
                    f"untouched (0) -> fine-tuned (1)")
     return rows
 
