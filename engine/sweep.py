@@ -35,11 +35,22 @@ or a stage's config.yaml or package versions differ from what that stage would r
 `Sequence.stage_args`). The table gives its average accuracy, backward transfer and mean forgetting
 beside the single runs' figures (engine.sweep_report). Its stages run one after another in one process:
 under submitit a sequence row takes one GPU (`--gpus 1 --nodes 1`).
+
+A row can be derived from another row's runs by weight interpolation (`presets.Row.interpolate`, e.g. the
+`clip` preset's WiSE-FT alpha=0.5 of All): at each learning rate and seed of its source row, once that run
+is finished, its point is `python -m engine.interpolate SOURCE_RUN --alphas A --out ITS_FOLDER`, so its
+interpolation.csv / .png land in a folder of its own (`wise-ft-lr1e-05-s0`) and the source run's folder is
+left as it was (its config and results are what the reuse check reads). It is done when its
+interpolation.csv has a row at its alpha; stale when its source run's results.json is newer than that file
+(the source was run again); it is launched after the grid's training runs, and not while its source is
+unfinished. The table reads its figures at that alpha, and its learning rate follows the source row's
+choice (engine.sweep_report).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shlex
@@ -78,14 +89,18 @@ class Point:
     lr: float
     seed: int
     name: str
-    args: tuple[str, ...]             # engine.run's argv, without --out/--name
+    args: tuple[str, ...]             # engine.run's argv, without --out/--name (a derived row's: its source's)
+    source: "Point | None" = None     # a derived row's (Row.interpolate): the point it interpolates
 
     def run_dir(self, sweep_dir: Path) -> Path:
         return sweep_dir / self.name
 
     @property
     def module(self) -> str:
-        """The entry point its command runs: engine.sequence for a sequence row, engine.run otherwise."""
+        """The entry point its command runs: engine.sequence for a sequence row, engine.interpolate for a
+        derived one, engine.run otherwise."""
+        if self.row.interpolate is not None:
+            return "engine.interpolate"
         return "engine.run" if self.row.sequence is None else "engine.sequence"
 
 
@@ -100,19 +115,48 @@ def sequence_of(point: Point, sweep_dir: Path):
 def build_grid(rows, seeds: list[int], base_args=(), extra=(), lrs: tuple[float, ...] | None = None,
                default_lrs: tuple[float, ...] = ()) -> list[Point]:
     """rows x learning rates x seeds. A row trains at `lrs` when given, else at its own (the linear
-    probe's), else at `default_lrs`; the user's arguments `extra` come last, so they win."""
+    probe's), else at `default_lrs`; the user's arguments `extra` come last, so they win. A derived row
+    (Row.interpolate) gets a point per point of its source row, after every other row's."""
     points = []
     for row in rows:
+        if row.interpolate is not None:
+            continue
         for lr in lrs or row.lrs or default_lrs:
             for seed in seeds:
                 args = (*base_args, "--strategy", row.strategy, *row.args, "--lr", f"{lr:g}", "--seed", str(seed),
                         *extra)
                 points.append(Point(row, lr, seed, f"{row.key}-lr{lr:g}-s{seed}", args))
+    for row in rows:
+        if row.interpolate is None:
+            continue
+        source = row.interpolate.source
+        sources = [p for p in points if p.row.key == source and p.row.sequence is None]
+        if not sources:
+            raise UserError(f"row {row.key} interpolates row {source!r}, which is not a single-run row of this grid"
+                            + (" (keep it in --rows)" if source not in {r.key for r in rows} else ""))
+        points += [Point(row, p.lr, p.seed, f"{row.key}-lr{p.lr:g}-s{p.seed}", p.args, p) for p in sources]
     return points
+
+
+INTERPOLATION_CSV = "interpolation.csv"
+
+
+def interpolation_row(point: Point, run_dir: Path) -> dict | None:
+    """A derived point's interpolation.csv row at its alpha (None: no such file or row yet)."""
+    from .interpolate import read_csv
+    try:
+        rows = read_csv(run_dir / INTERPOLATION_CSV)
+    except (OSError, ValueError):
+        return None
+    alpha = point.row.interpolate.alpha
+    return next((r for r in rows if math.isclose(r.get("alpha", math.nan), alpha, abs_tol=1e-9)), None)
 
 
 def run_command(point: Point, sweep_dir: Path) -> list[str]:
     """The command of a run that has not started (of a sequence row: the sequence)."""
+    if point.source is not None:
+        return [sys.executable, "-m", point.module, str(point.source.run_dir(sweep_dir)),
+                "--alphas", f"{point.row.interpolate.alpha:g}", "--out", str(point.run_dir(sweep_dir))]
     spec = point.row.sequence
     head = [] if spec is None else ["--targets", ",".join(spec.targets), "--adapters", spec.adapters]
     return [sys.executable, "-m", point.module, *head, *point.args, "--out", str(sweep_dir), "--name", point.name]
@@ -122,8 +166,8 @@ def restart_command(point: Point, sweep_dir: Path) -> list[str]:
     """The command of a run that was stopped mid-way: `--resume` when it wrote its config (engine.run
     continues from the last full checkpoint that verifies, or from step 0 when it wrote none), else a
     fresh start in its folder (`--overwrite`: the run folder rules refuse an existing --name otherwise).
-    A sequence continues with its own command."""
-    if point.row.sequence is not None:
+    A sequence, and a derived row, continues with its own command."""
+    if point.row.sequence is not None or point.source is not None:
         return run_command(point, sweep_dir)
     if (point.run_dir(sweep_dir) / "config.yaml").is_file():
         return [sys.executable, "-m", "engine.run", "--resume", str(point.run_dir(sweep_dir))]
@@ -135,7 +179,8 @@ STATES = ("done", "diverged", "partial", "new", "running", "stale")
 
 def state(point: Point, sweep_dir: Path, outcomes: dict[str, int]) -> str:
     """done (results.json), diverged (exit 3 on record), running (its folder held by a live process),
-    partial (a folder without results) or new. A sequence is done when its sequence.json is complete."""
+    partial (a folder without results) or new. A sequence is done when its sequence.json is complete, a
+    derived row when its interpolation.csv has its alpha."""
     run_dir = point.run_dir(sweep_dir)
     if _finished(point, run_dir):
         return "done"
@@ -147,6 +192,8 @@ def state(point: Point, sweep_dir: Path, outcomes: dict[str, int]) -> str:
 
 
 def _finished(point: Point, run_dir: Path) -> bool:
+    if point.source is not None:
+        return interpolation_row(point, run_dir) is not None
     if point.row.sequence is None:
         return (run_dir / "results.json").is_file()
     try:
@@ -268,12 +315,28 @@ def sequence_staleness(point: Point, sweep_dir: Path, versions: dict) -> list[st
     return differ
 
 
+def derived_staleness(point: Point, sweep_dir: Path) -> list[str]:
+    """Why a derived row's folder does not hold the interpolation of its source run as it is now (empty: it
+    does): the source's results.json is newer than its interpolation.csv (the source ran again)."""
+    try:
+        made = (point.run_dir(sweep_dir) / INTERPOLATION_CSV).stat().st_mtime
+        source = (point.source.run_dir(sweep_dir) / "results.json").stat().st_mtime
+    except OSError:
+        return []  # not written yet, or its source unfinished: nothing to compare
+    return [f"{point.source.name}/results.json is newer than its {INTERPOLATION_CSV}"] if source > made else []
+
+
 def find_stale(grid: list[Point], sweep_dir: Path, states: dict[str, str], world: int) -> dict[str, list[str]]:
     """name -> why, for each run of the grid whose folder (finished, diverged or partial; a live run is
     left alone) holds another config or versions than this sweep would run now."""
     versions, stale = None, {}
     for point in grid:
         if states[point.name] not in ("done", "diverged", "partial"):
+            continue
+        if point.source is not None:
+            why = derived_staleness(point, sweep_dir)
+            if why:
+                stale[point.name] = why
             continue
         versions = versions or installed_versions()
         if point.row.sequence is not None:
@@ -397,6 +460,8 @@ class SweepJob:
                           MASTER_ADDR=env.hostnames[0], MASTER_PORT=str(20000 + zlib.crc32(str(env.job_id).encode()) % 20000))
         if self.module == "engine.sequence":
             from .sequence import main
+        elif self.module == "engine.interpolate":
+            from .interpolate import main
         else:
             from .run import main
         return main(self.argv)
@@ -666,11 +731,22 @@ def _run_grid(args, preset, grid: list[Point], sweep_dir: Path) -> int:
     def command(point: Point) -> list[str]:
         return (restart_command if states[point.name] == "partial" else run_command)(point, sweep_dir)
 
-    if args.launcher == "local":
-        launch_local([(p, command(p)) for p in todo], args.parallel, sweep_dir / "logs", on_done)
-    else:
-        launch_submitit([(p, command(p)[3:], restart_command(p, sweep_dir)[3:]) for p in todo],
-                        sweep_dir / "submitit", args, on_done)
+    def launch(points: list[Point]) -> None:
+        if not points:
+            return
+        if args.launcher == "local":
+            launch_local([(p, command(p)) for p in points], args.parallel, sweep_dir / "logs", on_done)
+        else:
+            launch_submitit([(p, command(p)[3:], restart_command(p, sweep_dir)[3:]) for p in points],
+                            sweep_dir / "submitit", args, on_done)
+
+    launch([p for p in todo if p.source is None])
+    # derived rows once their sources are finished (the others wait for the next call)
+    ready = [p for p in todo if p.source is not None and state(p.source, sweep_dir, outcomes) == "done"]
+    waiting = [p.name for p in todo if p.source is not None and p not in ready]
+    if waiting:
+        print(f"{len(waiting)} derived runs wait for their source runs ({', '.join(waiting[:3])})", flush=True)
+    launch(ready)
     from .sweep_report import write_report
     print(write_report(sweep_dir, grid, preset, outcomes, stale if args.reuse_stale else {}))
     failed = [p.name for p in grid if state(p, sweep_dir, outcomes) in ("new", "partial", "running")]
