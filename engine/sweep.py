@@ -116,7 +116,8 @@ def build_grid(rows, seeds: list[int], base_args=(), extra=(), lrs: tuple[float,
                default_lrs: tuple[float, ...] = ()) -> list[Point]:
     """rows x learning rates x seeds. A row trains at `lrs` when given, else at its own (the linear
     probe's), else at `default_lrs`; the user's arguments `extra` come last, so they win. A derived row
-    (Row.interpolate) gets a point per point of its source row, after every other row's."""
+    (Row.interpolate) gets a point per point of its source row, which must come before it in `rows`; the
+    points are in the order of `rows`."""
     points = []
     for row in rows:
         if row.interpolate is not None:
@@ -131,11 +132,12 @@ def build_grid(rows, seeds: list[int], base_args=(), extra=(), lrs: tuple[float,
             continue
         source = row.interpolate.source
         sources = [p for p in points if p.row.key == source and p.row.sequence is None]
-        if not sources:
-            raise UserError(f"row {row.key} interpolates row {source!r}, which is not a single-run row of this grid"
+        if not sources or rows.index(sources[0].row) > rows.index(row):
+            raise UserError(f"row {row.key} interpolates row {source!r}, which is not a single-run row before it in "
+                            f"this grid"
                             + (" (keep it in --rows)" if source not in {r.key for r in rows} else ""))
         points += [Point(row, p.lr, p.seed, f"{row.key}-lr{p.lr:g}-s{p.seed}", p.args, p) for p in sources]
-    return points
+    return sorted(points, key=lambda p: rows.index(p.row))  # stable: lr and seed order kept
 
 
 INTERPOLATION_CSV = "interpolation.csv"

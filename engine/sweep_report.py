@@ -25,6 +25,13 @@ backbone's after the last stage (in swap mode: the untouched one with the last a
 top-1 the mean of its stages' (which picks its learning rate). Its average accuracy, backward transfer and
 mean forgetting (Avalanche's and mammoth's, engine.continual) get columns of their own, summarised over
 seeds as the others are; a single run's cells there are empty.
+
+A derived row's point (`presets.Row.interpolate`, WiSE-FT) is read from its own folder's interpolation.csv
+(engine.interpolate) at its alpha: target top-1, source k-NN, shift and zero-shot accuracy there are its
+results; its source k-NN before, zero-shot before, trainable parameters, validation accuracy and config are
+its source run's, so its forgetting is against the same untouched backbone and its learning rate is the one
+the source row's validation accuracy chose. A row's `paper_zeroshot` (the selective LoRA paper's Fig. 1) is
+printed in a paper column beside the zero-shot forgetting column.
 """
 from __future__ import annotations
 
@@ -68,7 +75,8 @@ TABLE_COLUMNS = ("group", "row", "label", "strategy", "best_lr", "seeds", "train
                  *(f"{key}{suffix}" for key, _ in STATS for suffix in ("", "_sd", "_ci95_low", "_ci95_high")),
                  *(f"{key}_mark" for key in COMPARED), "active_blocks", "total_blocks",
                  *(f"{key}{suffix}" for key, _ in OPTIONAL_STATS for suffix in ("", "_sd", "_ci95_low", "_ci95_high")),
-                 "paper_trainable", "paper_target", "paper_source", "paper_mean")
+                 "paper_trainable", "paper_target", "paper_source", "paper_mean", "paper_zeroshot_forgetting")
+PAPER_ZEROSHOT_NAME = "paper: zero-shot forgetting"
 
 
 @dataclass
@@ -127,12 +135,37 @@ def _load(point, sweep_dir: Path) -> Finished | None:
     run_dir = point.run_dir(sweep_dir)
     if getattr(point.row, "sequence", None) is not None:
         return _load_sequence(point, run_dir)
+    if getattr(point, "source", None) is not None:
+        return _load_derived(point, sweep_dir)
     if not (run_dir / "results.json").is_file():
         return None
     knn = json.loads((run_dir / "source_knn.json").read_text())
     curve = read_curve(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else []
     return Finished(point, json.loads((run_dir / "results.json").read_text()), float(knn["best_val_top1"]),
                     yaml.safe_load((run_dir / "config.yaml").read_text()), curve)
+
+
+def _load_derived(point, sweep_dir: Path) -> Finished | None:
+    """A derived point's figures at its alpha, over its source run's (see the module's note); None until
+    both are there."""
+    from .sweep import interpolation_row
+    source = _load(point.source, sweep_dir)
+    at = interpolation_row(point, point.run_dir(sweep_dir))
+    if source is None or at is None:
+        return None
+    before = source.results
+    results = {k: before[k] for k in ("strategy", "trainable_params", "source_knn_before", "active_blocks",
+                                      "total_blocks", "zeroshot_before") if k in before}
+    results.update(target_top1=at["target_top1"], source_knn_after=at["source_knn"],
+                   forgetting=before["source_knn_before"] - at["source_knn"],
+                   mean=(at["target_top1"] + at["source_knn"]) / 2, alpha=at["alpha"], source_run=point.source.name)
+    if "target_shift_top1" in at:
+        results["target_shift_top1"] = at["target_shift_top1"]
+    if "zeroshot_mean" in at:
+        results["zeroshot_after"] = {"mean": at["zeroshot_mean"]}
+        if before.get("zeroshot_before") is not None:
+            results["zeroshot_forgetting"] = before["zeroshot_before"]["mean"] - at["zeroshot_mean"]
+    return Finished(point, results, source.val_top1, source.config)
 
 
 def _load_sequence(point, folder: Path) -> Finished | None:
@@ -162,16 +195,23 @@ def select(grid, sweep_dir: Path) -> tuple[list[dict], list[Finished]]:
     every finished run. A row's `values[key]` maps each seed to its run's figure; `key`, `key_sd`,
     `key_ci95_low` / `_high` summarise them; `key_mark` is 'best', 'tied' or '' (see `mark`)."""
     finished = {p.name: f for p in grid if (f := _load(p, sweep_dir)) is not None}
-    rows = []
+    rows, chosen = [], {}
     for row in dict.fromkeys(p.row for p in grid):
         by_lr: dict[float, list[Finished]] = {}
         for p in grid:
             if p.row == row and p.name in finished:
                 by_lr.setdefault(p.lr, []).append(finished[p.name])
         entry = {"group": row.group, "row": row.key, "label": row.label, "strategy": row.strategy,
-                 "paper": row.paper, "sequence": getattr(row, "sequence", None), "runs": []}
+                 "paper": row.paper, "sequence": getattr(row, "sequence", None),
+                 "interpolate": getattr(row, "interpolate", None),
+                 "paper_zeroshot_forgetting": getattr(row, "paper_zeroshot", None), "runs": []}
         if by_lr:
             best_lr = max(by_lr, key=lambda lr: statistics.fmean(f.val_top1 for f in by_lr[lr]))  # first of equals
+            if entry["interpolate"] is not None:  # the source row's choice (grid order: sources come first)
+                best_lr = chosen.get(entry["interpolate"].source)
+                by_lr = by_lr if best_lr in by_lr else {}
+        if by_lr:
+            chosen[row.key] = best_lr
             runs = by_lr[best_lr]
             r = [f.results for f in runs]
             entry.update(best_lr=best_lr, seeds=len(runs), runs=runs, trainable_params=r[0]["trainable_params"],
@@ -215,6 +255,12 @@ def mark(rows: list[dict], key: str) -> None:
     top[f"{key}_mark"] = "tied" if ties else "best"
     for r in ties:
         r[f"{key}_mark"] = "tied"
+
+
+def _extra_cell(r: dict, key: str) -> str:
+    if key == "paper_zeroshot_forgetting":
+        return r[key] or ""
+    return _cell(r, key) if key in r else "-"
 
 
 def _fmt(value, digits: int = 2) -> str:
@@ -283,8 +329,12 @@ def format_markdown(rows: list[dict], finished: list[Finished], preset) -> str:
     best_paper = max((r["paper"].mean for r in rows if r["paper"]), default=None)
     names = {"target_top1": f"{target} top-1", "source_knn": f"{source} {k}-NN", "mean": "Mean"}
     extra = [key for key, _ in OPTIONAL_STATS if any(key in r for r in done)]
+    if any(r["paper_zeroshot_forgetting"] for r in rows):  # beside ours where we have it, else last
+        at = extra.index("zeroshot_forgetting") + 1 if "zeroshot_forgetting" in extra else len(extra)
+        extra.insert(at, "paper_zeroshot_forgetting")
     head = ["Group", "Strategy", "best LR", "n", "Trainable params", *names.values(),
-            *(["Mean 95% CI"] if seeds > 1 else []), *(OPTIONAL_NAMES[key] for key in extra)]
+            *(["Mean 95% CI"] if seeds > 1 else []),
+            *(OPTIONAL_NAMES.get(key, PAPER_ZEROSHOT_NAME) for key in extra)]
     if with_paper:
         head += ["paper: params", "paper: CIFAR-100", "paper: IN-1K", "paper: Mean"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -296,9 +346,10 @@ def format_markdown(rows: list[dict], finished: list[Finished], preset) -> str:
         if r["runs"]:
             cells = [f"{r['best_lr']:g}", str(r["seeds"]), _fmt(r["trainable_params"]),
                      *(_cell(r, key) for key in names), *([_interval(r, "mean")] if seeds > 1 else []),
-                     *(_cell(r, key) if key in r else "-" for key in extra)]
+                     *(_extra_cell(r, key) for key in extra)]
         else:
-            cells = ["-", "0", "-", "not run", "-", "-", *(["-"] if seeds > 1 else []), *("-" for _ in extra)]
+            cells = ["-", "0", "-", "not run", "-", "-", *(["-"] if seeds > 1 else []),
+                     *(_extra_cell(r, key) if key == "paper_zeroshot_forgetting" else "-" for key in extra)]
         if with_paper:
             p = r["paper"]
             cells += ([p.trainable, _fmt(p.target), _fmt(p.source), f"**{_fmt(p.mean)}**" if p.mean == best_paper
@@ -339,6 +390,18 @@ def format_markdown(rows: list[dict], finished: list[Finished], preset) -> str:
               "(points) as Avalanche and mammoth define them over the accuracy matrix (engine.continual); their "
               "learning rate chosen by the mean of the stages' validation accuracy. Single runs leave these "
               "columns empty (-).")
+    if "paper_zeroshot_forgetting" in extra:
+        from .presets import PAPER_ZEROSHOT_SOURCE
+        notes.append(f"{PAPER_ZEROSHOT_NAME[0].upper()}{PAPER_ZEROSHOT_NAME[1:]}: the figures as printed in "
+                     f"{PAPER_ZEROSHOT_SOURCE}, on the rows they describe (empty where it has none).")
+    derived = [r for r in done if r["interpolate"] is not None]
+    if derived:
+        notes.append("Interpolated rows (engine.interpolate, WiSE-FT: weights (1 - alpha) untouched + alpha "
+                     "fine-tuned, each row's own folder): " + "; ".join(
+                         f"{r['label']}: alpha {r['interpolate'].alpha:g} of each {r['interpolate'].source} run"
+                         for r in derived)
+                     + ". Their learning rate is the one their source row's validation accuracy chose; forgetting "
+                       "against the source run's untouched backbone; nothing is trained for them.")
     if with_paper:
         notes.append("The paper's columns are its Table 1 as printed (its best mean in bold).")
     if preset is not None and preset.note:
@@ -376,7 +439,7 @@ def _table_rows(rows: list[dict]) -> list[dict]:
     flat = []
     for r in rows:
         p = r["paper"]
-        flat.append({**{k: v for k, v in r.items() if k not in ("paper", "runs")},
+        flat.append({**{k: v for k, v in r.items() if k not in ("paper", "runs", "interpolate", "sequence")},
                      **({"paper_trainable": p.trainable, "paper_target": p.target, "paper_source": p.source,
                          "paper_mean": p.mean} if p else {})})
     return flat
