@@ -409,13 +409,16 @@ def format_markdown(rows: list[dict], finished: list[Finished], preset) -> str:
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
 
 
+_LR_COLUMNS = ("lr", "best_lr")  # learning rates as given: CLIP's 1e-05 survives no rounding to 4 places
+
+
 def _csv(rows: list[dict], columns) -> str:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
     writer.writeheader()
     for r in rows:
-        writer.writerow({k: ("" if r.get(k) is None else round(r[k], 4) if isinstance(r.get(k), float) else r[k])
-                         for k in columns})
+        writer.writerow({k: ("" if r.get(k) is None else f"{r[k]:g}" if k in _LR_COLUMNS  # 1e-05, not 0.0
+                             else round(r[k], 4) if isinstance(r.get(k), float) else r[k]) for k in columns})
     return buffer.getvalue()
 
 
