@@ -182,3 +182,26 @@ def test_a_sweep_launches_derived_points_after_their_sources_and_only_once_they_
     else:
         assert code == 1 and launched == [["engine.run"]]
         assert "1 derived runs wait for their source runs (wise-ft-lr1e-05-s0)" in capsys.readouterr().out
+
+
+def test_engine_interpolate_out_writes_into_its_own_folder_and_leaves_the_run_folder_as_it_was(tmp_path, capsys):
+    """One tiny real run (embedded default, 4 steps) and its interpolation at 0.5 into another folder: the
+    derived point it would be in a sweep is done, and the run folder holds exactly the files it had."""
+    from engine.interpolate import main as interpolate_main
+    from engine.run import main as run_main
+    from test_interpolate import QUICK
+    assert run_main([*QUICK, "--strategy", "lora", "--out", str(tmp_path), "--name", "full-lr0.05-s0",
+                     "eval.shift=none"]) == 0
+    run_dir = tmp_path / "full-lr0.05-s0"
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    out = tmp_path / "wise-ft-lr0.05-s0"
+    assert interpolate_main([str(run_dir), "--alphas", "0.5", "--out", str(out)]) == 0
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before
+    with open(out / "interpolation.csv") as f:
+        assert [float(r["alpha"]) for r in csv.DictReader(f)] == [0.5]
+    assert (out / "interpolation.png").is_file()
+    point = build_grid((Row("full", "All", "Standard", "lora"), WISE), [0], lrs=(0.05,))[1]
+    assert point.run_dir(tmp_path) == out and state(point, tmp_path, {}) == "done"
+    (tmp_path / "file").touch()
+    assert interpolate_main([str(run_dir), "--alphas", "0.5", "--out", str(tmp_path / "file")]) == 2
+    assert capsys.readouterr().err == f"error: --out {tmp_path / 'file'} is a file, not a folder\n"
