@@ -1,7 +1,8 @@
 """Sweep presets: the paper's table (`paper`), its Figure 2 (`paper-transfer`: four strategies on five
 transfer sets) and Figure 4 (`paper-vits`: DINO ViT-S/16), the table's rows on the embedded default
 (`embedded`), selective LoRA's own curve (`selective`), the selective LoRA paper's CLIP setting
-(`clip`: zero-shot retention and shift), and sequences of embedded domains (`continual`: each row an
+(`clip`: zero-shot retention and shift, with WiSE-FT as a row derived by `engine.interpolate`,
+`Row.interpolate`), and sequences of embedded domains (`continual`: each row an
 `engine.sequence`, its average accuracy and forgetting in the table).
 
 A preset is rows (a label, the table group, a strategy from `adapters.STRATEGIES` and its options as

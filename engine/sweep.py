@@ -42,7 +42,7 @@ is finished, its point is `python -m engine.interpolate SOURCE_RUN --alphas A --
 interpolation.csv / .png land in a folder of its own (`wise-ft-lr1e-05-s0`) and the source run's folder is
 left as it was (its config and results are what the reuse check reads). It is done when its
 interpolation.csv has a row at its alpha; stale when its source run's results.json is newer than that file
-(the source was run again); it is launched after the grid's training runs, and not while its source is
+(the source was run again) or its source is to run now; it is launched after the grid's training runs, and not while its source is
 unfinished. The table reads its figures at that alpha, and its learning rate follows the source row's
 choice (engine.sweep_report).
 """
@@ -351,6 +351,14 @@ def find_stale(grid: list[Point], sweep_dir: Path, states: dict[str, str], world
         if why:
             stale[point.name] = why
     return stale
+
+
+def stale_derived(grid: list[Point], states: dict[str, str]) -> dict[str, list[str]]:
+    """name -> why, for each derived point whose folder holds an interpolation (done or partial) of a source
+    run that is to run (again) now: what it holds would be of the run set aside."""
+    return {p.name: [f"its source {p.source.name} is to run again"] for p in grid
+            if p.source is not None and states[p.name] in ("done", "partial")
+            and states[p.source.name] in ("new", "partial", "stale")}
 
 
 def stale_line(name: str, why: list[str], most: int = 3) -> str:
@@ -694,6 +702,9 @@ def _dry_run(args, grid: list[Point], sweep_dir: Path) -> int:
         print(stale_line(name, why) + ("; kept (--reuse-stale)" if args.reuse_stale else "; would run again"))
         if not args.reuse_stale:
             states[name] = "stale"
+    for name, why in stale_derived(grid, states).items():
+        print(stale_line(name, why) + "; would run again")
+        states[name] = "stale"
     for p in grid:
         cmd = restart_command(p, sweep_dir) if states[p.name] == "partial" else run_command(p, sweep_dir)
         print(f"[{states[p.name]}] {p.name}: {shlex.join(cmd[1:])}")
@@ -712,6 +723,11 @@ def _run_grid(args, preset, grid: list[Point], sweep_dir: Path) -> int:
         if args.reuse_stale:
             print(stale_line(name, why) + "; kept (--reuse-stale)", flush=True)
             continue
+        aside = set_aside(sweep_dir / name, sweep_dir)
+        outcomes.pop(name, None)
+        states[name] = "new"
+        print(stale_line(name, why) + f"; set aside in {aside}, to run again", flush=True)
+    for name, why in stale_derived(grid, states).items():  # of a source set aside just now, or unfinished
         aside = set_aside(sweep_dir / name, sweep_dir)
         outcomes.pop(name, None)
         states[name] = "new"

@@ -205,3 +205,31 @@ def test_engine_interpolate_out_writes_into_its_own_folder_and_leaves_the_run_fo
     (tmp_path / "file").touch()
     assert interpolate_main([str(run_dir), "--alphas", "0.5", "--out", str(tmp_path / "file")]) == 2
     assert capsys.readouterr().err == f"error: --out {tmp_path / 'file'} is a file, not a folder\n"
+
+
+def test_a_derived_point_of_a_source_to_run_again_is_set_aside_with_it(tmp_path, monkeypatch, capsys):
+    """The source run is partial (stopped before its config): the interpolation beside it is of an earlier
+    run, so the sweep sets it aside and redoes it after the source."""
+    source, point = build_grid((FULL, WISE), [0], lrs=(1e-5,))
+    source.run_dir(tmp_path).mkdir()
+    interpolation_csv(point.run_dir(tmp_path), [at(0.5, 78.0, 62.0, 55.0, 42.0)])
+    launched = []
+
+    def launch(jobs, parallel, log_dir, on_done):
+        for p, cmd in jobs:
+            launched.append(p.name)
+            if p is not point and p.source is None:
+                source.run_dir(tmp_path).rmdir()
+                clip_run(source.run_dir(tmp_path), 70.0, 80.0, 50.0, 45.0)
+            else:
+                interpolation_csv(p.run_dir(tmp_path), [at(0.5, 77.0, 63.0, 55.0, 42.0)])
+            on_done(p, 0, 0.0)
+    monkeypatch.setattr(engine.sweep, "launch_local", launch)
+    weights = tmp_path / "w.pt"
+    weights.touch()
+    assert main(["--preset", "clip", "--rows", "full,wise-ft", "--lrs", "1e-5", "--out", str(tmp_path),
+                 "--weights", str(weights), "data.source=imagefolder:/data/imagenet"]) == 0
+    assert launched == [source.name, point.name]
+    assert "stale run wise-ft-lr1e-05-s0: its source full-lr1e-05-s0 is to run again; set aside" in capsys.readouterr().out
+    assert (tmp_path / "stale" / point.name / "interpolation.csv").is_file()
+    assert float(table(tmp_path)["wise-ft"]["target_top1"]) == 77.0
