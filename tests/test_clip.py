@@ -230,10 +230,10 @@ def test_the_clip_preset_lists_its_rows_at_their_rates_and_needs_the_weights(tmp
     weights = "model.weights=ViT-B-16.pt"
     assert sweep_main(["--preset", "clip", "--dry-run", "--out", str(tmp_path), source, weights]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
-    assert lines[-1].startswith("18 runs:")  # 6 rows x 3 learning rates
+    assert lines[-1].startswith("21 runs:")  # 7 rows (6 trained, WiSE-FT derived from All) x 3 learning rates
     names = {line.split()[1].rstrip(":") for line in lines if line.startswith("[new] ")}
     assert {n.rsplit("-lr", 1)[0] for n in names} == {"full", "linear", "lora-r8", "lora-r128", "selective-r128-6pct",
-                                                      "selective-r128-12pct"}
+                                                      "selective-r128-12pct", "wise-ft"}
     assert any("--active-fraction 0.0625" in line and "model.head_init=zeroshot" in line for line in lines)
 
 
