@@ -21,6 +21,7 @@ def _read(stem):
 
 
 def test_kernels_quick_run_on_the_cpu_providers(results_dir, capsys):
+    here_before = {"peft", "transformers"} & set(sys.modules)  # another test of this worker may have (open_clip)
     assert kernels.main(["--quick", "--save", "--shapes", "proj", "--dtypes", "fp32", "--batch", "1", "--rank", "2",
                          "--rounds", "1", "--ratio-rounds", "1", "--threads", "1", "--clock", "cpu"]) == 0
     out = capsys.readouterr().out
@@ -38,7 +39,7 @@ def test_kernels_quick_run_on_the_cpu_providers(results_dir, capsys):
     ratio = {r["provider"]: r for r in rows if r["section"] == "ratio"}
     assert sorted(ratio) == ["torch-g0/linear", "torch/hf-peft", "torch/peft-style"]
     assert all(float(r["ratio"]) > 0 for r in ratio.values())
-    assert "peft" not in sys.modules and "transformers" not in sys.modules  # hf-peft ran in its worker
+    assert {"peft", "transformers"} & set(sys.modules) == here_before  # hf-peft ran in its worker
 
 
 def test_loaders_on_a_few_generated_jpegs(tmp_path, results_dir):
