@@ -243,6 +243,15 @@ def read_csv(path: Path) -> list[dict]:
         return [{k: float(v) for k, v in r.items() if v != ""} for r in csv.DictReader(f)]
 
 
+def row_at(folder: Path, alpha: float) -> dict | None:
+    """FOLDER/interpolation.csv's row at `alpha` (None: no such file, or no row at that alpha yet)."""
+    try:
+        rows = read_csv(Path(folder) / "interpolation.csv")
+    except (OSError, ValueError):
+        return None
+    return next((r for r in rows if math.isclose(r.get("alpha", math.nan), alpha, abs_tol=1e-9)), None)
+
+
 def plot_curve(rows: list[dict], out: Path, title: str) -> Path:
     """Target top-1 against source k-NN, one point per alpha (labelled), joined in alpha order."""
     import matplotlib

@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import re
 import shlex
@@ -145,13 +144,8 @@ INTERPOLATION_CSV = "interpolation.csv"
 
 def interpolation_row(point: Point, run_dir: Path) -> dict | None:
     """A derived point's interpolation.csv row at its alpha (None: no such file or row yet)."""
-    from .interpolate import read_csv
-    try:
-        rows = read_csv(run_dir / INTERPOLATION_CSV)
-    except (OSError, ValueError):
-        return None
-    alpha = point.row.interpolate.alpha
-    return next((r for r in rows if math.isclose(r.get("alpha", math.nan), alpha, abs_tol=1e-9)), None)
+    from .interpolate import row_at
+    return row_at(run_dir, point.row.interpolate.alpha)
 
 
 def run_command(point: Point, sweep_dir: Path) -> list[str]:

@@ -148,9 +148,9 @@ def _load(point, sweep_dir: Path) -> Finished | None:
 def _load_derived(point, sweep_dir: Path) -> Finished | None:
     """A derived point's figures at its alpha, over its source run's (see the module's note); None until
     both are there."""
-    from .sweep import interpolation_row
+    from .interpolate import row_at
     source = _load(point.source, sweep_dir)
-    at = interpolation_row(point, point.run_dir(sweep_dir))
+    at = row_at(point.run_dir(sweep_dir), point.row.interpolate.alpha)
     if source is None or at is None:
         return None
     before = source.results
