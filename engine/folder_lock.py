@@ -24,6 +24,9 @@ LOCK_FILE = ".lock"
 # A taker that finds the lock held looks again a few times: a probe (`holder`) holds it for an
 # instant, and must not make a taker refuse.
 _TRIES, _PAUSE_S = 4, 0.05
+# A holder that has died may leave the lock with a child it forked (a data loader's worker) for a few
+# seconds, until the child sees its parent gone: a taker waits this long for such a lock to free.
+_ORPHAN_WAIT_S = 15.0
 
 
 class FolderBusy(UserError):
@@ -47,7 +50,7 @@ class FolderLock:
         except OSError as e:
             raise UserError(f"{what} {folder}: cannot open its lock file {path} ({e.strerror or e})") from None
         try:
-            if not _lock(fd):
+            if not _lock(fd) and not (_holder_gone(path) and _lock(fd, _ORPHAN_WAIT_S)):
                 raise FolderBusy(f"{what} {folder} is in use by {holder_line(path)}: wait for it to end, or "
                                  f"stop it first")
             if not _same_file(fd, path):  # renamed aside (--overwrite elsewhere) between open and lock
@@ -101,14 +104,34 @@ def holder_line(path: Path) -> str:
     return f"{fields['by']} (pid {fields['pid']} on {fields['host']}, since {fields['since']})"
 
 
-def _lock(fd: int) -> bool:
-    for attempt in range(_TRIES):
+def _lock(fd: int, wait_s: float = _TRIES * _PAUSE_S) -> bool:
+    deadline = time.monotonic() + wait_s
+    while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return True
         except BlockingIOError:
-            if attempt + 1 < _TRIES:
-                time.sleep(_PAUSE_S)
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_PAUSE_S)
+
+
+def _holder_gone(path: Path) -> bool:
+    """The lock file names a process of this host that no longer exists: what holds the lock now is a
+    child it forked (a loader's worker) that has not yet seen its parent die."""
+    try:
+        stamp = json.loads(path.read_text(errors="replace")[:4096])
+        pid, host = int(stamp["pid"]), str(stamp["host"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return False
+    if host != socket.gethostname() or pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
     return False
 
 

@@ -185,3 +185,17 @@ def test_a_partial_run_with_its_config_resumes_even_without_a_checkpoint(tmp_pat
 def test_a_folder_that_cannot_hold_a_lock_file_is_one_line(tmp_path):
     with pytest.raises(UserError, match=r"^run folder .*nope: cannot open its lock file .*nope/.lock \("):
         FolderLock.take(tmp_path / "nope", "run folder")
+
+
+def test_a_lock_a_dead_holders_child_still_holds_is_waited_for_not_refused(tmp_path):
+    """The holder dies (a SIGTERMed run) while a child it forked, a loader's worker, still holds the
+    descriptor for a moment: the next taker waits for the child instead of refusing the dead pid."""
+    folder, ended = tmp_path / "run", tmp_path / "child-ended"
+    folder.mkdir()
+    code = ("import os, sys, time; from engine.folder_lock import FolderLock; FolderLock.take(sys.argv[1], 'run folder')\n"
+            "if os.fork() == 0:\n    time.sleep(1.5); open(sys.argv[2], 'w').close(); os._exit(0)\n"
+            "os._exit(0)")
+    subprocess.run([sys.executable, "-c", code, str(folder), str(ended)], cwd=ROOT, check=True)
+    assert not ended.exists() and holder(folder) is not None  # its parent gone, the child holds the lock
+    with FolderLock.take(folder, "run folder"):
+        assert ended.exists()  # taken once the child had let go

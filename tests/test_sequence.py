@@ -1,7 +1,9 @@
 """engine.sequence: two-stage sequences on the embedded backbone (swap keeps stage 1's accuracy exactly,
 merge changes it), an interrupted sequence continued at the stage it stopped in, the embedded domains,
 and bad input refused before anything is written."""
+import contextlib
 import csv
+import io
 import json
 import signal
 import time
@@ -104,18 +106,23 @@ def killed_and_continued(tmp_path_factory):
         signal_tree(proc, signal.SIGKILL)
     stopped = record(folder)
     assert not (folder / "2-digits-rot90" / "results.json").exists()
-    return folder, before, stopped, args
+    # continued here, in the fixture: every test of it sees the continued sequence, whichever runs first
+    dry, said = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(dry):
+        dry_code = sequence.main(["--resume", str(folder), "--dry-run"])
+    with contextlib.redirect_stdout(said):
+        code = run_sequence_here(args)
+    return folder, before, stopped, (dry_code, dry.getvalue(), code, said.getvalue())
 
 
-def test_a_killed_sequence_continues_at_the_stage_it_stopped_in(killed_and_continued, capsys):
-    folder, before, stopped, args = killed_and_continued
+def test_a_killed_sequence_continues_at_the_stage_it_stopped_in(killed_and_continued):
+    folder, before, stopped, (dry_code, dry, code, said) = killed_and_continued
     assert [s["target"] for s in stopped["stages"]] == ["digits"] and not stopped["complete"]
-    assert sequence.main(["--resume", str(folder), "--dry-run"]) == 0
-    shown = capsys.readouterr().out.splitlines()
+    assert dry_code == 0
+    shown = dry.splitlines()
     assert shown[0] == "[measured] full (merge) stage 1 digits"
     assert shown[1] == f"[partial] full (merge) stage 2 digits-rot90: python -m engine.run --resume {folder / '2-digits-rot90'}"
-    assert run_sequence_here(args) == 0
-    said = capsys.readouterr().out
+    assert code == 0
     assert f"stage 2/2: digits-rot90 (resuming {folder / '2-digits-rot90'})" in said
     assert "stage 1/2" not in said  # stage 1 was neither trained nor started again
     assert snapshot(folder / "1-digits") == before
