@@ -1,6 +1,7 @@
 """The study's figures (matplotlib, drawn off-screen): forgetting curves, the paper's transfer-vs-source
 plot, selective LoRA's active-fraction curve, and a sequence's accuracy matrices and source k-NN per stage
-(engine.sequence). Each function takes plain numbers and writes one PNG."""
+(engine.sequence), the paper's Figure 2 (per data set, target and source bars) and Figure 3 (Block Expansion
+against p, a line per learning rate). Each function takes plain numbers and writes one PNG."""
 from __future__ import annotations
 
 import math
@@ -169,4 +170,61 @@ def plot_stages(lines: dict[str, Sequence[float]], stage_labels: Sequence[str], 
     ax.grid(True, alpha=0.3)
     if len(lines) > 1:
         ax.legend(fontsize=8)
+    return _save(fig, out)
+
+
+def plot_transfer(panels: dict[str, Sequence[dict]], out: str | Path, title: str, source_name: str,
+                  before: float | None = None) -> Path:
+    """The paper's Figure 2 layout: one panel per data set (`panels[title]`), in it each strategy's
+    target top-1 and source k-NN side by side as bars (`label`, `target_top1`, `source_knn`, and
+    `target_top1_sd` / `source_knn_sd` as +- 1 sd bars where given); `before`: the untouched backbone's
+    source k-NN, a dashed line in every panel."""
+    plt = _pyplot()
+    n = len(panels)
+    cols = min(n, 3)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.6 * rows), squeeze=False, sharey=True)
+    width = 0.38
+    for ax, (name, bars) in zip(axes.flat, panels.items()):
+        xs = range(len(bars))
+        for shift, key, colour, what in ((-width / 2, "target_top1", "C0", "target top-1"),
+                                         (width / 2, "source_knn", "C1", f"source {source_name}")):
+            ax.bar([x + shift for x in xs], [b[key] for b in bars], width, color=colour, label=what,
+                   yerr=[b.get(f"{key}_sd") or 0 for b in bars], capsize=2, error_kw={"elinewidth": 0.8})
+        if before is not None:
+            ax.axhline(before, color="grey", linestyle="--", linewidth=1, label="source, untouched")
+        ax.set_xticks(list(xs), [b["label"] for b in bars], fontsize=7, rotation=20)
+        ax.set_xlim(-0.6, max(len(bars), 4) - 0.4)  # bars as wide in every panel, however few strategies ran
+        ax.set_title(name, fontsize=9)
+        ax.set_ylim(0, 100)
+        ax.grid(True, axis="y", alpha=0.3)
+    for ax in axes[:, 0]:
+        ax.set_ylabel("accuracy %")
+    for ax in list(axes.flat)[n:]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower left")
+    fig.suptitle(title, fontsize=10)
+    return _save(fig, out)
+
+
+def plot_against_blocks(panels: dict[str, dict[float, Sequence[tuple]]], out: str | Path, title: str,
+                        source_name: str) -> Path:
+    """The paper's Figure 3 layout: Block Expansion's target top-1 (left) and source k-NN (right)
+    against p, the number of added blocks, one line per learning rate; a row of two panels per data
+    set. `panels[data set][lr]` holds (p, target top-1, source k-NN) points."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(panels), 2, figsize=(9, 3.6 * len(panels)), squeeze=False)
+    for (left, right), (name, by_lr) in zip(axes, panels.items()):
+        for i, (lr, points) in enumerate(sorted(by_lr.items(), reverse=True)):
+            ps, target, source = zip(*sorted(points))
+            for ax, values in ((left, target), (right, source)):
+                ax.plot(ps, values, marker="os^D"[i % 4], color=f"C{i % 10}", label=f"lr {lr:g}")
+        for ax, what in ((left, "target top-1 %"), (right, f"source {source_name} %")):
+            ax.set_xlabel("p (blocks added)")
+            ax.set_ylabel(what)
+            ax.set_title(f"{name}: {what}" if name else what, fontsize=9)
+            ax.xaxis.get_major_locator().set_params(integer=True)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
     return _save(fig, out)

@@ -16,8 +16,15 @@ Writes into the sweep folder: `runs.csv` (every run), `table.md` / `table.csv` (
 groups Standard / LoRA / Block Expansion / Selective LoRA; trainable params, target top-1, source
 k-NN, mean, each as mean +- sd over n seeds, and the mean's interval; the paper's own figures beside
 ours for the `paper` preset), `figure.png` (target against source, marker area by trainable params,
-bars +- 1 sd), `forgetting.png` (each row's forgetting curve, the mean over seeds in a +- 1 sd band)
-and, with two or more selective LoRA rows, `selective.png`.
+bars +- 1 sd), `forgetting.png` (each row's forgetting curve, the mean over seeds in a +- 1 sd band),
+with two or more selective LoRA rows `selective.png`, and with Block Expansion runs at two or more learning
+rates `blockexp_lr.png` (the paper's Figure 3: target and source against p, a line per learning rate, from
+every such run, not only the chosen ones).
+
+Rows on several targets (the `paper-transfer` preset: each row's `--target`) are compared only with rows on
+the same target: table.md has a `### <data set>` table for each (marks within it), then the means across
+data sets (also `means.csv`), and `transfer.png` draws the paper's Figure 2 (per data set, each strategy's
+target top-1 and source k-NN side by side).
 
 A sequence row's run (a sequence folder, `engine.sequence`) is read through `engine.sequence.sweep_results`:
 its target top-1 is the average accuracy over its targets after the last stage, its source k-NN the
@@ -202,6 +209,7 @@ def select(grid, sweep_dir: Path) -> tuple[list[dict], list[Finished]]:
             if p.row == row and p.name in finished:
                 by_lr.setdefault(p.lr, []).append(finished[p.name])
         entry = {"group": row.group, "row": row.key, "label": row.label, "strategy": row.strategy,
+                 "target": _row_target(row),
                  "paper": row.paper, "sequence": getattr(row, "sequence", None),
                  "interpolate": getattr(row, "interpolate", None),
                  "paper_zeroshot_forgetting": getattr(row, "paper_zeroshot", None), "runs": []}
@@ -230,9 +238,29 @@ def select(grid, sweep_dir: Path) -> tuple[list[dict], list[Finished]]:
         rows.append(entry)
     order = {g: i for i, g in enumerate(GROUPS)}
     rows.sort(key=lambda e: order.get(e["group"], len(GROUPS)))  # stable: preset order within a group
-    for key in COMPARED:
-        mark(rows, key)
+    for _, section in target_sections(rows):  # rows on different targets are never compared
+        for key in COMPARED:
+            mark(section, key)
     return rows, list(finished.values())
+
+
+def _row_target(row) -> str | None:
+    """The target a row's own arguments name (`--target X`), None where it trains on the sweep's."""
+    args = list(row.args)
+    return args[args.index("--target") + 1] if "--target" in args[:-1] else None
+
+
+def target_sections(rows: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The rows split by the target they train on, in order: (title, rows) each, one section (title '')
+    where every row trains on the same one. A section's title is its rows' group where they share one
+    (the paper-transfer preset groups by data set), else the target's name."""
+    by_target: dict[str | None, list[dict]] = {}
+    for r in rows:
+        by_target.setdefault(r["target"], []).append(r)
+    if len(by_target) == 1:
+        return [("", rows)]
+    return [(groups.pop() if len(groups := {r["group"] for r in section}) == 1 else target or "the sweep's target",
+             section) for target, section in by_target.items()]
 
 
 def mark(rows: list[dict], key: str) -> None:
@@ -319,9 +347,38 @@ def _ties_note(rows: list[dict], key: str, name: str) -> str | None:
 
 def format_markdown(rows: list[dict], finished: list[Finished], preset) -> str:
     """The paper's layout: one section per group, each cell mean +- sd over the row's seeds, the best
-    (where separated from every other row) in bold, rows within noise of the highest marked tied."""
+    (where separated from every other row) in bold, rows within noise of the highest marked tied. Rows
+    on several targets (paper-transfer) get a table per target, as `### title` sections, then the means
+    across the targets."""
     if not finished:
         return "no run has finished yet"
+    sections = target_sections(rows)
+    if len(sections) == 1:
+        lines, ties = _table(rows, finished)
+        target = _describe(finished)[0]
+        return "\n".join(lines) + "\n\n" + "\n\n".join(
+            _notes(rows, finished, preset, f"the {target} test split", ties)) + "\n"
+    parts = []
+    for title, section in sections:
+        keys = {r["row"] for r in section}
+        mine = [f for f in finished if f.point.row.key in keys]
+        if not mine:
+            parts.append(f"### {title}\n\nno run has finished yet\n")
+            continue
+        lines, ties = _table(section, mine)
+        parts.append(f"### {title}\n\n" + "\n".join(lines) + "".join(f"\n\n{t}" for t in ties) + "\n")
+    means = transfer_means(sections)
+    _, source, k = _describe(finished)
+    parts.append(f"### Mean across the {len(sections)} data sets\n\n" + "\n".join(_means_table(means, source, k))
+                 + "\n\nEach cell: the mean over the data sets a strategy has finished runs on (the sets column) "
+                   "of its row there (that row's best learning rate, its mean over seeds); no marks, since the "
+                   "data sets differ in size and difficulty.\n")
+    return "\n".join(parts) + "\n" + "\n\n".join(_notes(rows, finished, preset, "each data set's test split",
+                                                            [])) + "\n"
+
+
+def _table(rows: list[dict], finished: list[Finished]) -> tuple[list[str], list[str]]:
+    """One table's markdown lines (rows on one target) and the notes on its tied columns."""
     target, source, k = _describe(finished)
     with_paper = any(r["paper"] for r in rows)
     done = [r for r in rows if r["runs"]]
@@ -355,8 +412,19 @@ def format_markdown(rows: list[dict], finished: list[Finished], preset) -> str:
             cells += ([p.trainable, _fmt(p.target), _fmt(p.source), f"**{_fmt(p.mean)}**" if p.mean == best_paper
                        else _fmt(p.mean)] if p else ["", "", "", ""])
         lines.append("| " + " | ".join([group, label, *cells]) + " |")
+    ties = [n for key, name in names.items() if (n := _ties_note(rows, key, name))] if seeds > 1 else []
+    return lines, ties
+
+
+def _notes(rows: list[dict], finished: list[Finished], preset, split: str, ties: list[str]) -> list[str]:
+    """What the table's cells are (`split`: where target top-1 was measured), its tie notes, and a note
+    for each kind of column or row it holds."""
+    _, source, k = _describe(finished)
+    done = [r for r in rows if r["runs"]]
+    seeds = max((r["seeds"] for r in done), default=0)
+    extra = {key for key, _ in OPTIONAL_STATS if any(key in r for r in done)}
     before = statistics.fmean(f.results["source_knn_before"] for f in finished)
-    notes = [f"Target top-1 on the {target} test split and source weighted {k}-NN accuracy ({source}) after "
+    notes = [f"Target top-1 on {split} and source weighted {k}-NN accuracy ({source}) after "
              f"fine-tuning, in %; mean = their average. The untouched backbone's source {k}-NN: {before:.2f}%. "
              f"Each row's learning rate was chosen by its mean validation accuracy over its seeds (never test)."]
     if seeds > 1:
@@ -369,7 +437,7 @@ def format_markdown(rows: list[dict], finished: list[Finished], preset) -> str:
             "other_s over the seeds both have: mean(d) - t(0.975, n-1) sd(d) / sqrt(n) > 0). Where it does not, "
             "no row is best: the highest and the rows not separated from it are marked (tied). The highest "
             f"source {k}-NN is the least forgetting (every row starts from the same backbone).")
-        notes += [n for key, name in names.items() if (n := _ties_note(rows, key, name))]
+        notes += ties
     elif done:
         notes.append("One seed per row: no row is marked best, since one run per row cannot tell a difference "
                      "between rows from seed noise; give --seeds 0,1,2 to compare them.")
@@ -390,7 +458,7 @@ def format_markdown(rows: list[dict], finished: list[Finished], preset) -> str:
               "(points) as Avalanche and mammoth define them over the accuracy matrix (engine.continual); their "
               "learning rate chosen by the mean of the stages' validation accuracy. Single runs leave these "
               "columns empty (-).")
-    if "paper_zeroshot_forgetting" in extra:
+    if any(r["paper_zeroshot_forgetting"] for r in rows):
         from .presets import PAPER_ZEROSHOT_SOURCE
         notes.append(f"{PAPER_ZEROSHOT_NAME[0].upper()}{PAPER_ZEROSHOT_NAME[1:]}: the figures as printed in "
                      f"{PAPER_ZEROSHOT_SOURCE}, on the rows they describe (empty where it has none).")
@@ -402,11 +470,35 @@ def format_markdown(rows: list[dict], finished: list[Finished], preset) -> str:
                          for r in derived)
                      + ". Their learning rate is the one their source row's validation accuracy chose; forgetting "
                        "against the source run's untouched backbone; nothing is trained for them.")
-    if with_paper:
+    if any(r["paper"] for r in rows):
         notes.append("The paper's columns are its Table 1 as printed (its best mean in bold).")
     if preset is not None and preset.note:
         notes.append(preset.note)
-    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+    return notes
+
+
+MEAN_KEYS = ("target_top1", "source_knn", "mean", "forgetting")  # averaged across data sets (transfer_means)
+
+
+def transfer_means(sections: list[tuple[str, list[dict]]]) -> list[dict]:
+    """Per strategy label, in first-seen order: each of MEAN_KEYS averaged over the sections (data sets)
+    where its row has finished runs, with `sets` (how many) of `of` (all sections)."""
+    by_label: dict[str, list[dict]] = {}
+    for _, section in sections:
+        for r in section:
+            by_label.setdefault(r["label"], [])
+            if r["runs"]:
+                by_label[r["label"]].append(r)
+    return [{"label": label, "sets": len(done), "of": len(sections),
+             **{key: statistics.fmean(r[key] for r in done) if done else None for key in MEAN_KEYS}}
+            for label, done in by_label.items()]
+
+
+def _means_table(means: list[dict], source: str, k: str) -> list[str]:
+    head = ["Strategy", "sets", "target top-1", f"{source} {k}-NN", "Mean", "Forgetting"]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join([m["label"], f"{m['sets']} of {m['of']}", *(_fmt(m[key]) for key in MEAN_KEYS)])
+              + " |" for m in means)]
 
 
 _LR_COLUMNS = ("lr", "best_lr")  # learning rates as given: CLIP's 1e-05 survives no rounding to 4 places
@@ -472,7 +564,7 @@ def write_report(sweep_dir: Path, grid, preset, outcomes: dict[str, int] | None 
     exit codes on record (3: diverged), shown in runs.csv for runs without results; `stale`: runs kept
     with --reuse-stale although they differ from what the sweep would run now (name -> how), named
     under the table."""
-    from .plots import plot_curves, plot_selective, plot_tradeoff
+    from .plots import plot_against_blocks, plot_curves, plot_selective, plot_tradeoff, plot_transfer
 
     rows, finished = select(grid, sweep_dir)
     table = format_markdown(rows, finished, preset)
@@ -487,11 +579,15 @@ def write_report(sweep_dir: Path, grid, preset, outcomes: dict[str, int] | None 
     if not done:
         return table
     target, source, k = _describe(finished)
-    title = f"{preset.name if preset else 'sweep'}: {target} (target) vs {source} (source)"
+    sections = target_sections(rows)
+    name = preset.name if preset else "sweep"
+    title = f"{name}: {target if len(sections) == 1 else 'each data set'} (target) vs {source} (source)"
     seeds = max(r["seeds"] for r in done)
     plot_tradeoff([dict(r) for r in done], sweep_dir / "figure.png",
                   title + (f"\nbars: +- 1 sd over each row's seeds (up to {seeds})" if seeds > 1 else ""))
-    curves = {r["label"]: curve for r in done if (curve := mean_curve([f.curve for f in r["runs"]]))}
+    named = {r["row"]: f"{heading}: {r['label']}" if heading else r["label"] for heading, section in sections
+             for r in section}  # "DTD: All", where several targets' rows share a label
+    curves = {named[r["row"]]: curve for r in done if (curve := mean_curve([f.curve for f in r["runs"]]))}
     if curves:
         plot_curves(curves, sweep_dir / "forgetting.png", f"forgetting curves ({source} {k}-NN, each row's best LR"
                     + (f"; mean over seeds, band +- 1 sd)" if seeds > 1 else ")"))
@@ -499,4 +595,35 @@ def write_report(sweep_dir: Path, grid, preset, outcomes: dict[str, int] | None 
     if len(points) >= 2:
         plot_selective(points, sweep_dir / "selective.png",
                        f"selective LoRA on {target}: active blocks vs accuracy and forgetting", reference)
+    if len(sections) > 1:
+        atomic_write_text(sweep_dir / "means.csv", _csv(transfer_means(sections), ("label", "sets", "of", *MEAN_KEYS)))
+        before = statistics.fmean(f.results["source_knn_before"] for f in finished)
+        plot_transfer({heading: [r for r in section if r["runs"]] for heading, section in sections
+                       if any(r["runs"] for r in section)}, sweep_dir / "transfer.png",
+                      f"{name}: each strategy's target top-1 and source {k}-NN per data set (best LR"
+                      + (f"; bars +- 1 sd over up to {seeds} seeds)" if seeds > 1 else ")"), f"{source} {k}-NN",
+                      before)
+    blocks = blockexp_points(rows, finished)
+    if any(len(by_lr) > 1 for by_lr in blocks.values()):
+        plot_against_blocks(blocks, sweep_dir / "blockexp_lr.png",
+                            f"{name}: Block Expansion against p at each learning rate"
+                            + (" (mean over seeds)" if seeds > 1 else ""), f"{source} {k}-NN")
     return table
+
+
+def blockexp_points(rows: list[dict], finished: list[Finished]) -> dict[str, dict[float, list[tuple]]]:
+    """blockexp_lr.png's points from every finished single Block Expansion run, at every learning rate
+    (not only the chosen one): per section title (data set), per learning rate, (p, target top-1,
+    source k-NN) each averaged over seeds."""
+    title_of = {r["row"]: title for title, section in target_sections(rows) for r in section}
+    runs: dict[str, dict[float, dict[int, list[Finished]]]] = {}
+    for f in finished:
+        row = f.point.row
+        if (row.strategy != "block_expansion" or getattr(row, "sequence", None) is not None
+                or getattr(f.point, "source", None) is not None):  # a sequence's or an interpolated point
+            continue
+        p = int(f.config["adapter"]["blocks"])
+        runs.setdefault(title_of[row.key], {}).setdefault(f.point.lr, {}).setdefault(p, []).append(f)
+    return {title: {lr: [(p, statistics.fmean(f.value("target_top1") for f in fs),
+                          statistics.fmean(f.value("source_knn_after") for f in fs)) for p, fs in by_p.items()]
+                    for lr, by_p in by_lr.items()} for title, by_lr in runs.items()}
