@@ -10,6 +10,8 @@ weighted k-NN accuracy. Nothing is kept between points, so memory
 is (bank + queries) x feature width whatever the run's length; the curve's time is counted apart
 from the training time (`seconds`). Step 0 is the untouched backbone: where its features on the curve's
 subsets are already known (`untouched`, from engine.source_features) they are scored, not extracted.
+With CLIP's eval.zeroshot, each point also scores the live image tower zero-shot (`measure_zeroshot`,
+metrics.csv's `zeroshot`): zero-shot retention over the steps, as the source k-NN is forgetting.
 """
 from __future__ import annotations
 
@@ -82,6 +84,8 @@ class ForgettingCurve:
         # Step 0's features, when known before training (engine.source_features: the untouched backbone's
         # on these subsets, shared by the runs of a sweep): (bank, bank labels, queries, query labels).
         self.untouched: tuple[torch.Tensor, ...] | None = None
+        # CLIP's zero-shot scorer on capped test sets (engine.zeroshot.ForRun.curve_score), or None
+        self.zeroshot = None
         self._asked: int | None = None
 
     def due(self, step: int) -> bool:
@@ -106,13 +110,26 @@ class ForgettingCurve:
         self.seconds += time.perf_counter() - start
         return accuracy
 
+    def measure_zeroshot(self, model) -> float | None:
+        """The mean zero-shot top-1 (%) of `model` over eval.zeroshot's capped sets; None without them."""
+        if self.zeroshot is None:
+            return None
+        start = time.perf_counter()
+        with gathered(model, self.zero_stage):
+            mean = self.zeroshot(model)["mean"]
+        self.seconds += time.perf_counter() - start
+        return mean
+
     def describe(self, bank_size: int, query_size: int) -> str:
         shown = ", ".join(map(str, self.steps[:9])) + (", ..." if len(self.steps) > 9 else "")
         return (f"forgetting curve: source {self.report_k}-NN at steps {shown} (last {self.steps[-1]}), on "
-                f"{bank_size} bank / {query_size} query images (eval.knn_curve_limit)")
+                f"{bank_size} bank / {query_size} query images (eval.knn_curve_limit)"
+                + ("; and CLIP's mean zero-shot top-1 on eval.zeroshot's sets, as many images each at most"
+                   if self.zeroshot is not None else ""))
 
 
-def read_curve(metrics_csv: str | Path) -> list[tuple[int, float]]:
-    """(step, source k-NN %) of the rows of a run's metrics.csv that carry the curve."""
+def read_curve(metrics_csv: str | Path, column: str = "source_knn") -> list[tuple[int, float]]:
+    """(step, value) of the rows of a run's metrics.csv that carry the curve: its source k-NN %, or with
+    column="zeroshot" CLIP's mean zero-shot top-1 % (empty for a run that measured none)."""
     with open(metrics_csv, newline="") as f:
-        return [(int(r["step"]), float(r["source_knn"])) for r in csv.DictReader(f) if r.get("source_knn")]
+        return [(int(r["step"]), float(r[column])) for r in csv.DictReader(f) if r.get(column)]

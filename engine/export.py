@@ -39,7 +39,7 @@ CHECKPOINTS = ("best", "last")  # run_dir/checkpoints/<tag>, as engine.run's tra
 # What a run writes in its folder (DESIGN.md, "Run artefacts"; engine.run, engine.report, engine.train):
 # an export never replaces one of these, nor anything under the folders, --overwrite or not.
 RUN_FILES = ("config.yaml", "results.json", "results.csv", "metrics.csv", "source_knn.json", "forgetting.png",
-             "interpolation.csv", "interpolation.png")
+             "zeroshot.png", "zeroshot_head.safetensors", "interpolation.csv", "interpolation.png")
 RUN_FOLDERS = ("adapter", "checkpoints")
 
 

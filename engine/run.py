@@ -341,16 +341,16 @@ def make_loaders(run_data: RunData, pre: data.Preprocess, rt: Runtime) -> Loader
                                world=rt.world, **common),
         val=eval_loader(run_data.val),
         test=eval_loader(run_data.target.test),
-        knn_bank=eval_loader(_limit(run_data.source.train, cfg.data.knn_train_limit, cfg.seed), source_pre),
-        knn_query=eval_loader(_limit(run_data.source.test, cfg.data.knn_test_limit, cfg.seed), source_pre),
+        knn_bank=eval_loader(data.capped(run_data.source.train, cfg.data.knn_train_limit, cfg.seed), source_pre),
+        knn_query=eval_loader(data.capped(run_data.source.test, cfg.data.knn_test_limit, cfg.seed), source_pre),
     )
     loaders.eval_loader = eval_loader
     loaders.shift = shift.resolve(cfg.eval.shift, run_data.target, pre.resize_size, pre.interpolation,
                                   run_data.bad_images)
     if cfg.eval.knn_curve_limit:
         cap = cfg.eval.knn_curve_limit
-        bank = _limit(run_data.source.train, min(cap, cfg.data.knn_train_limit or cap), cfg.seed)
-        query = _limit(run_data.source.test, min(cap, cfg.data.knn_test_limit or cap), cfg.seed)
+        bank = data.capped(run_data.source.train, min(cap, cfg.data.knn_train_limit or cap), cfg.seed)
+        query = data.capped(run_data.source.test, min(cap, cfg.data.knn_test_limit or cap), cfg.seed)
         loaders.curve_bank, loaders.curve_query = curve_loader(bank), curve_loader(query)
         loaders.curve_sizes = (len(bank), len(query))
     if len(loaders.train) == 0:
@@ -467,7 +467,7 @@ def measure(model, strategy, loaders: Loaders, cfg: RunConfig, num_source_classe
 
 def report(results: dict, knn: dict, result: TrainResult, run_dir: Path, curve: ForgettingCurve | None,
            curve_sizes: tuple[int, int], clock: resume.RunClock) -> None:
-    """source_knn.json, forgetting.png, results.csv / results.json (last: it marks the run finished;
+    """source_knn.json, forgetting.png (and zeroshot.png, CLIP's zero-shot curve), results.csv / results.json (last: it marks the run finished;
     its wall_s and time_s taken just before, the report's own time in them), and the table on screen
     (rank 0 only)."""
     curve_info = None if curve is None else {
@@ -481,6 +481,10 @@ def report(results: dict, knn: dict, result: TrainResult, run_dir: Path, curve: 
         from .plots import plot_curves
         plot_curves({results["strategy"]: read_curve(run_dir / "metrics.csv")}, run_dir / "forgetting.png",
                     title=f"forgetting curve: {results['strategy']} on {results['model']}")
+        if zeroshot_curve := read_curve(run_dir / "metrics.csv", "zeroshot"):
+            plot_curves({results["strategy"]: zeroshot_curve}, run_dir / "zeroshot.png",
+                        title=f"zero-shot retention: {results['strategy']} on {results['model']}",
+                        ylabel="zero-shot top-1 % (mean over eval.zeroshot)")
     results.update(clock.facts())
     write_results(run_dir, results)
     print()
@@ -541,7 +545,7 @@ def run(cfg: RunConfig, began: float | None = None) -> dict:
         backbone = build_backbone(cfg.model).to(rt.device)
         pre = data.Preprocess.from_model(backbone, crop_scale_min=cfg.data.crop_scale_min, hflip=cfg.data.hflip)
         loaders = make_loaders(run_data, pre, rt)
-        zs_score, zs_head = zeroshot.for_run(cfg, pre, rt, run_data.target.classes, run_data.num_classes)  # CLIP
+        zs = zeroshot.for_run(cfg, pre, rt, run_data.target.classes, run_data.num_classes)  # CLIP
         loader = data.resolve_loader(cfg.data.loader)
         rt.say(f"target {run_data.target.name}: {len(run_data.train)} train, {len(run_data.val)} val, "
                f"{len(run_data.target.test)} test images; source {run_data.source.name}; loader {loader}")
@@ -572,13 +576,13 @@ def run(cfg: RunConfig, began: float | None = None) -> dict:
             knn_before = checkpoints.facts["knn_before"] = point.knn_before
         rt.say(f"source {cfg.eval.knn_report_k}-NN accuracy of the untouched backbone: "
                f"{knn_before[cfg.eval.knn_report_k]:.2f}%")
-        zs_before = zs_score(backbone) if zs_score else None  # CLIP's zero-shot accuracy, untouched
+        zs_before = zs.score(backbone) if zs.score else None  # CLIP's zero-shot accuracy, untouched
 
         phase.now = "while setting up training"
         base = {"model": cfg.model.name, "weights": cfg.model.weights, "num_classes": run_data.num_classes,
                 "timm": timm_spec(backbone)}
         model = apply_strategy(strategy, backbone, run_data.num_classes, cfg.train.kernels)
-        zeroshot.start_head(model, zs_head, run_dir, rt.main)  # model.head_init=zeroshot
+        zeroshot.start_head(model, zs.head, run_dir, rt.main)  # model.head_init=zeroshot
         trainable, total = parameter_counts(model)
         steps = cfg.train.steps
         train_gflops = gflops_per_image(model, pre.input_size, train=True,
@@ -586,7 +590,7 @@ def run(cfg: RunConfig, began: float | None = None) -> dict:
         rt.say(f"{cfg.strategy}: {trainable:,} trainable of {total:,} parameters")
         curve = forgetting_curve(loaders, cfg, source_classes, rt)
         if curve is not None:
-            curve.untouched = curve_untouched
+            curve.untouched, curve.zeroshot = curve_untouched, zs.curve_score
         if feature_cache.wanted(cfg):
             phase.now = "while caching the training split's features"
         with cached_features(model, run_data, pre, loaders, rt) as train_loaders:
@@ -599,7 +603,7 @@ def run(cfg: RunConfig, began: float | None = None) -> dict:
         rt.say(f"best checkpoint (step {result.best_step}) restored: measuring it")
         phase.now = "during the final measurement (training had finished)"
         target_top1, knn_after, cost = measure(model, strategy, loaders, cfg, source_classes, pre, rt)
-        cost.update(zeroshot.summary(zs_before, zs_score and zs_score(model)))
+        cost.update(zeroshot.summary(zs_before, zs.score and zs.score(model)))
         phase.now = "while writing the report"
         k = cfg.eval.knn_report_k
         results = build_results({
@@ -644,13 +648,6 @@ def _on_rank0(rt: Runtime, work):
 def _reuse(cfg: RunConfig) -> str | None:
     """How the user allows an existing run folder to be written into (`engine.run_folder.REUSE`)."""
     return "overwrite" if cfg.overwrite else None
-
-
-def _limit(split: data.Split, limit: int | None, seed: int) -> data.Split:
-    if limit is None or len(split) <= limit:
-        return split
-    _, kept = data.stratified_split(split, limit / len(split), seed)
-    return kept
 
 
 if __name__ == "__main__":

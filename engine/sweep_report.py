@@ -16,7 +16,8 @@ Writes into the sweep folder: `runs.csv` (every run), `table.md` / `table.csv` (
 groups Standard / LoRA / Block Expansion / Selective LoRA; trainable params, target top-1, source
 k-NN, mean, each as mean +- sd over n seeds, and the mean's interval; the paper's own figures beside
 ours for the `paper` preset), `figure.png` (target against source, marker area by trainable params,
-bars +- 1 sd), `forgetting.png` (each row's forgetting curve, the mean over seeds in a +- 1 sd band),
+bars +- 1 sd), `forgetting.png` (each row's forgetting curve, the mean over seeds in a +- 1 sd band;
+`zeroshot.png` the same for CLIP's zero-shot top-1 where the runs measured it, eval.zeroshot),
 with two or more selective LoRA rows `selective.png`, and with Block Expansion runs at two or more learning
 rates `blockexp_lr.png` (the paper's Figure 3: target and source against p, a line per learning rate, from
 every such run, not only the chosen ones).
@@ -94,6 +95,7 @@ class Finished:
     val_top1: float
     config: dict
     curve: list = field(default_factory=list)
+    zeroshot_curve: list = field(default_factory=list)  # CLIP's zero-shot top-1 at the curve's steps, if measured
 
     def value(self, results_key: str | None) -> float:
         return self.val_top1 if results_key is None else float(self.results[results_key])
@@ -147,9 +149,10 @@ def _load(point, sweep_dir: Path) -> Finished | None:
     if not (run_dir / "results.json").is_file():
         return None
     knn = json.loads((run_dir / "source_knn.json").read_text())
-    curve = read_curve(run_dir / "metrics.csv") if (run_dir / "metrics.csv").is_file() else []
+    metrics = run_dir / "metrics.csv"
+    curves = [read_curve(metrics, column) for column in ("source_knn", "zeroshot")] if metrics.is_file() else [[], []]
     return Finished(point, json.loads((run_dir / "results.json").read_text()), float(knn["best_val_top1"]),
-                    yaml.safe_load((run_dir / "config.yaml").read_text()), curve)
+                    yaml.safe_load((run_dir / "config.yaml").read_text()), *curves)
 
 
 def _load_derived(point, sweep_dir: Path) -> Finished | None:
@@ -591,6 +594,11 @@ def write_report(sweep_dir: Path, grid, preset, outcomes: dict[str, int] | None 
     if curves:
         plot_curves(curves, sweep_dir / "forgetting.png", f"forgetting curves ({source} {k}-NN, each row's best LR"
                     + (f"; mean over seeds, band +- 1 sd)" if seeds > 1 else ")"))
+    zeroshot = {named[r["row"]]: c for r in done if (c := mean_curve([f.zeroshot_curve for f in r["runs"]]))}
+    if zeroshot:
+        plot_curves(zeroshot, sweep_dir / "zeroshot.png", "zero-shot retention (CLIP, mean over eval.zeroshot; each "
+                    "row's best LR" + (f"; mean over seeds, band +- 1 sd)" if seeds > 1 else ")"),
+                    ylabel="zero-shot top-1 %")
     points, reference = selective_points(rows)
     if len(points) >= 2:
         plot_selective(points, sweep_dir / "selective.png",

@@ -50,9 +50,10 @@ from .stop import StopRequest, TrainingStopped
 # train.compile's backend (tests may choose the cheaper aot_eager)
 COMPILE_BACKEND = "inductor"
 # metrics.csv, one row per log point; eval-only columns are empty on the other rows. `source_knn` is
-# the forgetting curve (engine.curve), filled at eval.knn_steps; its step 0 row has no training loss.
+# the forgetting curve (engine.curve), filled at eval.knn_steps; its step 0 row has no training loss;
+# `zeroshot` CLIP's mean zero-shot top-1 at the same steps (eval.zeroshot), empty without it.
 METRICS_COLUMNS = ("step", "train_loss", "lr", "skipped_steps", "train_img_per_s", "elapsed_s", "val_top1",
-                   "source_knn")
+                   "source_knn", "zeroshot")
 
 
 class TrainingDiverged(RuntimeError):
@@ -246,11 +247,12 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
         # With layer decay the groups' rates differ: the top layer's (the highest) is the run's rate.
         return {"step": step, "train_loss": mean_loss, "lr": max(scheduler.get_last_lr()),
                 "skipped_steps": result.skipped_steps, "train_img_per_s": result.images_per_second,
-                "elapsed_s": result.train_seconds, "val_top1": None, "source_knn": None}
+                "elapsed_s": result.train_seconds, "val_top1": None, "source_knn": None, "zeroshot": None}
 
     if curve is not None and resume is None and curve.due(0):
         with eager(cfg.compile), within("curve"):
-            untouched = dict(row(0, None), source_knn=curve.measure(engine.module))
+            untouched = dict(row(0, None), source_knn=curve.measure(engine.module),
+                             zeroshot=curve.measure_zeroshot(engine.module))
         if rank == 0:
             _append_csv(metrics_path, untouched)
 
@@ -312,6 +314,7 @@ def train(model: nn.Module, strategy, train_loader, val_loader, cfg, device: tor
                 if curving:
                     with eager(cfg.compile), within("curve"):
                         metrics["source_knn"] = curve.measure(engine.module)
+                        metrics["zeroshot"] = curve.measure_zeroshot(engine.module)
                 if rank == 0:
                     _append_csv(metrics_path, metrics)
                     if evaluating:
@@ -420,9 +423,15 @@ def _freeze_finished_groups(optimizer, scheduler, groups: list[list[str]], param
 
 
 def _append_csv(path: Path, row: dict) -> None:
+    """One row more, in the columns the file already has (a run resumed across a version that added a
+    column keeps its own header and rows aligned)."""
     new = not path.exists()
+    columns = METRICS_COLUMNS
+    if not new:
+        with open(path, newline="") as f:
+            columns = next(csv.reader(f), None) or METRICS_COLUMNS
     with open(path, "a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRICS_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         if new:
             writer.writeheader()
         writer.writerow({k: ("" if v is None else f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})

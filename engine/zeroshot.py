@@ -11,7 +11,9 @@ zero-shot on those data sets' test splits before and after fine-tuning:
     prediction       argmax_c  e . t_c
 
 The text tower (open_clip, the optional extra `clip`, imported only here) is frozen and run once per
-run: the class embeddings are computed when the run starts. P stays the checkpoint's, whatever the
+run: the class embeddings are computed when the run starts. With a forgetting curve (engine.curve) the
+mean zero-shot top-1 is measured at its steps too (metrics.csv's `zeroshot`), on at most
+eval.knn_curve_limit test images of each set, drawn class by class. P stays the checkpoint's, whatever the
 strategy trains: the classification head is a separate, new layer.
 
 `model.head_init=zeroshot` starts that head from the target's class embeddings: W = T P^T (C, D),
@@ -25,6 +27,7 @@ Class names are the data set's (CIFAR's label names, an image folder's folder na
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -160,57 +163,77 @@ def head_state(class_emb: torch.Tensor, projection: torch.Tensor, num_classes: i
     return {"head.weight": full, "head.bias": torch.zeros(rows)}
 
 
-def _eval_sets(cfg, pre, rt) -> dict:
-    """{spec: (class names, test loader)} of eval.zeroshot's data sets."""
+def _eval_sets(cfg, pre, rt, limit: int | None = None) -> dict:
+    """{spec: (class names, test loader)} of eval.zeroshot's data sets; `limit`: at most that many test
+    images a set, drawn class by class (the forgetting curve's)."""
     bad = data.BadImages(cfg.data.max_bad_images, say=rt.say, max_pixels=cfg.data.max_image_pixels)
     out = {}
     for spec in dict.fromkeys(cfg.eval.zeroshot or []):
         domain = data.load_domain(spec, cfg.data.data_root, cfg.seed, role="target", bad_images=bad,
                                   dtd_partition=cfg.data.dtd_partition)
         out[spec] = domain.classes, data.make_loader(
-            domain.test, pre, train=False, batch_size=cfg.eval.batch_size, rank=rt.rank, world=rt.world,
-            loader=cfg.data.loader, workers=cfg.data.workers, device=rt.device, dali_resize=cfg.data.dali_resize,
-            bad_images=bad)
+            data.capped(domain.test, limit, cfg.seed), pre, train=False, batch_size=cfg.eval.batch_size,
+            rank=rt.rank, world=rt.world, loader=cfg.data.loader, workers=cfg.data.workers, device=rt.device,
+            dali_resize=cfg.data.dali_resize, bad_images=bad)
     return out
 
 
-def _scorer(cfg, tower: TextTower, sets: dict, rt):
+def _scorer(cfg, classes: dict[str, torch.Tensor], projection: torch.Tensor, sets: dict, rt, progress: bool = True):
     from .evaluate import extract_features
     from .precision import PRECISIONS
 
-    templates = read_templates(cfg.eval.zeroshot_templates)
-    classes = {spec: tower.class_embeddings(names, templates) for spec, (names, _) in sets.items()}
     amp = PRECISIONS[cfg.train.precision]
 
     def score(model) -> dict[str, float]:
         out = {}
         for spec, (_, loader) in sets.items():
             feats, labels = extract_features(model, loader, rt.device, amp, desc=f"zero-shot {spec}",
-                                             progress=rt.main, sharded=True)
-            out[spec] = zeroshot_top1(feats, labels, tower.projection, classes[spec])
+                                             progress=progress and rt.main, sharded=True)
+            out[spec] = zeroshot_top1(feats, labels, projection, classes[spec])
         out["mean"] = sum(out.values()) / len(out)
         return out
 
     return score
 
 
+def _class_embeddings(cfg, tower: TextTower, sets: dict) -> dict[str, torch.Tensor]:
+    templates = read_templates(cfg.eval.zeroshot_templates)
+    return {spec: tower.class_embeddings(names, templates) for spec, (names, _) in sets.items()}
+
+
 def scorer(cfg, pre, rt):
     """model -> {eval.zeroshot set: top-1 %, ..., "mean": %}: the class embeddings computed once, here."""
-    return _scorer(cfg, TextTower.from_file(cfg, rt.device), _eval_sets(cfg, pre, rt), rt)
+    tower, sets = TextTower.from_file(cfg, rt.device), _eval_sets(cfg, pre, rt)
+    return _scorer(cfg, _class_embeddings(cfg, tower, sets), tower.projection, sets, rt)
 
 
-def for_run(cfg, pre, rt, target_classes: list[str], num_classes: int):
-    """What engine.run needs, with the text tower read once: (the scorer or None, the zero-shot head
-    or None). Bad weights are refused here, before the run folder is claimed."""
+@dataclass
+class ForRun:
+    """What engine.run needs, with the text tower read once: the scorer on the eval.zeroshot sets' test
+    splits, the forgetting curve's on at most eval.knn_curve_limit images of each (None without a
+    curve), and the zero-shot head (model.head_init=zeroshot); each None where not asked for."""
+    score: object = None
+    curve_score: object = None
+    head: dict | None = None
+
+
+def for_run(cfg, pre, rt, target_classes: list[str], num_classes: int) -> ForRun:
+    """ForRun for this run's config. Bad weights are refused here, before the run folder is claimed."""
     if not cfg.eval.zeroshot and cfg.model.head_init != "zeroshot":
-        return None, None
+        return ForRun()
     tower = TextTower.from_file(cfg, rt.device)
-    score = _scorer(cfg, tower, _eval_sets(cfg, pre, rt), rt) if cfg.eval.zeroshot else None
-    head = None
+    out = ForRun()
+    if cfg.eval.zeroshot:
+        sets = _eval_sets(cfg, pre, rt)
+        classes = _class_embeddings(cfg, tower, sets)
+        out.score = _scorer(cfg, classes, tower.projection, sets, rt)
+        if cfg.eval.knn_curve_limit:
+            out.curve_score = _scorer(cfg, classes, tower.projection,
+                                      _eval_sets(cfg, pre, rt, cfg.eval.knn_curve_limit), rt, progress=False)
     if cfg.model.head_init == "zeroshot":
-        head = head_state(tower.class_embeddings(target_classes, read_templates(cfg.eval.zeroshot_templates)),
-                          tower.projection, num_classes)
-    return score, head
+        out.head = head_state(tower.class_embeddings(target_classes, read_templates(cfg.eval.zeroshot_templates)),
+                              tower.projection, num_classes)
+    return out
 
 
 def start_head(model, head: dict | None, run_dir: Path, main: bool = True) -> None:

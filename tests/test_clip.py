@@ -17,6 +17,7 @@ from engine.config import ModelConfig, build_config
 from engine.embedded import create_embedded_vit
 from engine.errors import UserError
 from engine.evaluate import top1_accuracy
+from engine.curve import read_curve
 from engine.interpolate import interpolation_curve
 from engine.models import build_backbone, features
 from engine.run import Runtime
@@ -118,7 +119,8 @@ def test_head_init_zeroshot_gives_the_zero_shot_accuracy_at_step_0(clip_files, t
     backbone = build_backbone(cfg.model).eval()
     pre = data.Preprocess.from_model(backbone)
     target = data.load_domain("digits")
-    score, head = zeroshot.for_run(cfg, pre, rt, target.classes, 10)
+    zs = zeroshot.for_run(cfg, pre, rt, target.classes, 10)
+    score, head = zs.score, zs.head
     before = score(backbone)
     model = adapters.get_strategy("lora", cfg.adapter).apply(backbone, 10)
     zeroshot.start_head(model, head, tmp_path)  # RUN/zeroshot_head.safetensors
@@ -168,6 +170,49 @@ def test_full_fine_tuning_moves_the_zero_shot_accuracy(clip_runs):
     assert full["zeroshot_after"] != full["zeroshot_before"]
     mean = full["zeroshot_before"]["mean"] - full["zeroshot_after"]["mean"]
     assert full["zeroshot_forgetting"] == pytest.approx(mean, abs=1e-3)
+
+
+def test_the_forgetting_curve_carries_zero_shot_at_its_steps(clip_runs):
+    """metrics.csv's zeroshot column at every curve step: at step 0 the untouched tower's zero-shot mean,
+    at the last step (the best checkpoint's) the run's zeroshot_after, where the curve's cap holds every
+    test image; zeroshot.png drawn; the curve's time counts it."""
+    folder, common = clip_runs
+    assert run_main(["--strategy", "full", "--name", "curve", *common, "--lr", "0.5", "eval.knn_curve_limit=5000",
+                     "eval.knn_steps=0-2"]) == 0
+    run = folder / "curve"
+    results = json.loads((run / "results.json").read_text())
+    assert [step for step, _ in read_curve(run / "metrics.csv")] == [0, 1, 2]
+    curve = read_curve(run / "metrics.csv", "zeroshot")
+    assert [step for step, _ in curve] == [0, 1, 2]
+    assert curve[0][1] == pytest.approx(results["zeroshot_before"]["mean"], abs=1e-4)
+    assert curve[2][1] == pytest.approx(results["zeroshot_after"]["mean"], abs=1e-4)
+    assert curve[2][1] != curve[0][1]  # lr 0.5 moved it
+    assert (run / "zeroshot.png").stat().st_size > 0
+
+
+def test_a_curve_capped_below_the_zero_shot_sets_scores_a_class_balanced_subset(clip_files, tmp_path):
+    from engine.evaluate import extract_features
+    _, files = clip_files
+    templates = tmp_path / "templates.txt"
+    templates.write_text("a photo of the number {}.\n")
+    cfg = _cfg(files["open_clip"], "eval.zeroshot=digits", "data.workers=0", "data.loader=torch",
+               "eval.knn_curve_limit=50", f"eval.zeroshot_templates={templates}")
+    rt = Runtime(0, 1, torch.device("cpu"))
+    backbone = build_backbone(cfg.model).eval()
+    pre = data.Preprocess.from_model(backbone)
+    zs = zeroshot.for_run(cfg, pre, rt, [str(c) for c in range(10)], 10)
+    digits = data.load_domain("digits")
+    subset = data.capped(digits.test, 50, cfg.seed)
+    assert len(subset) == 50 and torch.bincount(torch.as_tensor(subset.labels), minlength=10).min() >= 4
+    feats, labels = extract_features(backbone, data.make_loader(subset, pre, train=False, batch_size=64,
+                                                                loader="torch"), torch.device("cpu"), None,
+                                     progress=False)
+    tower = zeroshot.TextTower.from_file(cfg)
+    class_emb = tower.class_embeddings(digits.classes, zeroshot.read_templates(templates))
+    assert zs.curve_score(backbone)["digits"] == zeroshot.zeroshot_top1(feats, labels, tower.projection, class_emb)
+    no_curve = _cfg(files["open_clip"], "eval.zeroshot=digits", "eval.knn_curve_limit=0",
+                    f"eval.zeroshot_templates={templates}")
+    assert zeroshot.for_run(no_curve, pre, rt, [], 10).curve_score is None
 
 
 def test_the_interpolation_curve_of_a_zero_shot_headed_run_carries_zero_shot(clip_runs):
@@ -246,3 +291,20 @@ def test_dry_run_counts_a_clip_vit_b16_exactly(capsys):
     assert counts["trainable_params"] == 12 * 2 * (8 * 768 + 768 * 8) + 768 * 100 + 100 == 371_812
     # the tower: DINO's ViT-B/16 (85,798,656 without a head) + ln_pre (1,536) - the patch embedding's bias (768)
     assert counts["total_params"] - counts["trainable_params"] + 768 * 100 + 100 == 85_876_324
+
+
+def test_the_sweep_draws_each_rows_zero_shot_curve_where_its_runs_measured_it(tmp_path):
+    from engine.presets import CLIP
+    from engine.sweep import build_grid
+    from engine.sweep_report import select, write_report
+    from test_sweep import fake_run
+    grid = build_grid((CLIP.row("full"), CLIP.row("linear")), [0], lrs=(1e-5,))
+    for p in grid:
+        fake_run(tmp_path / p.name, p.row.strategy, 50.0, 60.0, 70.0, 1000)
+        if p.row.key == "full":
+            (tmp_path / p.name / "metrics.csv").write_text(
+                "step,train_loss,source_knn,zeroshot\n0,,90,64.5\n1,2.3,80,61.25\n2,2.1,,\n")
+    write_report(tmp_path, grid, CLIP)
+    rows, _ = select(grid, tmp_path)
+    assert [f.zeroshot_curve for r in rows for f in r["runs"]] == [[(0, 64.5), (1, 61.25)], []]
+    assert (tmp_path / "zeroshot.png").stat().st_size > 0

@@ -3,8 +3,8 @@ torch, one switch) that turn a split into sharded `(images, labels)` batches."""
 from .bad_images import BadImages
 from .datasets import DATASETS, SPEC_HELP, check_spec, load_domain, num_classes
 from .loaders import LOADERS, make_loader, resolve_loader
-from .splits import Domain, Split, stratified_split
+from .splits import Domain, Split, capped, stratified_split
 from .transforms import Preprocess
 
-__all__ = ["BadImages", "DATASETS", "LOADERS", "SPEC_HELP", "Domain", "Preprocess", "Split", "check_spec", "load_domain",
+__all__ = ["BadImages", "DATASETS", "LOADERS", "SPEC_HELP", "Domain", "Preprocess", "Split", "capped", "check_spec", "load_domain",
            "make_loader", "num_classes", "resolve_loader", "stratified_split"]

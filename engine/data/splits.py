@@ -77,3 +77,11 @@ def stratified_split(split: Split, fraction: float, seed: int) -> tuple[Split, S
     held_mask[held] = True
     return split.subset(np.flatnonzero(~held_mask)), split.subset(np.flatnonzero(held_mask))
 
+
+
+def capped(split: Split, limit: int | None, seed: int) -> Split:
+    """At most `limit` samples of `split`, drawn class by class (`stratified_split`); all of it for None
+    or a split no larger."""
+    if limit is None or len(split) <= limit:
+        return split
+    return stratified_split(split, limit / len(split), seed)[1]
