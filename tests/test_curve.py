@@ -65,3 +65,19 @@ def test_a_train_step_reads_the_device_only_at_log_eval_and_curve_points(curve_r
     _, _, reads = curve_run_under_zero3
     assert reads <= {1, 2, 3, 5, 6}, reads
     assert {1, 2, 5} <= reads  # the spy sees the curve points' reads
+
+
+def test_a_metrics_file_written_before_a_column_was_added_keeps_its_own_columns(tmp_path):
+    """A run resumed by a version whose metrics.csv has one column more (zeroshot) appends rows in the
+    file's own header, so every row stays aligned with it."""
+    import csv
+    from engine.train import _append_csv
+    path = tmp_path / "metrics.csv"
+    old = ["step", "train_loss", "lr", "skipped_steps", "train_img_per_s", "elapsed_s", "val_top1", "source_knn"]
+    path.write_text(",".join(old) + "\r\n5,1.5,0.01,0,10.0,2.0,,80.5\r\n")
+    _append_csv(path, {"step": 6, "train_loss": 1.25, "lr": 0.01, "skipped_steps": 0, "train_img_per_s": 11.0,
+                       "elapsed_s": 2.5, "val_top1": None, "source_knn": 79.0, "zeroshot": 60.0})
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == old and all(len(r) == len(old) for r in rows)
+    assert rows[2] == ["6", "1.25", "0.01", "0", "11", "2.5", "", "79"]
