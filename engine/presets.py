@@ -35,11 +35,12 @@ PAPER_CURVE_STEPS = "0-10,log"
 
 @dataclass(frozen=True)
 class PaperFigures:
-    """A row of the paper's Table 1 as printed (its LoRA counts include the head twice)."""
+    """A row of the paper's Table 1 as printed (its LoRA counts include the head twice); None where the
+    paper prints no figure (its Figure 4 gives only full fine-tuning's source k-NN)."""
     trainable: str
-    target: float
-    source: float
-    mean: float
+    target: float | None
+    source: float | None
+    mean: float | None
 
 
 @dataclass(frozen=True)
@@ -87,6 +88,7 @@ class Preset:
     quick_lr: float | None = None     # ... at this one learning rate
     needs_source: bool = False        # the user must name the source domain (ImageNet lives in a folder)
     note: str = ""                    # printed under the table
+    paper_figures_from: str = "Table 1"  # where the rows' `paper` figures are printed in the paper
 
     def row(self, key: str) -> Row:
         return next(r for r in self.rows if r.key == key)
@@ -167,9 +169,11 @@ TRANSFER_SETS = (("dtd", "DTD"), ("flowers102", "Flowers102"), ("food101", "Food
 _FIGURE_ROWS = ("full", "linear", "lora-r8", "blockexp-p3")  # All, Linear, LoRA r=8, Block Exp. p=3
 
 
-def _figure_rows(target: str, group: str) -> tuple[Row, ...]:
-    """The four strategies of the paper's figures on one target, without Table 1's figures."""
-    return tuple(Row(f"{target}-{row.key}", row.label, group, row.strategy, (*row.args, "--target", target), row.lrs)
+def _figure_rows(target: str, group: str, paper: dict[str, PaperFigures] | None = None) -> tuple[Row, ...]:
+    """The four strategies of the paper's figures on one target, without Table 1's figures; `paper`:
+    the figures the paper prints for some of them, by row key."""
+    return tuple(Row(f"{target}-{row.key}", row.label, group, row.strategy, (*row.args, "--target", target), row.lrs,
+                     paper=(paper or {}).get(row.key))
                  for row in (EMBEDDED.row(k) for k in _FIGURE_ROWS))
 
 
@@ -188,8 +192,9 @@ PAPER_VITS = Preset(
     description="the paper's Figure 4: All, Linear, LoRA r=8 and Block Exp. p=3 with DINO ViT-S/16 "
                 "(vit_small_patch16_224.dino), CIFAR-100 target, ImageNet-1K k-NN source (needs the data, GPUs "
                 "and data.source=imagefolder:DIR)",
-    rows=_figure_rows("cifar100", "CIFAR-100"), lrs=PAPER_LRS,
+    rows=_figure_rows("cifar100", "CIFAR-100", {"full": PaperFigures("", None, 15.77, None)}), lrs=PAPER_LRS,
     base_args=(*_PAPER_ARGS, "--model", "vit_small_patch16_224.dino"), needs_source=True,
+    paper_figures_from="Figure 4 (it prints full fine-tuning's ImageNet-1K k-NN alone)",
     note="The paper prints one figure of these runs: full fine-tuning drops DINO ViT-S/16's ImageNet-1K k-NN "
          "accuracy to 15.77% (its Figure 4); LoRA and Block Expansion keep both domains.")
 

@@ -386,7 +386,7 @@ def _table(rows: list[dict], finished: list[Finished]) -> tuple[list[str], list[
     with_paper = any(r["paper"] for r in rows)
     done = [r for r in rows if r["runs"]]
     seeds = max((r["seeds"] for r in done), default=0)
-    best_paper = max((r["paper"].mean for r in rows if r["paper"]), default=None)
+    best_paper = max((r["paper"].mean for r in rows if r["paper"] and r["paper"].mean is not None), default=None)
     names = {"target_top1": f"{target} top-1", "source_knn": f"{source} {k}-NN", "mean": "Mean"}
     extra = [key for key, _ in OPTIONAL_STATS if any(key in r for r in done)]
     if any(r["paper_zeroshot_forgetting"] for r in rows):  # beside ours where we have it, else last
@@ -412,8 +412,8 @@ def _table(rows: list[dict], finished: list[Finished]) -> tuple[list[str], list[
                      *(_extra_cell(r, key) if key == "paper_zeroshot_forgetting" else "-" for key in extra)]
         if with_paper:
             p = r["paper"]
-            cells += ([p.trainable, _fmt(p.target), _fmt(p.source), f"**{_fmt(p.mean)}**" if p.mean == best_paper
-                       else _fmt(p.mean)] if p else ["", "", "", ""])
+            cells += ([p.trainable, _fmt(p.target), _fmt(p.source), f"**{_fmt(p.mean)}**" if p.mean is not None
+                       and p.mean == best_paper else _fmt(p.mean)] if p else ["", "", "", ""])
         lines.append("| " + " | ".join([group, label, *cells]) + " |")
     ties = [n for key, name in names.items() if (n := _ties_note(rows, key, name))] if seeds > 1 else []
     return lines, ties
@@ -474,7 +474,9 @@ def _notes(rows: list[dict], finished: list[Finished], preset, split: str, ties:
                      + ". Their learning rate is the one their source row's validation accuracy chose; forgetting "
                        "against the source run's untouched backbone; nothing is trained for them.")
     if any(r["paper"] for r in rows):
-        notes.append("The paper's columns are its Table 1 as printed (its best mean in bold).")
+        where = preset.paper_figures_from if preset is not None else "Table 1"
+        notes.append(f"The paper's columns are its {where} as printed (its best mean in bold; - where it prints "
+                     f"none).")
     if preset is not None and preset.note:
         notes.append(preset.note)
     return notes

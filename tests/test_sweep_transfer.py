@@ -133,3 +133,16 @@ def test_the_paper_transfer_preset_runs_on_miniature_layouts_with_the_embedded_b
     assert (tmp_path / "sweep" / "transfer.png").stat().st_size > 0
     for name, target in (("dtd-linear-lr0.05-s0", "dtd"), ("food101-linear-lr0.05-s0", "food101")):
         assert yaml.safe_load((tmp_path / "sweep" / name / "config.yaml").read_text())["data"]["target"] == target
+
+
+def test_paper_vits_prints_the_papers_figure_4_beside_ours(tmp_path):
+    from engine.presets import PAPER_VITS
+    grid = build_grid(PAPER_VITS.rows, [0], lrs=(0.05,))
+    for p in grid:
+        finished_run(tmp_path / p.name, p, 60.0, 40.0 if p.row.strategy == "full" else 80.0, val=60.0)
+    lines = write_report(tmp_path, grid, PAPER_VITS).splitlines()
+    assert lines[0].endswith("| paper: params | paper: CIFAR-100 | paper: IN-1K | paper: Mean |")
+    assert lines[2] == "| CIFAR-100 | All | 0.05 | 1 | 1,000 | 60.00 | 40.00 | 50.00 |  | - | 15.77 | - |"
+    assert lines[3].endswith("| 60.00 | 80.00 | 70.00 |  |  |  |  |")
+    assert "The paper's columns are its Figure 4 (it prints full fine-tuning's ImageNet-1K k-NN alone)" in \
+        "\n".join(lines)
