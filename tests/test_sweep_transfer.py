@@ -117,7 +117,8 @@ def test_one_learning_rate_draws_no_blockexp_figure(tmp_path):
 
 def test_the_paper_transfer_preset_runs_on_miniature_layouts_with_the_embedded_backbone(tmp_path, capsys):
     """The preset's own machinery end to end: its rows on DTD and Food101 as written in miniature, an
-    ImageNet-style source folder, the embedded backbone; two runs of two steps."""
+    ImageNet-style source folder, the embedded backbone; two runs of two steps, each on its data set's
+    splits."""
     write_dtd(tmp_path / "data")
     write_food(tmp_path / "data")
     for split in ("train", "val"):
@@ -133,6 +134,11 @@ def test_the_paper_transfer_preset_runs_on_miniature_layouts_with_the_embedded_b
     assert (tmp_path / "sweep" / "transfer.png").stat().st_size > 0
     for name, target in (("dtd-linear-lr0.05-s0", "dtd"), ("food101-linear-lr0.05-s0", "food101")):
         assert yaml.safe_load((tmp_path / "sweep" / name / "config.yaml").read_text())["data"]["target"] == target
+    # DTD selects its checkpoint on its official val split; Food101 on 10% of train held out (one a class here)
+    assert "target dtd: 9 train, 6 val, 3 test images" in (tmp_path / "sweep" / "logs" / "dtd-linear-lr0.05-s0.log"
+                                                           ).read_text()
+    assert "target food101: 6 train, 3 val, 3 test images" in (
+        tmp_path / "sweep" / "logs" / "food101-linear-lr0.05-s0.log").read_text()
 
 
 def test_paper_vits_prints_the_papers_figure_4_beside_ours(tmp_path):

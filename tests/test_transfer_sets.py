@@ -204,12 +204,3 @@ def test_the_registry_knows_the_class_counts_without_the_data(tmp_path, capsys, 
 def test_bad_dtd_partition_is_refused(capsys):
     code = main(["--dry-run", "--strategy", "linear", "--target", "dtd", "data.dtd_partition=11"])
     assert code == 2 and "data.dtd_partition must be in 1..10" in capsys.readouterr().err
-
-
-def test_a_run_selects_its_checkpoint_on_dtds_official_val_split(tmp_path, capsys):
-    from test_run import QUICK
-    write_dtd(tmp_path / "data")
-    code = main([*QUICK, "--strategy", "linear", "--target", "dtd", "--data-root", str(tmp_path / "data"),
-                 "--batch-size", "4", "--out", str(tmp_path / "runs"), "--name", "dtd"])
-    assert code == 0
-    assert "target dtd: 9 train, 6 val, 3 test" in capsys.readouterr().out
