@@ -26,8 +26,11 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _REPEAT_S = 1.0
 
 
-class Stopped(Exception):
-    """A run stopped by signal `signum` `where` (a phrase: "after step 4", "during the ..."); exit 128 + signum."""
+class Stopped(BaseException):
+    """A run stopped by signal `signum` `where` (a phrase: "after step 4", "during the ..."); exit 128 + signum.
+    A BaseException, as KeyboardInterrupt is: raised wherever the signal lands, it must pass through
+    every `except Exception` on the way (a cache read falling back to recomputing, a damaged image
+    skipped), which would otherwise swallow it and let the run go on to its end."""
 
     def __init__(self, signum: int, where: str) -> None:
         self.signum = signum
