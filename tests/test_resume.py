@@ -198,11 +198,13 @@ def phased(tmp_path_factory):
     first = start([*PHASED, "--out", str(out), "--name", "run"], log=out / "1.log")
     wait_for_line(first, out / "1.log", f"run folder {run_dir}")
     codes = [signal_tree(first, signal.SIGTERM)]
+    assert codes[0] == 143, (out / "1.log").read_text()  # stopped, not run to its end: its log says why not
     files_then = sorted(str(p.relative_to(run_dir)) for p in run_dir.rglob("*") if p.is_file())
     command = last_line(out / "1.log").split("resume with: python -m engine.run ")[-1].split()
     second = start(command, log=out / "2.log")
     wait_for_line(second, out / "2.log", "restored: measuring it")
     codes.append(signal_tree(second, signal.SIGINT))
+    assert codes[1] == 130, (out / "2.log").read_text()
     metrics_then = (run_dir / "metrics.csv").read_bytes()
     facts_then = json.loads((checkpoint_dirs(run_dir)[0] / "manifest.json").read_text())["facts"]
     third = io.StringIO()
