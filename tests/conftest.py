@@ -12,14 +12,25 @@ from durability import DURABLE, EQUIVALENCE, run_here
 SHARED_SESSION = {"test_resume.py", "test_multirank.py", "test_large_batch.py"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the group marks into the test ids
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist's `--dist loadgroup` (pytest.ini), a worker takes a whole test file: its module
-    fixtures run once; the files in SHARED_SESSION go to one worker together."""
-    for item in items:
-        name = item.path.name
-        group = "shared-session" if name in SHARED_SESSION else str(item.path)
-        item.add_marker(pytest.mark.xdist_group(group))
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (pytest.ini's -n 2), a worker takes a whole test file, so its module fixtures run
+    once; the files in SHARED_SESSION go to one worker together, so its session fixtures run once. A
+    scheduler of our own: `--dist loadgroup`'s marks no longer group anything under pytest 9 (xdist 3.8
+    appends the group to `item._nodeid`, which pytest 9's `nodeid` does not read), and each worker ran
+    its share of every file's module fixtures."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFile(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return worker_scope(nodeid)
+
+    return ByFile(config, log)
+
+
+def worker_scope(nodeid: str) -> str:
+    """The unit of work a test goes to a worker in: its file, or 'shared-session' for SHARED_SESSION's."""
+    file = nodeid.split("::", 1)[0]
+    return "shared-session" if file.rsplit("/", 1)[-1] in SHARED_SESSION else file
 
 
 @pytest.fixture(scope="session")
