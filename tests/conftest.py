@@ -6,15 +6,14 @@ import pytest
 
 from bench.processes import signal_tree, start, wait_for_row
 from durability import DURABLE, EQUIVALENCE, run_here
+from xdist_scopes import worker_scope
 
 
-# Test files whose tests share a session fixture below: run on one worker, so each fixture runs once.
-SHARED_SESSION = {"test_resume.py", "test_multirank.py", "test_large_batch.py"}
 
 
 def pytest_xdist_make_scheduler(config, log):
     """Under pytest-xdist (pytest.ini's -n 2), a worker takes a whole test file, so its module fixtures run
-    once; the files in SHARED_SESSION go to one worker together, so its session fixtures run once. A
+    once; the files in xdist_scopes.SHARED_SESSION go to one worker together, so its session fixtures run once. A
     scheduler of our own: `--dist loadgroup`'s marks no longer group anything under pytest 9 (xdist 3.8
     appends the group to `item._nodeid`, which pytest 9's `nodeid` does not read), and each worker ran
     its share of every file's module fixtures."""
@@ -25,12 +24,6 @@ def pytest_xdist_make_scheduler(config, log):
             return worker_scope(nodeid)
 
     return ByFile(config, log)
-
-
-def worker_scope(nodeid: str) -> str:
-    """The unit of work a test goes to a worker in: its file, or 'shared-session' for SHARED_SESSION's."""
-    file = nodeid.split("::", 1)[0]
-    return "shared-session" if file.rsplit("/", 1)[-1] in SHARED_SESSION else file
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The suite's own scheduling under pytest-xdist (tests/conftest.py): a file's tests go to one worker,
 the durability files that share session fixtures to one worker together."""
-from conftest import worker_scope
+from xdist_scopes import worker_scope
 
 
 def test_a_files_tests_share_one_unit_of_work_and_the_durability_files_share_one():

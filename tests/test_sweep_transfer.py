@@ -35,7 +35,8 @@ def finished_run(run_dir, point, target, source, val, before=90.0, blocks=3):
 FIGURES = {("dtd-full", 0): (70.0, 80.0), ("dtd-full", 1): (71.0, 81.0), ("dtd-full", 2): (72.0, 82.0),
            ("dtd-linear", 0): (50.0, 60.0), ("dtd-linear", 1): (50.5, 60.5), ("dtd-linear", 2): (51.5, 61.5),
            ("food101-full", 0): (10.0, 30.0), ("food101-full", 1): (10.5, 30.5), ("food101-full", 2): (11.5, 31.5),
-           ("food101-linear", 0): (40.0, 50.0), ("food101-linear", 1): (41.0, 51.0), ("food101-linear", 2): (42.0, 52.0)}
+           ("food101-linear", 0): (40.0, 50.0), ("food101-linear", 1): (41.0, 51.0),
+           ("food101-linear", 2): (42.0, 52.0)}
 
 
 @pytest.fixture
