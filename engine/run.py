@@ -467,9 +467,9 @@ def measure(model, strategy, loaders: Loaders, cfg: RunConfig, num_source_classe
 
 def report(results: dict, knn: dict, result: TrainResult, run_dir: Path, curve: ForgettingCurve | None,
            curve_sizes: tuple[int, int], clock: resume.RunClock) -> None:
-    """source_knn.json, forgetting.png (and zeroshot.png, CLIP's zero-shot curve), results.csv / results.json (last: it marks the run finished;
-    its wall_s and time_s taken just before, the report's own time in them), and the table on screen
-    (rank 0 only)."""
+    """source_knn.json, forgetting.png (and zeroshot.png, CLIP's zero-shot curve), results.csv /
+    results.json (last: it marks the run finished; its wall_s and time_s taken just before, the
+    report's own time in them), and the table on screen (rank 0 only)."""
     curve_info = None if curve is None else {
         "steps": curve.steps, "bank": curve_sizes[0], "queries": curve_sizes[1],
         "seconds": round(curve.seconds, 3), "wall_fraction": round(curve.seconds / results["wall_s"], 4)}

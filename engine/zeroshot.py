@@ -163,19 +163,24 @@ def head_state(class_emb: torch.Tensor, projection: torch.Tensor, num_classes: i
     return {"head.weight": full, "head.bias": torch.zeros(rows)}
 
 
-def _eval_sets(cfg, pre, rt, limit: int | None = None) -> dict:
-    """{spec: (class names, test loader)} of eval.zeroshot's data sets; `limit`: at most that many test
-    images a set, drawn class by class (the forgetting curve's)."""
-    bad = data.BadImages(cfg.data.max_bad_images, say=rt.say, max_pixels=cfg.data.max_image_pixels)
-    out = {}
-    for spec in dict.fromkeys(cfg.eval.zeroshot or []):
-        domain = data.load_domain(spec, cfg.data.data_root, cfg.seed, role="target", bad_images=bad,
-                                  dtd_partition=cfg.data.dtd_partition)
-        out[spec] = domain.classes, data.make_loader(
-            data.capped(domain.test, limit, cfg.seed), pre, train=False, batch_size=cfg.eval.batch_size,
-            rank=rt.rank, world=rt.world, loader=cfg.data.loader, workers=cfg.data.workers, device=rt.device,
-            dali_resize=cfg.data.dali_resize, bad_images=bad)
-    return out
+def _bad_images(cfg, rt) -> data.BadImages:
+    return data.BadImages(cfg.data.max_bad_images, say=rt.say, max_pixels=cfg.data.max_image_pixels)
+
+
+def _domains(cfg, bad: data.BadImages) -> dict:
+    """{spec: Domain} of eval.zeroshot's data sets, each read once (a folder scan can be long)."""
+    return {spec: data.load_domain(spec, cfg.data.data_root, cfg.seed, role="target", bad_images=bad,
+                                   dtd_partition=cfg.data.dtd_partition)
+            for spec in dict.fromkeys(cfg.eval.zeroshot or [])}
+
+
+def _eval_sets(cfg, pre, rt, domains: dict, bad: data.BadImages, limit: int | None = None) -> dict:
+    """{spec: (class names, test loader)} of the data sets; `limit`: at most that many test images a
+    set, drawn class by class (the forgetting curve's)."""
+    return {spec: (domain.classes, data.make_loader(
+        data.capped(domain.test, limit, cfg.seed), pre, train=False, batch_size=cfg.eval.batch_size,
+        rank=rt.rank, world=rt.world, loader=cfg.data.loader, workers=cfg.data.workers, device=rt.device,
+        dali_resize=cfg.data.dali_resize, bad_images=bad)) for spec, domain in domains.items()}
 
 
 def _scorer(cfg, classes: dict[str, torch.Tensor], projection: torch.Tensor, sets: dict, rt, progress: bool = True):
@@ -203,7 +208,8 @@ def _class_embeddings(cfg, tower: TextTower, sets: dict) -> dict[str, torch.Tens
 
 def scorer(cfg, pre, rt):
     """model -> {eval.zeroshot set: top-1 %, ..., "mean": %}: the class embeddings computed once, here."""
-    tower, sets = TextTower.from_file(cfg, rt.device), _eval_sets(cfg, pre, rt)
+    bad = _bad_images(cfg, rt)
+    tower, sets = TextTower.from_file(cfg, rt.device), _eval_sets(cfg, pre, rt, _domains(cfg, bad), bad)
     return _scorer(cfg, _class_embeddings(cfg, tower, sets), tower.projection, sets, rt)
 
 
@@ -224,12 +230,15 @@ def for_run(cfg, pre, rt, target_classes: list[str], num_classes: int) -> ForRun
     tower = TextTower.from_file(cfg, rt.device)
     out = ForRun()
     if cfg.eval.zeroshot:
-        sets = _eval_sets(cfg, pre, rt)
+        bad = _bad_images(cfg, rt)
+        domains = _domains(cfg, bad)
+        sets = _eval_sets(cfg, pre, rt, domains, bad)
         classes = _class_embeddings(cfg, tower, sets)
         out.score = _scorer(cfg, classes, tower.projection, sets, rt)
         if cfg.eval.knn_curve_limit:
             out.curve_score = _scorer(cfg, classes, tower.projection,
-                                      _eval_sets(cfg, pre, rt, cfg.eval.knn_curve_limit), rt, progress=False)
+                                      _eval_sets(cfg, pre, rt, domains, bad, cfg.eval.knn_curve_limit), rt,
+                                      progress=False)
     if cfg.model.head_init == "zeroshot":
         out.head = head_state(tower.class_embeddings(target_classes, read_templates(cfg.eval.zeroshot_templates)),
                               tower.projection, num_classes)
